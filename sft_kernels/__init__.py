@@ -1,0 +1,25 @@
+"""Fused kernels for long-sequence supervised fine-tuning.
+
+- :func:`sliding_window_attention`: attention over a band of keys, O(L * w).
+- :func:`block_diag_matmul`: a block-diagonal merged weight applied in one grouped kernel.
+
+``import sft_kernels`` never imports deepspeed or transformers; their integrations live
+in :mod:`sft_kernels.integrations` and are imported on demand.
+"""
+
+__version__ = "0.1.0"
+
+from .backends import BACKENDS, backend_status  # noqa: E402
+from .ops.block_diag.reference import block_diag_matmul_reference  # noqa: E402
+from .ops.sliding_window_attention.reference import sliding_window_attention_reference  # noqa: E402
+from .window import parse_window, resolve_window, sliding_window_to_window_size  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "backend_status",
+    "block_diag_matmul_reference",
+    "parse_window",
+    "resolve_window",
+    "sliding_window_attention_reference",
+    "sliding_window_to_window_size",
+]

@@ -1,0 +1,3 @@
+from .reference import block_diag_matmul_reference
+
+__all__ = ["block_diag_matmul_reference"]

@@ -1,0 +1,3 @@
+from .reference import sliding_window_attention_reference
+
+__all__ = ["sliding_window_attention_reference"]

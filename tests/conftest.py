@@ -1,0 +1,51 @@
+"""Test switches.
+
+``--triton-device``: where the Triton kernels run in tests.
+  ``auto`` (default): on the GPU when there is one, else through Triton's interpreter
+  (``TRITON_INTERPRET=1``) on CPU tensors at small shapes; ``interpret``: always the
+  interpreter; ``none``: skip the Triton kernel tests.
+The environment variable must be set before any Triton kernel is defined, so it is set
+here, in ``pytest_configure``, before test modules import ``sft_kernels``.
+"""
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--triton-device",
+        choices=("auto", "interpret", "none"),
+        default=os.environ.get("SFT_TRITON_DEVICE", "auto"),
+        help="where Triton kernel tests run (see tests/conftest.py)",
+    )
+
+
+def pytest_configure(config):
+    mode = config.getoption("--triton-device")
+    if mode == "interpret" or (mode == "auto" and not torch.cuda.is_available()):
+        os.environ["TRITON_INTERPRET"] = "1"
+    config._sft_triton_mode = mode
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_triton = pytest.mark.skip(reason="--triton-device=none")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "interpret" in item.keywords and config._sft_triton_mode == "none":
+            item.add_marker(skip_triton)
+
+
+@pytest.fixture(scope="session")
+def triton_device():
+    """Device for tensors fed to Triton kernels: cuda on a GPU, cpu under the interpreter."""
+    return "cuda" if os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
