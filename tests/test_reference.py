@@ -1,0 +1,174 @@
+"""The semantics, pinned on hand-checked cases (not reference-vs-reference)."""
+
+import math
+
+import pytest
+import torch
+
+from sft_kernels import (
+    block_diag_matmul_reference,
+    parse_window,
+    resolve_window,
+    sliding_window_attention_reference,
+    sliding_window_to_window_size,
+)
+from sft_kernels.window import band_mask, keys_seen
+
+
+def _m(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+# Exact 0/1 masks for L = 5 (rows: queries, columns: keys).
+MASKS_L5 = {
+    "full": ((-1, -1), False, [[1] * 5] * 5),
+    "causal": ((-1, -1), True, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+    "left1_causal": ((1, -1), True, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]),
+    "diag_only": ((0, 0), False, [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]),
+    "asym_1_2": ((1, 2), False, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]),
+    "right_only": ((0, -1), False, [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]),
+    "int3_causal": (3, True, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]),
+    "int3_bidir": (3, False, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]),
+    "int4_bidir": (4, False, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1]]),
+    "sqrt_causal": ("sqrt", True, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS_L5))
+def test_mask_l5(name):
+    window, causal, expected = MASKS_L5[name]
+    left, right = resolve_window(window, causal, 5)
+    assert torch.equal(band_mask(5, 5, left, right), _m(expected))
+
+
+def test_bottom_right_alignment():
+    # 2 queries, 5 keys, causal: the queries are the last two positions.
+    assert torch.equal(band_mask(2, 5, -1, 0), _m([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    # 5 queries, 2 keys, causal: the first three queries see nothing.
+    assert torch.equal(
+        band_mask(5, 2, -1, 0), _m([[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
+    )
+    # window (1, 0) with 3 queries over 5 keys
+    assert torch.equal(band_mask(3, 5, 1, 0), _m([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]))
+
+
+def test_window_rules():
+    assert sliding_window_to_window_size(4096) == (4095, 0)
+    assert sliding_window_to_window_size(1) == (0, 0)
+    assert sliding_window_to_window_size(None) == (-1, 0)
+    assert resolve_window("sqrt", True, 10) == (2, 0)  # floor(sqrt(10)) = 3 keys
+    assert resolve_window("sqrt", True, 16) == (3, 0)
+    assert resolve_window("sqrt", True, 15) == (2, 0)
+    assert resolve_window("sqrt", True, 1) == (0, 0)
+    assert resolve_window("sqrt", True, 0) == (0, 0)  # at least one key
+    assert resolve_window(4096, True, 100) == (99, 0)  # fixed K clamps to L
+    assert resolve_window(4096, True, 5000) == (4095, 0)
+    assert resolve_window(5, False, 100) == (2, 2)
+    assert resolve_window((3, 7), True, 100) == (3, 0)  # causal forces right = 0
+    assert resolve_window(None, False, 9) == (-1, -1)
+    assert parse_window((-1, -1), False).is_full
+
+
+@pytest.mark.parametrize(
+    "bad, exc",
+    [((-2, 0), ValueError), ((0, -5), ValueError), (0, ValueError), (-3, ValueError), ("cube", ValueError),
+     ((1, 2, 3), TypeError), ((1.5, 0), TypeError), (True, TypeError), (2.0, TypeError)],
+)
+def test_bad_windows(bad, exc):
+    with pytest.raises(exc, match="window_size"):
+        parse_window(bad, False)
+
+
+def test_sliding_window_bad():
+    with pytest.raises(ValueError, match="sliding_window"):
+        sliding_window_to_window_size(0)
+
+
+def test_keys_seen():
+    assert keys_seen(5, 5, -1, 0) == 15
+    assert keys_seen(5, 5, 1, 0) == 9
+    assert keys_seen(5, 5, -1, -1) == 25
+    assert keys_seen(5, 2, -1, 0) == 3
+
+
+def test_attention_reference_hand_values():
+    # L = 3, d = 1, one head, q = 0 so every visible key gets equal weight.
+    q = torch.zeros(1, 3, 1, 1, dtype=torch.float64)
+    k = torch.randn(1, 3, 1, 1, dtype=torch.float64)
+    v = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1)
+    out, lse = sliding_window_attention_reference(q, k, v, window_size=(1, 0), causal=True)
+    assert torch.allclose(out.flatten(), torch.tensor([1.0, 1.5, 3.0], dtype=torch.float64))
+    assert torch.allclose(lse.flatten(), torch.tensor([0.0, math.log(2), math.log(2)], dtype=torch.float64))
+    # explicit scores: q = 1, k = [0, 1, 2], scale 1 -> softmax over visible keys
+    q = torch.ones(1, 3, 1, 1, dtype=torch.float64)
+    k = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    out, lse = sliding_window_attention_reference(q, k, v, causal=True, softmax_scale=1.0)
+    e = torch.exp(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    expect = torch.stack([v.flatten()[:1].sum(), (e[:2] * v.flatten()[:2]).sum() / e[:2].sum(), (e * v.flatten()).sum() / e.sum()])
+    assert torch.allclose(out.flatten(), expect)
+    assert torch.allclose(lse.flatten(), torch.log(torch.cumsum(e, 0)))
+
+
+def test_attention_reference_empty_rows_zero_and_no_nan():
+    q = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 2, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, lse = sliding_window_attention_reference(q, k, v, causal=True)
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+    assert torch.isinf(lse[0, :, :3]).all() and (lse[0, :, :3] < 0).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[0, :3], torch.zeros_like(q.grad[0, :3]))
+
+
+def test_attention_reference_gqa_and_varlen():
+    torch.manual_seed(1)
+    # GQA: 4 query heads share 2 kv heads -> equal to repeating kv heads explicitly
+    q = torch.randn(2, 7, 4, 8, dtype=torch.float64)
+    k = torch.randn(2, 7, 2, 8, dtype=torch.float64)
+    v = torch.randn(2, 7, 2, 8, dtype=torch.float64)
+    out, _ = sliding_window_attention_reference(q, k, v, window_size=(2, 1))
+    out_rep, _ = sliding_window_attention_reference(q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2), window_size=(2, 1))
+    assert torch.equal(out, out_rep)
+    # query head 1 uses kv head 0, query head 2 uses kv head 1
+    o1, _ = sliding_window_attention_reference(q[:, :, 1:2], k[:, :, 0:1], v[:, :, 0:1], window_size=(2, 1))
+    o2, _ = sliding_window_attention_reference(q[:, :, 2:3], k[:, :, 1:2], v[:, :, 1:2], window_size=(2, 1))
+    assert torch.allclose(out[:, :, 1:2], o1) and torch.allclose(out[:, :, 2:3], o2)
+    # packed: two sequences of lengths 3 and 5 == each run on its own
+    lens = [3, 5]
+    qs = [torch.randn(n, 2, 8, dtype=torch.float64) for n in lens]
+    ks = [torch.randn(n, 1, 8, dtype=torch.float64) for n in lens]
+    vs = [torch.randn(n, 1, 8, dtype=torch.float64) for n in lens]
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    out, lse = sliding_window_attention_reference(torch.cat(qs), torch.cat(ks), torch.cat(vs), window_size="sqrt", causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert lse.shape == (2, 8)
+    for i, n in enumerate(lens):
+        o, l = sliding_window_attention_reference(qs[i][None], ks[i][None], vs[i][None], window_size="sqrt", causal=True)
+        assert torch.allclose(out[cu[i]:cu[i + 1]], o[0])
+        assert torch.allclose(lse[:, cu[i]:cu[i + 1]], l[0])
+
+
+def test_attention_reference_query_range():
+    q = torch.randn(1, 9, 1, 4, dtype=torch.float64)
+    k = torch.randn(1, 12, 1, 4, dtype=torch.float64)
+    v = torch.randn(1, 12, 1, 4, dtype=torch.float64)
+    full, lse = sliding_window_attention_reference(q, k, v, window_size=(2, 1), causal=False)
+    part, lpart = sliding_window_attention_reference(q, k, v, window_size=(2, 1), query_range=(3, 7))
+    assert torch.allclose(part, full[:, 3:7], rtol=0, atol=1e-12)
+    assert torch.allclose(lpart, lse[:, :, 3:7], rtol=0, atol=1e-12)
+
+
+def test_block_diag_reference_layout():
+    # blocks of unequal shapes: W1 (1x2), W2 (2x1)
+    w1 = torch.tensor([[1.0, 2.0]])
+    w2 = torch.tensor([[3.0], [4.0]])
+    x = torch.tensor([[1.0, 10.0, 100.0]])
+    y = block_diag_matmul_reference(x, [w1, w2])
+    # y0 = 1*1 + 2*10 ; y1 = 3*100 ; y2 = 4*100 ; x's third feature never meets W1
+    assert torch.equal(y, torch.tensor([[21.0, 300.0, 400.0]]))
+    y = block_diag_matmul_reference(x, [w1, w2], bias=torch.tensor([0.5, 0.25, -1.0]))
+    assert torch.equal(y, torch.tensor([[21.5, 300.25, 399.0]]))
+    # leading dims
+    xb = x.expand(2, 3, 3)
+    assert block_diag_matmul_reference(xb, [w1, w2]).shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="features"):
+        block_diag_matmul_reference(torch.ones(1, 4), [w1, w2])
