@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .backends import BACKENDS, backend_status  # noqa: E402
 from .ops.block_diag.reference import block_diag_matmul_reference  # noqa: E402
+from .ops.sliding_window_attention.op import sliding_window_attention  # noqa: E402
 from .ops.sliding_window_attention.reference import sliding_window_attention_reference  # noqa: E402
 from .window import parse_window, resolve_window, sliding_window_to_window_size  # noqa: E402
 
@@ -20,6 +21,7 @@ __all__ = [
     "block_diag_matmul_reference",
     "parse_window",
     "resolve_window",
+    "sliding_window_attention",
     "sliding_window_attention_reference",
     "sliding_window_to_window_size",
 ]

@@ -135,7 +135,7 @@ def _swa_forward(
 @_swa_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_mode, left, right, keys, causal,
       softmax_scale, backend):
-    return torch.empty_like(q), _lse_like(q, cu_seqlens_q is not None)
+    return q.new_empty(q.shape), _lse_like(q, cu_seqlens_q is not None)
 
 
 @torch.library.custom_op("sft_kernels::swa_backward", mutates_args=(), device_types=None)
@@ -160,7 +160,7 @@ def _swa_backward(
 @_swa_backward.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_mode, left, right, keys,
       causal, softmax_scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 

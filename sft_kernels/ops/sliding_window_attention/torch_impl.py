@@ -102,7 +102,7 @@ def _fwd_padded(q, k, v, left, right, scale):
         o = torch.matmul(p, vt[:, :, lo:hi]).div_(torch.where(l == 0, torch.ones_like(l), l))
         out[:, :, :, qs:qe] = o.view(b, hkv, g, c, d)
         lse[:, :, :, qs:qe] = (m + torch.log(l)).view(b, hkv, g, c).to(lse_dtype)
-    return _merge_heads(out).to(q.dtype), lse.view(b, hq, lq)
+    return _merge_heads(out).to(q.dtype).contiguous(), lse.view(b, hq, lq)
 
 
 def _bwd_padded(do, q, k, v, out, lse, left, right, scale):
@@ -142,9 +142,9 @@ def _bwd_padded(do, q, k, v, out, lse, left, right, scale):
         dq[:, :, :, qs:qe] = torch.matmul(ds, kr).mul_(scale).view(b, hkv, g, c, d)
         dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
     return (
-        _merge_heads(dq).to(q.dtype),
-        dk.permute(0, 2, 1, 3).to(k.dtype),
-        dv.permute(0, 2, 1, 3).to(v.dtype),
+        _merge_heads(dq).to(q.dtype).contiguous(),
+        dk.permute(0, 2, 1, 3).to(k.dtype).contiguous(),
+        dv.permute(0, 2, 1, 3).to(v.dtype).contiguous(),
     )
 
 
@@ -160,7 +160,7 @@ def attention_fwd(
         left, right = spec.resolve(k.shape[1])
         return _fwd_padded(q, k, v, left, right, scale)
     cq, ck = _seq_bounds(cu_seqlens_q), _seq_bounds(cu_seqlens_k)
-    out = torch.zeros_like(q)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
     for i in range(len(cq) - 1):
@@ -179,7 +179,7 @@ def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, 
         left, right = spec.resolve(k.shape[1])
         return _bwd_padded(do, q, k, v, out, lse, left, right, scale)
     cq, ck = _seq_bounds(cu_seqlens_q), _seq_bounds(cu_seqlens_k)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for i in range(len(cq) - 1):
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
         if qe == qs or ke == ks:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -290,10 +291,10 @@ def _bwd_dkdv_inner(
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
-        pT = tl.math.exp2(qkT - lse[None, :])
-        if MASKED:
+        if MASKED:  # mask the scores, not p: out-of-band exp2 could overflow
             keep = _band_mask(rows[None, :], cols[:, None], off, left, right, seqlen_q, seqlen_k)
-            pT = tl.where(keep, pT, 0.0)
+            qkT = tl.where(keep, qkT, float("-inf"))
+        pT = tl.math.exp2(qkT - lse[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -384,10 +385,10 @@ def _bwd_dq_inner(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
             keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
-            p = tl.where(keep, p, 0.0)
+            qk = tl.where(keep, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -536,9 +537,17 @@ def tune_bucket(left: int, right: int, mode: int, max_seqlen_k: int) -> int:
     return max(1, min(int(width), 1 << 16)).bit_length()
 
 
-def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    import torch
+def _empty_like(t):
+    """Contiguous output allocation (tests replace it to poison outputs and catch unwritten
+    elements)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
+
+def _empty(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     varlen = cu_seqlens_q is not None
     dummy = torch.empty(0, dtype=torch.int32, device=q.device)
     d = q.shape[-1]
@@ -570,16 +579,14 @@ def _lse_strides(lse, varlen):
 
 def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     """Launch the forward. Inputs already validated; last dim contiguous. -> (out, lse)."""
-    import torch
-
     varlen = cu_seqlens_q is not None
     batch, lq, lk, cu_q, cu_k, (left, right, keys, scale, bucket), meta = _common(
         q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
     hq, hkv = q.shape[-2], k.shape[-2]
-    out = torch.empty_like(q)
+    out = _empty_like(q)
     lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, lq)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    lse = _empty(lse_shape, torch.float32, q.device)
     if q.numel() == 0:
         return out, lse.fill_(float("-inf"))
     grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), batch * hq)  # noqa: E731
@@ -594,17 +601,15 @@ def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, m
 def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
                    max_seqlen_k=0):
     """Launch the backward: delta pre-pass, dK/dV over key tiles, dQ over query tiles."""
-    import torch
-
     varlen = cu_seqlens_q is not None
     batch, lq, lk, cu_q, cu_k, (left, right, keys, scale, bucket), meta = _common(
         q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
     hq, hkv = q.shape[-2], k.shape[-2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
+    delta = _empty_like(lse)
     pre_m = 16 if _interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), batch * hq)](
         out, do, delta, cu_q, *_bsh(out, varlen), *_bsh(do, varlen), *_lse_strides(lse, varlen), lq, hq,
