@@ -40,12 +40,13 @@ def forward(
     bias: Optional[torch.Tensor],
     in_features: Sequence[int],
     out_features: Sequence[int],
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``y (T, sum m_i) = x (T, sum n_i) @ block_diag(W).T + bias``."""
+    """``y (T, sum m_i) = x (T, sum n_i) @ block_diag(W).T + bias`` (into ``out`` if given)."""
     T = x.shape[0]
     g = len(in_features)
     M = sum(out_features)
-    y = torch.empty(T, M, dtype=x.dtype, device=x.device)
+    y = torch.empty(T, M, dtype=x.dtype, device=x.device) if out is None else out
     if T == 0:
         return y
     if g == 1:  # plain nn.Linear (cuBLAS / MKL addmm)
@@ -77,12 +78,16 @@ def forward(
 
 
 def backward_dx(
-    grad: torch.Tensor, weight: torch.Tensor, in_features: Sequence[int], out_features: Sequence[int]
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    in_features: Sequence[int],
+    out_features: Sequence[int],
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``dx (T, sum n_i) = dy (T, sum m_i) @ block_diag(W)``: block i is ``dy_i @ W_i``."""
     T = grad.shape[0]
     g = len(in_features)
-    dx = torch.empty(T, sum(in_features), dtype=grad.dtype, device=grad.device)
+    dx = torch.empty(T, sum(in_features), dtype=grad.dtype, device=grad.device) if out is None else out
     if T == 0:
         return dx
     if g > 1 and _equal(in_features, out_features):
@@ -102,13 +107,17 @@ def backward_dx(
 
 
 def backward_dw(
-    grad: torch.Tensor, x: torch.Tensor, in_features: Sequence[int], out_features: Sequence[int]
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    in_features: Sequence[int],
+    out_features: Sequence[int],
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Flat ``dW``: block i is ``dy_i^T (m_i, T) @ x_i (T, n_i)``, reduced over all tokens."""
     T = grad.shape[0]
     g = len(in_features)
     numel = sum(m * n for n, m in zip(in_features, out_features))
-    dw = torch.empty(numel, dtype=grad.dtype, device=grad.device)
+    dw = torch.empty(numel, dtype=grad.dtype, device=grad.device) if out is None else out
     if T == 0:
         return dw.zero_()
     if g > 1 and _equal(in_features, out_features):

@@ -229,10 +229,11 @@ DW_CONFIGS: List[Dict[str, int]] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_T=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_T=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=128, num_warps=4, num_stages=4),  # small blocks
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_T=128, num_warps=4, num_stages=4),  # small blocks
 ]
+# BLOCK_M stays 64: with 32 rows the Hopper build falls back from wgmma to mma.sync.
 DW_CONFIGS_GENERAL: List[Dict[str, int]] = [
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_T=32, num_warps=4, num_stages=2),
 ]
 # One config each under the interpreter: small tiles so that tests at tokens <= 64 and
 # widths <= 96 still cross tile edges and walk several tiles per program.
@@ -430,13 +431,29 @@ def _gemm_key(T: int, ks: Sequence[int], cols: Sequence[int], dtype, trans_w: bo
     )
 
 
-def gemm_forward(x, weight, bias, in_features, out_features) -> torch.Tensor:
-    """``y = x @ block_diag(W).T + bias`` for 2-D ``x (T, sum n_i)``."""
+def _buffer(out, shape, dtype, device):
+    # ``out`` (tests pass a poisoned one) is written directly when its dtype is the
+    # one the kernel writes; otherwise the kernel writes a staging buffer.
+    if out is not None and out.dtype == dtype:
+        return out
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _finish(buf, out, dtype):
+    if out is None:
+        return buf.to(dtype)
+    if buf.data_ptr() != out.data_ptr():
+        out.copy_(buf)
+    return out
+
+
+def gemm_forward(x, weight, bias, in_features, out_features, out=None) -> torch.Tensor:
+    """``y = x @ block_diag(W).T + bias`` for 2-D ``x (T, sum n_i)`` (into ``out`` if given)."""
     in_f, out_f = tuple(in_features), tuple(out_features)
     T = x.shape[0]
-    y = torch.empty(T, sum(out_f), dtype=_staged_dtype(x.dtype, x.device), device=x.device)
+    y = _buffer(out, (T, sum(out_f)), _staged_dtype(x.dtype, x.device), x.device)
     if T == 0:
-        return y.to(x.dtype)
+        return _finish(y, out, x.dtype)
     meta = _meta(in_f, out_f, "fwd", x.device)
     aligned = _aligned(in_f + out_f)
     key = _gemm_key(T, in_f, out_f, x.dtype, False, bias is not None) + (aligned,)
@@ -445,16 +462,16 @@ def gemm_forward(x, weight, bias, in_features, out_features) -> torch.Tensor:
         lambda c: _launch_gemm(x, weight, bias, y, meta, out_f, False, c, aligned),
     )
     _launch_gemm(x, weight, bias, y, meta, out_f, False, cfg, aligned)
-    return y.to(x.dtype)
+    return _finish(y, out, x.dtype)
 
 
-def gemm_backward_dx(grad, weight, in_features, out_features) -> torch.Tensor:
-    """``dx = dy @ block_diag(W)`` for 2-D ``dy (T, sum m_i)``."""
+def gemm_backward_dx(grad, weight, in_features, out_features, out=None) -> torch.Tensor:
+    """``dx = dy @ block_diag(W)`` for 2-D ``dy (T, sum m_i)`` (into ``out`` if given)."""
     in_f, out_f = tuple(in_features), tuple(out_features)
     T = grad.shape[0]
-    dx = torch.empty(T, sum(in_f), dtype=_staged_dtype(grad.dtype, grad.device), device=grad.device)
+    dx = _buffer(out, (T, sum(in_f)), _staged_dtype(grad.dtype, grad.device), grad.device)
     if T == 0:
-        return dx.to(grad.dtype)
+        return _finish(dx, out, grad.dtype)
     meta = _meta(in_f, out_f, "dx", grad.device)
     aligned = _aligned(in_f + out_f)
     key = _gemm_key(T, out_f, in_f, grad.dtype, True, False) + (aligned,)
@@ -463,7 +480,7 @@ def gemm_backward_dx(grad, weight, in_features, out_features) -> torch.Tensor:
         lambda c: _launch_gemm(grad, weight, None, dx, meta, in_f, True, c, aligned),
     )
     _launch_gemm(grad, weight, None, dx, meta, in_f, True, cfg, aligned)
-    return dx.to(grad.dtype)
+    return _finish(dx, out, grad.dtype)
 
 
 # Split the token reduction of dW only while there are fewer output tiles (at 128x128)
@@ -507,13 +524,17 @@ def _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg) -> None:
     )
 
 
-def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = None) -> torch.Tensor:
-    """Flat ``dW``, block i ``dy_i^T x_i``; ``split`` token chunks (None: heuristic)."""
+def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = None, out=None) -> torch.Tensor:
+    """Flat ``dW``, block i ``dy_i^T x_i``; ``split`` token chunks (None: heuristic).
+
+    With ``out`` (flat, x's dtype) the result is written there: directly by the kernel
+    when there is one split, else through the fp32 partials.
+    """
     in_f, out_f = tuple(in_features), tuple(out_features)
     T = x.shape[0]
     numel = sum(m * n for n, m in zip(in_f, out_f))
     if T == 0:
-        return torch.zeros(numel, dtype=x.dtype, device=x.device)
+        return torch.zeros(numel, dtype=x.dtype, device=x.device) if out is None else out.zero_()
     if split is None:
         split = choose_split(T, in_f, out_f, x.device)
     # On the GPU chunks are multiples of 128 tokens (a multiple of every BLOCK_T) so
@@ -524,7 +545,7 @@ def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = 
     split = triton.cdiv(T, t_chunk)
     meta = _meta(in_f, out_f, "dw", x.device)
     if split == 1:
-        dw = torch.empty(1, numel, dtype=_staged_dtype(x.dtype, x.device), device=x.device)
+        dw = _buffer(None if out is None else out.view(1, numel), (1, numel), _staged_dtype(x.dtype, x.device), x.device)
     else:
         dw = torch.empty(split, numel, dtype=torch.float32, device=x.device)
     aligned = _aligned(in_f + out_f)
@@ -536,8 +557,8 @@ def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = 
     )
     _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg)
     if split == 1:
-        return dw.view(numel).to(x.dtype)
-    return dw.sum(0).to(x.dtype)
+        return _finish(dw.view(numel), out, x.dtype)
+    return _finish(dw.sum(0), out, x.dtype)
 
 
 # ----------------------------------------------------------------------------- compile specs
@@ -546,22 +567,16 @@ def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _attrs(fn, names) -> dict:
-    # What the JIT infers at run time for 16-byte-aligned tensors and strides divisible
-    # by 16 (``tt.divisibility``), in ``ASTSource``'s ``attrs`` format.
-    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
-
-
 def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
     """Every kernel in every autotune config, for an ahead-of-time GPU compile check.
 
-    Each entry: ``name``, ``fn`` (the raw ``@triton.jit`` function), ``signature``
-    (arg -> Triton type; the unit column strides are ``constexpr`` 1, as the JIT
-    specialises them at run time for row-major tensors), ``constexprs``, ``attrs``
-    (optional: the divisibility the JIT infers for aligned tensors, ``ASTSource``'s
-    format), ``num_warps``, ``num_stages``. Compile with
-    ``triton.compile(ASTSource(fn, signature, constexprs[, attrs]),
-    target=GPUTarget("cuda", 90, 32), options={"num_warps": ..., "num_stages": ...})``.
+    Format of ``sft_kernels.testing.compile_check``: ``name``, ``fn`` (the raw
+    ``@triton.jit`` function), ``signature`` (arg -> Triton type; the unit column
+    strides are ``constexpr`` 1, as the JIT specialises them at run time for row-major
+    tensors), ``constexprs``, ``num_warps``, ``num_stages``, ``divisible_by_16`` (what
+    the JIT infers for 16-byte-aligned tensors and row strides divisible by 16: pass
+    these as ``tt.divisibility`` attrs, or the loads do not vectorise and the build is
+    not the one that runs), ``expect_mma``.
     Both ``ALIGNED`` variants are listed: True is the fast path (every block size a
     multiple of 16), False the general one.
     """
@@ -593,7 +608,8 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
                     fn=_bd_gemm_kernel,
                     signature=signature,
                     constexprs=constexprs,
-                    attrs=_attrs(_bd_gemm_kernel, ("A", "W", "BIAS", "OUT", "META", "stride_at", "stride_ot")),
+                    divisible_by_16=["A", "W", "BIAS", "OUT", "META", "stride_at", "stride_ot"],
+                expect_mma=True,
                     num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
                 ))
@@ -621,7 +637,8 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
                     fn=_bd_dw_kernel,
                     signature=signature,
                     constexprs=constexprs,
-                    attrs=_attrs(_bd_dw_kernel, ("DY", "X", "DW", "META", "stride_dyt", "stride_xt", "stride_dws")),
+                    divisible_by_16=["DY", "X", "DW", "META", "stride_dyt", "stride_xt", "stride_dws"],
+                expect_mma=True,
                     num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
                 ))
