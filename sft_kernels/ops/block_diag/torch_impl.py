@@ -137,5 +137,7 @@ def backward_dw(
 
 
 def backward_dbias(grad: torch.Tensor) -> torch.Tensor:
-    """``d(bias) = sum over tokens of dy``, accumulated in fp32, returned in dy's dtype."""
-    return grad.sum(0, dtype=torch.float32).to(grad.dtype)
+    """``d(bias) = sum over tokens of dy``, accumulated in at least fp32, in dy's dtype."""
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        return grad.sum(0, dtype=torch.float32).to(grad.dtype)
+    return grad.sum(0)
