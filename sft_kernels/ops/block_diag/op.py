@@ -25,6 +25,11 @@ Backends (``backend=``):
   blocks: 8.0x over dense at tokens 4096, width 4096, g=8, fp32, 2 cores); CUDA ->
   ``"triton"``. The CUDA rule is the design's default and is still unmeasured: no GPU
   has run the benchmark yet, so bmm vs Triton for equal blocks on GPU is open.
+
+No host-device synchronisation on the hot path: shapes come from the host, the
+Triton block tables are built once per (split sizes, device) and cached, and the dW
+partials are summed on the device. The first call for a new shape bucket builds its
+table and autotunes, so make one call before capturing a CUDA graph.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ Notation (per block i of g): ``n_i`` input features, ``m_i`` output features, bl
   fill the GPU: each chunk writes an fp32 partial, and the partials are summed after
   (deterministic; no atomics).
 
-Both grids are persistent: ``min(#tiles, #SMs)`` programs walk the tiles of every
-block in order (block, token tile, column tile), reading the block table (a small int32
-device tensor built once on the host from the static split sizes and cached) as they
-go. Inputs are read in place through their row stride; only the zero blocks are never
-touched. Accumulation is fp32; outputs have the input dtype.
+Both grids are persistent: ``min(#tiles, #SMs x resident programs per SM)`` programs
+walk the tiles of every block in order (block, token tile, column tile), reading the
+block table (a small int32 device tensor built once on the host from the static split
+sizes and cached) as they go. Inputs are read in place through their strides, and the
+zero blocks are never touched. Accumulation is fp32; outputs have the input dtype.
 
 Autotuning is done here, not with ``triton.autotune``: a small config list, keyed on
 shape buckets (dtype, largest block rounded up to a power of two, token count rounded
@@ -293,6 +293,19 @@ def _programs(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _resident(cfg: Dict[str, int], elsize: int, kind: str) -> int:
+    """Programs of this config one SM can hold: persistent grids launch SMs x this.
+
+    An estimate, not a measurement: shared memory from the tile sizes, registers at
+    ~168 per thread (ptxas reported 118-176 for the 128-row configs on sm_90a). One
+    program of 4 warps per SM cannot keep enough loads in flight for the memory-bound
+    small-block shapes, which is why this is not simply 1.
+    """
+    by_smem = max(1, _SMEM_BUDGET // max(1, _smem_bytes(cfg, elsize, kind)))
+    by_regs = max(1, 65536 // (cfg["num_warps"] * 32 * 168))
+    return min(by_smem, by_regs)
+
+
 _TUNED: Dict[tuple, Dict[str, int]] = {}
 
 
@@ -393,7 +406,8 @@ def _tiles_dw(in_features, out_features, cfg, split: int) -> int:
 
 def _launch_gemm(a, weight, bias, out, meta, cols, trans_w: bool, cfg, aligned: bool) -> None:
     T = a.shape[0]
-    grid = (max(1, min(_programs(a.device), _tiles_gemm(T, cols, cfg))),)
+    progs = _programs(a.device) * (_resident(cfg, a.element_size(), "gemm") if a.device.type == "cuda" else 1)
+    grid = (max(1, min(progs, _tiles_gemm(T, cols, cfg))),)
     _bd_gemm_kernel[grid](
         a,
         weight,
@@ -498,7 +512,8 @@ def choose_split(T: int, in_features, out_features, device: torch.device) -> int
 
 
 def _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg) -> None:
-    grid = (max(1, min(_programs(x.device), _tiles_dw(in_f, out_f, cfg, split))),)
+    progs = _programs(x.device) * (_resident(cfg, x.element_size(), "dw") if x.device.type == "cuda" else 1)
+    grid = (max(1, min(progs, _tiles_dw(in_f, out_f, cfg, split))),)
     _bd_dw_kernel[grid](
         grad,
         x,
