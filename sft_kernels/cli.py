@@ -1,6 +1,7 @@
 """The ``sft-kernels`` command.
 
     sft-kernels info                 versions, device, backend availability (like ds_report)
+    sft-kernels bench [--quick]      benchmarks against the baselines (benchmarks/bench_*.py)
     sft-kernels demo                 the README's main job on the local device
 """
 
@@ -20,7 +21,39 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(quick=args.quick)
+    return run_demo(quick=not args.full)
+
+
+BENCHES = {"attention": "bench_attention.py", "block_diag": "bench_block_diag.py"}
+
+
+def run_benchmarks(ops, quick: bool, out, device) -> int:
+    """Run benchmarks/bench_<op>.py for each op in a child process; returns the worst exit code."""
+    import os
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if not os.path.isdir(root):
+        print("sft-kernels bench runs the scripts in the repository's benchmarks/ folder; "
+              "run it from a source checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    rc = 0
+    for op in ops:
+        cmd = [sys.executable, os.path.join(root, BENCHES[op])]
+        if quick:
+            cmd.append("--quick")
+        if out:
+            cmd += ["--out", os.path.join(out, op) if len(ops) > 1 else out]
+        if device:
+            cmd += ["--device", device]
+        print("$ " + " ".join(cmd), flush=True)
+        rc = max(rc, subprocess.run(cmd).returncode)
+    return rc
+
+
+def _cmd_bench(args) -> int:
+    ops = list(BENCHES) if args.op == "all" else [args.op]
+    return run_benchmarks(ops, args.quick, args.out, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU and backend availability")
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("demo", help="check the kernels against the references, benchmark, train")
-    p.add_argument("--quick", action="store_true", help="smallest sizes only")
+    p = sub.add_parser("bench", help="benchmark the ops against their baselines")
+    p.add_argument("--op", choices=["all", *BENCHES], default="all")
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/<date>-<commit>)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("demo", help="check the kernels against the references, then benchmark")
+    p.add_argument("--full", action="store_true", help="full benchmark sweep instead of the quick one")
     p.set_defaults(func=_cmd_demo)
     return parser
 

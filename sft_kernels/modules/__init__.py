@@ -1,0 +1,3 @@
+from .block_diagonal_linear import BlockDiagonalLinear
+
+__all__ = ["BlockDiagonalLinear"]

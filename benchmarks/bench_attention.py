@@ -1,0 +1,310 @@
+"""Sliding-window attention against the baselines a user would otherwise pick.
+
+Providers, side by side in one process:
+  sdpa_causal     dense causal ``scaled_dot_product_attention`` (flash backend on GPU)
+  sdpa_band_mask  SDPA with a dense boolean band mask (what Hugging Face does for a window)
+  flex            FlexAttention with a sliding-window block mask (compiled)
+  cudnn           cuDNN SDPA with a band through ``nvidia-cudnn-frontend`` (GPU, when installed)
+  sft_triton / sft_cuda / sft_torch   this package's backends
+
+FLOPs (useful work only): forward ``4 * keys_seen * head_dim * heads * batch`` where
+keys_seen counts the (query, key) pairs inside the band (for sdpa_causal: inside the
+causal triangle, its own useful work); backward is 2.5x forward. Bytes (gbps): the
+minimum traffic, q, k, v, o for the forward plus q, k, v, o, dO read and dQ, dK, dV
+written for the backward.
+
+    python benchmarks/bench_attention.py [--quick] [--device cpu|cuda] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from sft_kernels import sliding_window_attention  # noqa: E402
+from sft_kernels.backends import backend_status  # noqa: E402
+from sft_kernels.window import band_mask, isqrt, keys_seen  # noqa: E402
+
+OP = "sliding_window_attention"
+BASELINE = "sdpa_causal"
+
+
+def resolve(window, L):
+    """Keys per query (including self) for a causal window spec."""
+    return max(1, isqrt(L)) if window == "sqrt" else min(int(window), L)
+
+
+def setup(cfg, device):
+    """Inputs for one configuration: q, k, v (B, L, H, D) and dO."""
+    b, L, h, d = cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["head_dim"]
+    dtype = getattr(torch, cfg["dtype"])
+    grad = cfg["mode"] == "fwd+bwd"
+    q, k, v = (torch.randn(b, L, h, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+    do = torch.randn(b, L, h, d, device=device, dtype=dtype)
+    return q, k, v, do
+
+
+def flops(cfg, impl):
+    L, w = cfg["seqlen"], resolve(cfg["window"], cfg["seqlen"])
+    pairs = keys_seen(L, L, -1, 0) if impl == "sdpa_causal" else keys_seen(L, L, w - 1, 0)
+    fwd = 4.0 * pairs * cfg["head_dim"] * cfg["heads"] * cfg["batch"]
+    return fwd * (3.5 if cfg["mode"] == "fwd+bwd" else 1.0)
+
+
+def io_bytes(cfg):
+    elem = torch.finfo(getattr(torch, cfg["dtype"])).bits // 8
+    t = cfg["batch"] * cfg["seqlen"] * cfg["heads"] * cfg["head_dim"] * elem
+    return t * (4 + (8 if cfg["mode"] == "fwd+bwd" else 0))
+
+
+# ----------------------------------------------------------------------------- providers
+def _sdpa_layout(x):
+    return x.transpose(1, 2)  # (B, H, L, D) view
+
+
+def make_call(impl, cfg, q, k, v):
+    """A zero-argument forward for ``impl``, or raise RuntimeError with the reason to skip."""
+    L, w = cfg["seqlen"], resolve(cfg["window"], cfg["seqlen"])
+    if impl.startswith("sft_"):
+        backend = impl[4:]
+        return lambda: sliding_window_attention(q, k, v, w, causal=True, backend=backend)
+    if impl == "sdpa_causal":
+        if q.is_cuda:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def call():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(*map(_sdpa_layout, (q, k, v)), is_causal=True).transpose(1, 2)
+
+            return call
+        return lambda: F.scaled_dot_product_attention(*map(_sdpa_layout, (q, k, v)), is_causal=True).transpose(1, 2)
+    if impl == "sdpa_band_mask":
+        mask = band_mask(L, L, w - 1, 0, device=q.device)
+        return lambda: F.scaled_dot_product_attention(*map(_sdpa_layout, (q, k, v)), attn_mask=mask).transpose(1, 2)
+    if impl == "flex":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as exc:
+            raise RuntimeError(f"FlexAttention unavailable: {exc}")
+
+        def window_mask(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+
+        block = create_block_mask(window_mask, None, None, L, L, device=str(q.device))
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda: flex(*map(_sdpa_layout, (q, k, v)), block_mask=block).transpose(1, 2)
+    if impl == "cudnn":
+        try:
+            import cudnn  # noqa: F401
+        except ImportError:
+            raise RuntimeError("nvidia-cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)")
+        raise RuntimeError("cudnn provider: band through the cuDNN frontend graph API is not wired up yet")
+    raise ValueError(impl)
+
+
+def make_fn(impl, cfg, q, k, v, do):
+    call = make_call(impl, cfg, q, k, v)
+    if cfg["mode"] == "fwd":
+        return call
+    return lambda: torch.autograd.grad(call(), (q, k, v), do)
+
+
+def providers(device):
+    status = backend_status()
+    names = ["sdpa_causal", "sdpa_band_mask", "flex"] + (["cudnn"] if device == "cuda" else [])
+    for backend in ("triton", "cuda", "torch"):
+        st = status[backend]
+        if backend == "torch" or (st.available and device == "cuda"):
+            names.append("sft_" + backend)
+    return names
+
+
+# ----------------------------------------------------------------------------- sweeps
+def sweep(device, quick):
+    if device == "cuda":
+        base = dict(batch=2, heads=16, dtype="bfloat16")
+        lengths = [4096, 16384, 32768] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
+        windows = [4096, "sqrt"] if quick else [256, 1024, 4096, "sqrt"]
+        dims = [128] if quick else [64, 128]
+        for d in dims:
+            for L in lengths:
+                for w in windows:
+                    for mode in ("fwd", "fwd+bwd"):
+                        yield dict(base, seqlen=L, window=w, head_dim=d, mode=mode)
+        return
+    base = dict(batch=1, heads=8, head_dim=64, dtype="float32")
+    lengths = [4096, 16384] if quick else [1024, 4096, 16384]
+    windows = [256, "sqrt"] if quick else [256, 1024, 4096, "sqrt"]
+    for L in lengths:
+        for w in windows:
+            yield dict(base, seqlen=L, window=w, mode="fwd+bwd")
+    yield dict(base, seqlen=16384, window=256, mode="fwd")
+
+
+def skip_on_cpu(impl, cfg):
+    """Baselines too slow to repeat on 2 CPU cores outside the target shape."""
+    if impl == "sdpa_band_mask" and cfg["window"] != 256:
+        return "dense band mask timed at window 256 only on CPU (its cost does not depend on the window)"
+    if impl == "flex":
+        return "FlexAttention on CPU compiles a C++ kernel per shape through Inductor; timed on GPU only"
+    return None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (the README's demo)")
+    parser.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    parser.add_argument("--measure-memory", nargs=1, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run(args):
+    """Run the sweep; returns the records (a child memory probe returns [])."""
+    if args.measure_memory:  # child process for CPU peak memory
+        impl, cfg = json.loads(args.measure_memory[0])
+
+        def make():
+            q, k, v, do = setup(cfg, "cpu")
+            return make_fn(impl, cfg, q, k, v, do)
+
+        common.child_peak_main(make)
+        return []
+
+    device = args.device
+    env = common.environment(device)
+    impls = providers(device)
+    records, baseline_ms = [], {}
+    configs = list(sweep(device, args.quick))
+    for n, cfg in enumerate(configs):
+        q, k, v, do = setup(cfg, device)
+        for impl in impls:
+            shape = dict(cfg)
+            rec = dict(op=OP, impl=impl, device=device, dtype=cfg["dtype"], shape=shape, env=env)
+            base_key = (cfg["seqlen"], cfg["head_dim"], cfg["mode"])
+            reason = skip_on_cpu(impl, cfg) if device == "cpu" else None
+            if impl == "sdpa_causal" and base_key in baseline_ms:
+                continue  # window-independent: measured once per (L, D, mode)
+            if reason is None:
+                try:
+                    fn = make_fn(impl, cfg, q, k, v, do)
+                    rec["ms"] = common.time_ms(fn, device)
+                    if device == "cuda":
+                        rec["peak_mem_bytes"] = common.cuda_peak_bytes(fn)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if reason is not None:
+                rec["skipped"] = reason
+                records.append(rec)
+                continue
+            if impl == "sdpa_causal":
+                baseline_ms[base_key] = rec["ms"]
+            fl = flops(cfg, impl)
+            rec["flops"] = fl
+            rec["tflops"] = fl / rec["ms"] / 1e9
+            rec["gbps"] = io_bytes(cfg) / rec["ms"] / 1e6
+            rec["flops_basis"] = "causal" if impl == "sdpa_causal" else "band"
+            records.append(rec)
+            common.progress(f"[{n + 1}/{len(configs)}] L={cfg['seqlen']} w={cfg['window']} D={cfg['head_dim']} "
+                            f"{cfg['mode']:8s} {impl:15s} {rec['ms']:9.2f} ms  {rec['tflops']:7.2f} TFLOP/s")
+        del q, k, v, do
+    for rec in records:
+        base = baseline_ms.get((rec["shape"]["seqlen"], rec["shape"]["head_dim"], rec["shape"]["mode"]))
+        if "ms" in rec and base:
+            rec["speedup_vs"] = {"baseline": BASELINE, "ratio": base / rec["ms"]}
+    if device == "cpu" and not args.no_memory:
+        measure_cpu_memory(records)
+    return records
+
+
+def measure_cpu_memory(records):
+    """Peak memory of the CPU target shape (fresh child process per provider)."""
+    target = dict(batch=1, heads=8, head_dim=64, dtype="float32", seqlen=16384, window=256, mode="fwd+bwd")
+    script = os.path.abspath(__file__)
+    for rec in records:
+        if rec["shape"] == target and "ms" in rec:
+            common.progress(f"peak memory: {rec['impl']} at the target shape (child process)")
+            rec["peak_mem_bytes"] = common.cpu_peak_bytes(script, [json.dumps([rec["impl"], target])])
+
+
+def summarize(records):
+    rows = []
+    for r in records:
+        s = r["shape"]
+        rows.append(dict(
+            L=s["seqlen"], window=s["window"], D=s["head_dim"], mode=s["mode"], impl=r["impl"],
+            ms=r.get("ms"), tflops=r.get("tflops"),
+            speedup=(r.get("speedup_vs") or {}).get("ratio"),
+            mem_mb=(r["peak_mem_bytes"] / 2**20) if r.get("peak_mem_bytes") is not None else None,
+            note=r.get("skipped", ""),
+        ))
+    f = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    return common.markdown_table(rows, ["L", "window", "D", "mode", "impl", "ms", "tflops", "speedup", "mem_mb", "note"],
+                                 {"ms": f, "tflops": f, "speedup": f, "mem_mb": lambda x: "" if x is None else f"{x:.0f}"})
+
+
+def plot(records, path_prefix):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for r in records:
+        if "ms" not in r:
+            continue
+        s = r["shape"]
+        key = (s["window"], s["head_dim"], s["mode"])
+        groups.setdefault(key, {}).setdefault(r["impl"], []).append((s["seqlen"], r["ms"], r["tflops"]))
+    paths = []
+    for (w, d, mode), by_impl in groups.items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for impl, pts in sorted(by_impl.items()):
+            pts.sort()
+            xs = [p[0] for p in pts]
+            axes[0].plot(xs, [p[1] for p in pts], marker="o", label=impl)
+            axes[1].plot(xs, [p[2] for p in pts], marker="o", label=impl)
+        for ax, ylabel in zip(axes, ("ms (median)", "useful TFLOP/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        axes[0].set_yscale("log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"sliding-window attention, window={w}, head_dim={d}, {mode}")
+        fig.tight_layout()
+        path = f"{path_prefix}_w{w}_d{d}_{mode.replace('+', '')}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = run(args)
+    if not records:
+        return 0
+    out_dir = common.result_dir(args.out, args.device)
+    common.write_json(records, os.path.join(out_dir, "attention.json"))
+    table = summarize(records)
+    with open(os.path.join(out_dir, "attention.md"), "w") as f:
+        f.write(f"# sliding-window attention, {records[0]['env']['device_name']}, commit {records[0]['env']['commit']}\n\n")
+        f.write(table + "\n")
+    plot(records, os.path.join(out_dir, "attention"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

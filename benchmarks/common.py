@@ -1,0 +1,143 @@
+"""What every benchmark shares: environment tags, timing, peak memory, result files.
+
+Timing: on GPU ``triton.testing.do_bench`` (CUDA events, median); on CPU the median of
+wall-clock repeats after one warm-up call. Peak memory: on GPU
+``torch.cuda.max_memory_allocated`` above what the inputs hold; on CPU the growth of the
+resident set (VmHWM) of a fresh child process running the call once, because an
+allocator that keeps freed pages makes in-process CPU figures meaningless.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment(device: str) -> Dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "not installed"
+    env = {
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+    return env
+
+
+def time_ms(fn: Callable[[], object], device: str, rep_ms: int = 100, cpu_reps: int = 3) -> float:
+    """Median time of one call in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up (first-call allocation, lazy init)
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child_peak_main(make: Callable[[], Callable[[], object]]) -> None:
+    """In the child: build the inputs, then report the RSS growth of one call as JSON."""
+    fn = make()
+    base = _status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    fn()
+    print(json.dumps({"peak_bytes": max(0, _status_bytes("VmHWM") - base)}))
+
+
+def cpu_peak_bytes(script: str, args: List[str], timeout: float = 600) -> Optional[int]:
+    """Run ``python script --measure-memory ARGS`` in a fresh process; None if it fails."""
+    if not os.path.exists("/proc/self/status"):
+        return None
+    cmd = [sys.executable, script, "--measure-memory", *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in reversed(out.stdout.strip().splitlines()):
+        try:
+            return int(json.loads(line)["peak_bytes"])
+        except (ValueError, KeyError):
+            continue
+    return None
+
+
+def result_dir(out: Optional[str], device: str) -> str:
+    """``out``, or ``benchmarks/results/<device>/<date>-<commit>/``."""
+    if out is None:
+        name = "cpu" if device == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
+        run = f"{datetime.date.today().isoformat()}-{git_commit()}"
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name, run)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def write_json(records: List[dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+
+
+def markdown_table(records: List[dict], columns: List[str], fmt: Dict[str, Callable] = None) -> str:
+    fmt = fmt or {}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        lines.append("| " + " | ".join(fmt.get(c, str)(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,82 @@
+"""``sft-kernels demo``: the README's main job on whatever this machine has.
+
+1. the environment and backend table (``sft-kernels info``);
+2. every op, on every backend that runs here, against its float64 dense reference
+   (on a machine without a GPU the Triton kernels run through Triton's interpreter in a
+   child process, since ``TRITON_INTERPRET`` must be set before they are defined);
+3. the quick benchmarks, written to ``bench_out/`` with their tables printed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+_CHECK = r"""
+import torch, sys
+from sft_kernels import sliding_window_attention, sliding_window_attention_reference
+from sft_kernels.ops.block_diag.op import block_diag_matmul
+from sft_kernels import block_diag_matmul_reference
+dev, backend = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+q, k, v = (torch.randn(2, 97, h, 64, device=dev, requires_grad=True) for h in (8, 2, 2))
+out = sliding_window_attention(q, k, v, window_size=16, causal=True, backend=backend)
+dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+ref, _ = sliding_window_attention_reference(q64, k64, v64, window_size=16, causal=True)
+rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
+errs = [rel(out.cpu(), ref), rel(dq.cpu(), rq), rel(dk.cpu(), rk), rel(dv.cpu(), rv)]
+print(f"  sliding_window_attention  backend={backend:6s} on {dev}: fwd {errs[0]:.1e}  dq {errs[1]:.1e}  dk {errs[2]:.1e}  dv {errs[3]:.1e}")
+ok = max(errs) < 1e-4
+sizes_in, sizes_out = [16, 48, 32], [32, 16, 64]
+x = torch.randn(37, sum(sizes_in), device=dev, requires_grad=True)
+w = torch.randn(sum(a * b for a, b in zip(sizes_in, sizes_out)), device=dev, requires_grad=True)
+y = block_diag_matmul(x, w, sizes_in, sizes_out, backend=backend)
+blocks, o = [], 0
+for n, m in zip(sizes_in, sizes_out):
+    blocks.append(w.detach().cpu().double()[o:o + m * n].view(m, n)); o += m * n
+yr = block_diag_matmul_reference(x.detach().cpu().double(), blocks)
+e = rel(y.cpu(), yr)
+print(f"  block_diag_matmul         backend={backend:6s} on {dev}: fwd {e:.1e}")
+ok = ok and e < 1e-4
+sys.exit(0 if ok else 1)
+"""
+
+
+def _check(device: str, backend: str, interpret: bool) -> bool:
+    env = dict(os.environ)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-c", _CHECK, device, backend], env=env)
+    return res.returncode == 0
+
+
+def run_demo(quick: bool = True) -> int:
+    from .info import report
+
+    t0 = time.time()
+    report()
+    print("\nChecking the kernels against the float64 dense references (relative errors):", flush=True)
+    ok = True
+    if torch.cuda.is_available():
+        ok &= _check("cuda", "triton", interpret=False)
+        ok &= _check("cuda", "torch", interpret=False)
+    else:
+        ok &= _check("cpu", "torch", interpret=False)
+        print("  (no GPU: the Triton kernels run in Triton's interpreter on CPU tensors)", flush=True)
+        ok &= _check("cpu", "triton", interpret=True)
+    if not ok:
+        print("demo: a kernel disagrees with its reference", file=sys.stderr)
+        return 1
+    print("\nBenchmarks (quick sweep; full sweep: sft-kernels bench):", flush=True)
+    from .cli import run_benchmarks
+
+    rc = run_benchmarks(["attention", "block_diag"], quick=quick, out="bench_out", device=None)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; results in bench_out/")
+    return rc
