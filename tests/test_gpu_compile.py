@@ -1,0 +1,240 @@
+"""Every Triton kernel compiles for sm_90 and sm_80, without a GPU.
+
+Op modules export ``compile_specs()`` (a list of spec dicts, format in
+``sft_kernels/testing/compile_check.py``); every module under ``sft_kernels.ops`` whose
+name starts with ``triton`` is imported and asked.  Each spec is compiled for each
+architecture and fails on a compile error, register spills, shared memory over the
+chip's limit, or (``expect_mma``) a Hopper build without ``wgmma``.
+
+The self-tests below prove the check works both ways: a small fp16 matmul passes with
+wgmma on sm_90 and mma.sync on sm_80, and a spilling kernel, an over-shared-memory
+kernel and a kernel the compiler rejects (though the interpreter runs it) all fail.
+
+The kernels here are at module level on purpose: under ``TRITON_INTERPRET=1`` they are
+compiled in a worker process that re-imports this module.
+"""
+
+import importlib
+import pkgutil
+
+import pytest
+import triton
+import triton.language as tl
+
+from sft_kernels.testing.compile_check import (
+    SMEM_LIMIT,
+    CompileError,
+    check_specs,
+    compile_kernel,
+    run_specs,
+)
+
+ARCHS = (90, 80)
+
+
+# --------------------------------------------------------------------------------------
+# Specs exported by the ops
+# --------------------------------------------------------------------------------------
+
+
+def _collect_op_specs():
+    """(specs, problems): every ``compile_specs()`` under ``sft_kernels.ops.*triton*``."""
+    import sft_kernels.ops as ops
+
+    specs, problems, seen_fns = [], [], set()
+
+    def onerror(name):
+        problems.append(f"cannot import package {name}")
+
+    for info in pkgutil.walk_packages(ops.__path__, ops.__name__ + ".", onerror=onerror):
+        leaf = info.name.rsplit(".", 1)[-1]
+        if not leaf.startswith("triton"):
+            continue
+        try:
+            mod = importlib.import_module(info.name)
+        except Exception as e:  # noqa: BLE001 - a broken kernel module is a failure
+            problems.append(f"cannot import {info.name}: {type(e).__name__}: {e}")
+            continue
+        fn = getattr(mod, "compile_specs", None)
+        if fn is None or id(fn) in seen_fns:
+            continue
+        seen_fns.add(id(fn))
+        try:
+            got = list(fn())
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{info.name}.compile_specs() raised {type(e).__name__}: {e}")
+            continue
+        for s in got:
+            missing = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} - set(s)
+            if missing:
+                problems.append(f"{info.name}: spec {s.get('name', '?')} lacks {sorted(missing)}")
+            else:
+                specs.append(s)
+    names = [s["name"] for s in specs]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        problems.append(f"duplicate spec names: {dups}")
+    return specs, problems
+
+
+_OP_SPECS, _OP_PROBLEMS = _collect_op_specs()
+_CASES = [(s["name"], a) for s in _OP_SPECS for a in ARCHS if a in tuple(s.get("archs", ARCHS))]
+
+
+def test_op_specs_collected():
+    assert not _OP_PROBLEMS, "\n".join(_OP_PROBLEMS)
+
+
+@pytest.fixture(scope="module")
+def op_results(request):
+    """Compile, in one batch, the op specs whose test cases were selected."""
+    wanted = set()
+    for item in request.session.items:
+        cs = getattr(item, "callspec", None)
+        if cs is not None and getattr(item, "originalname", None) == "test_op_kernel_compiles":
+            wanted.add(cs.params["case"])
+    specs = [s for s in _OP_SPECS if any(n == s["name"] for n, _ in wanted)]
+    archs = tuple(a for a in ARCHS if any(x == a for _, x in wanted))
+    return {(r.name, r.arch): r for r in run_specs(specs, archs)}
+
+
+if _CASES:  # no placeholder test while no op exports specs
+
+    @pytest.mark.parametrize("case", _CASES, ids=[f"{n}-sm{a}" for n, a in _CASES])
+    def test_op_kernel_compiles(case, op_results):
+        res = op_results[case]
+        assert not res.failures, "\n".join(res.failures)
+
+
+# --------------------------------------------------------------------------------------
+# Self-tests of the harness
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _selftest_epilogue(acc, scale):
+    # a jit helper: the worker must see it as a JITFunction too
+    return (acc * scale).to(tl.float16)
+
+
+@triton.jit
+def _selftest_matmul(a_ptr, b_ptr, c_ptr, K, stride_am, stride_bk, stride_cm, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + rm[:, None] * stride_am + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * stride_bk + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], _selftest_epilogue(acc, scale))
+
+
+@triton.jit
+def _selftest_bad_arange(x_ptr, BLOCK: tl.constexpr):
+    # runs under the interpreter, but tl.arange needs a power-of-two length to compile
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
+
+
+@triton.jit
+def _selftest_spill(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    # one warp keeps BLOCK / 32 fp32 values per thread live across the reduction
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    s = tl.sum(x * x, axis=0)
+    tl.store(y_ptr + offs, x / s)
+
+
+_MM_SIG = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "K": "i32", "stride_am": "i32",
+           "stride_bk": "i32", "stride_cm": "i32", "scale": "fp32"}
+
+
+def _mm_spec(name, bm, bn, bk, num_warps=4, num_stages=3, **extra):
+    return {"name": name, "fn": _selftest_matmul, "signature": dict(_MM_SIG),
+            "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            "num_warps": num_warps, "num_stages": num_stages, "expect_mma": True,
+            # what a launch with 16-divisible pointers, K and strides specialises on
+            "divisible_by_16": ["a_ptr", "b_ptr", "c_ptr", "K", "stride_am", "stride_bk", "stride_cm"],
+            **extra}
+
+
+_SELFTEST_SPECS = [
+    _mm_spec("matmul64", 64, 64, 64),
+    # 5 stages of 128x128 + 128x128 fp16 operand tiles: 320 KiB (sm_90), 256 KiB (sm_80)
+    _mm_spec("matmul128_too_much_smem", 128, 128, 128, num_warps=8, num_stages=5),
+    # 8192 fp32 over 32 threads: 256 live values per thread, more than 255 registers
+    {"name": "spill", "fn": _selftest_spill, "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32"},
+     "constexprs": {"BLOCK": 8192}, "num_warps": 1, "num_stages": 1},
+    {"name": "bad_arange", "fn": _selftest_bad_arange, "signature": {"x_ptr": "*fp32"},
+     "constexprs": {"BLOCK": 48}, "num_warps": 4, "num_stages": 1},
+    # an elementwise kernel declared matmul-heavy fails the wgmma / mma check
+    {"name": "not_a_matmul", "fn": _selftest_bad_arange, "signature": {"x_ptr": "*fp32"},
+     "constexprs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 1, "expect_mma": True},
+]
+
+
+@pytest.fixture(scope="module")
+def selftest_results():
+    return {(r.name, r.arch): r for r in run_specs(_SELFTEST_SPECS, ARCHS)}
+
+
+def test_matmul_compiles_with_tensor_cores(selftest_results):
+    hopper = selftest_results[("matmul64", 90)]
+    ampere = selftest_results[("matmul64", 80)]
+    for res in (hopper, ampere):
+        assert res.error is None, res.error
+        assert not res.failures, res.failures
+        rep = res.report
+        assert 0 < rep.registers <= 255
+        assert rep.spill_stores == 0 and rep.spill_loads == 0
+        assert 0 < rep.shared_bytes <= SMEM_LIMIT[res.arch]
+        assert rep.ptx_len > 0
+    assert hopper.report.uses_wgmma
+    assert ampere.report.uses_mma and not ampere.report.uses_wgmma
+
+
+def test_spills_are_failures(selftest_results):
+    for arch in ARCHS:
+        res = selftest_results[("spill", arch)]
+        assert res.error is None, res.error
+        assert res.report.spill_stores > 0
+        assert any("register spills" in f for f in res.failures), res.failures
+
+
+def test_shared_memory_over_limit_is_failure(selftest_results):
+    for arch in ARCHS:
+        res = selftest_results[("matmul128_too_much_smem", arch)]
+        assert res.error is None, res.error
+        assert res.report.shared_bytes > SMEM_LIMIT[arch]
+        assert any("shared memory" in f for f in res.failures), res.failures
+
+
+def test_compile_error_is_failure(selftest_results):
+    for arch in ARCHS:
+        res = selftest_results[("bad_arange", arch)]
+        assert res.report is None
+        assert "power of 2" in res.error or "power of two" in res.error, res.error
+        assert len(res.failures) == 1 and "compile failed" in res.failures[0]
+
+
+def test_missing_mma_is_failure(selftest_results):
+    for arch, want in ((90, "expected wgmma"), (80, "expected mma.sync")):
+        res = selftest_results[("not_a_matmul", arch)]
+        assert res.error is None, res.error
+        assert not res.report.uses_mma
+        assert len(res.failures) == 1 and want in res.failures[0], res.failures
+
+
+def test_check_specs_and_compile_kernel():
+    reports, failures = check_specs([_mm_spec("matmul64_k32", 64, 64, 32, num_stages=2)], archs=(90, ))
+    assert len(reports) == 1 and reports[0].uses_wgmma and not failures
+    rep = compile_kernel(_selftest_matmul, _MM_SIG, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32},
+                         arch=80, num_warps=4, num_stages=2)
+    assert rep.arch == 80 and rep.uses_mma and rep.spill_stores == 0
+    # a malformed spec is refused before anything is compiled
+    with pytest.raises(CompileError, match="BLOCK"):
+        compile_kernel(_selftest_bad_arange, {"x_ptr": "*fp32"}, {}, arch=80)
