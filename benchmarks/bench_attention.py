@@ -199,8 +199,8 @@ def run(args):
                 try:
                     fn = make_fn(impl, cfg, q, k, v, do)
                     rec["ms"] = common.time_ms(fn, device)
-                    if device == "cuda":
-                        rec["peak_mem_bytes"] = common.cuda_peak_bytes(fn)
+                    # CPU: filled for the target shape by measure_cpu_memory (child processes)
+                    rec["peak_mem_bytes"] = common.cuda_peak_bytes(fn) if device == "cuda" else None
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
                     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if reason is not None:
@@ -229,7 +229,7 @@ def run(args):
 
 def measure_cpu_memory(records):
     """Peak memory of the CPU target shape (fresh child process per provider)."""
-    target = dict(batch=1, heads=8, head_dim=64, dtype="float32", seqlen=16384, window=256, mode="fwd+bwd")
+    target = CPU_TARGET
     script = os.path.abspath(__file__)
     for rec in records:
         if rec["shape"] == target and "ms" in rec:
@@ -246,10 +246,9 @@ def summarize(records):
             ms=r.get("ms"), tflops=r.get("tflops"),
             speedup=(r.get("speedup_vs") or {}).get("ratio"),
             mem_mb=(r["peak_mem_bytes"] / 2**20) if r.get("peak_mem_bytes") is not None else None,
-            note=r.get("skipped", ""),
         ))
     f = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
-    return common.markdown_table(rows, ["L", "window", "D", "mode", "impl", "ms", "tflops", "speedup", "mem_mb", "note"],
+    return common.markdown_table(rows, ["L", "window", "D", "mode", "impl", "ms", "tflops", "speedup", "mem_mb"],
                                  {"ms": f, "tflops": f, "speedup": f, "mem_mb": lambda x: "" if x is None else f"{x:.0f}"})
 
 
@@ -290,19 +289,79 @@ def plot(records, path_prefix):
     return paths
 
 
+CPU_TARGET = dict(batch=1, heads=8, head_dim=64, dtype="float32", seqlen=16384, window=256, mode="fwd+bwd")
+
+
+def targets(records, device):
+    """Issue 3's targets, checked from the records of this run."""
+    def find(impl, **shape):
+        for r in records:
+            if r["impl"] == impl and "ms" in r and all(r["shape"].get(k) == v for k, v in shape.items()):
+                return r
+        return None
+
+    out = []
+    if device == "cpu":
+        mine, dense, band = (find(i, **CPU_TARGET) for i in ("sft_torch", "sdpa_causal", "sdpa_band_mask"))
+        if dense is None:  # sdpa_causal is recorded once per (L, D, mode)
+            dense = find("sdpa_causal", seqlen=16384, head_dim=64, mode="fwd+bwd")
+        ratio = dense["ms"] / mine["ms"] if mine and dense else None
+        out.append(dict(name="CPU L=16k w=256 fp32 fwd+bwd: sft_torch speedup over dense causal SDPA", required=4.0,
+                        ratio=ratio, met=None if ratio is None else ratio >= 4.0))
+        pm, pb = (mine or {}).get("peak_mem_bytes"), (band or {}).get("peak_mem_bytes")
+        ratio = pb / pm if pm and pb else None
+        out.append(dict(name="CPU L=16k w=256: SDPA band-mask peak memory / sft_torch peak memory", required=8.0,
+                        ratio=ratio, met=None if ratio is None else ratio >= 8.0))
+        return out
+    for L in (16384, 32768):
+        for mode in ("fwd", "fwd+bwd"):
+            shape = dict(batch=2, heads=16, head_dim=128, window=4096, seqlen=L, mode=mode)
+            mine, flex = find("sft_triton", **shape), find("flex", **shape)
+            dense = find("sdpa_causal", seqlen=L, head_dim=128, mode=mode)
+            ratio = flex["ms"] / mine["ms"] if mine and flex else None
+            out.append(dict(name=f"H200 L={L} w=4096 {mode}: FlexAttention time / sft_triton time", required=1.0,
+                            ratio=ratio, met=None if ratio is None else ratio >= 1.0))
+            ratio = mine["tflops"] / dense["tflops"] if mine and dense else None
+            out.append(dict(name=f"H200 L={L} w=4096 {mode}: sft_triton useful TFLOP/s / dense causal SDPA's",
+                            required=0.8, ratio=ratio, met=None if ratio is None else ratio >= 0.8))
+    return out
+
+
+def _target_line(t):
+    ratio = "not measured" if t["ratio"] is None else f"{t['ratio']:.2f}"
+    verdict = "" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
+    return f"{t['name']}: {ratio} (needs >= {t['required']}) {verdict}".rstrip()
+
+
 def main(argv=None):
     args = parse_args(argv)
     records = run(args)
     if not records:
         return 0
     out_dir = common.result_dir(args.out, args.device)
-    common.write_json(records, os.path.join(out_dir, "attention.json"))
-    table = summarize(records)
+    env = records[0]["env"]
+    tg = targets(records, args.device)
+    measured = [r for r in records if "ms" in r]
+    skipped = [dict(impl=r["impl"], shape=r["shape"], reason=r["skipped"]) for r in records if "skipped" in r]
+    common.write_json(dict(env=env, records=measured, skipped=skipped, targets=tg),
+                      os.path.join(out_dir, "attention.json"))
+    table = summarize(measured)
     with open(os.path.join(out_dir, "attention.md"), "w") as f:
-        f.write(f"# sliding-window attention, {records[0]['env']['device_name']}, commit {records[0]['env']['commit']}\n\n")
-        f.write(table + "\n")
-    plot(records, os.path.join(out_dir, "attention"))
+        f.write(f"# sliding-window attention, {env['device_name']}, commit {env['commit']}, {env['date']}\n\n")
+        f.write(f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads. "
+                "speedup = dense causal SDPA time / this time; tflops counts useful FLOPs only.\n\n")
+        f.write(table + "\n\n## Targets (issue 3)\n\n")
+        f.write("".join(f"- {_target_line(t)}\n" for t in tg))
+        if skipped:
+            f.write("\n## Skipped\n\n" + "".join(
+                f"- {s['impl']} L={s['shape']['seqlen']} w={s['shape']['window']} {s['shape']['mode']}: {s['reason']}\n"
+                for s in skipped))
+    plot(measured, os.path.join(out_dir, "attention"))
     print(table)
+    print()
+    for t in tg:
+        print("target " + _target_line(t))
+    print(f"\nwrote {out_dir}/attention.json, attention.md and plots")
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -239,22 +238,6 @@ def _callable(problem: Problem, build, mode: str):
     return run_bwd
 
 
-def _time(fn, device: str) -> float:
-    if device == "cuda":
-        return common.time_ms(fn, device)
-    fn()  # warm-up; then enough repeats for ~0.5 s, 3 to 15
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    reps = max(3, min(15, int(0.5 / max(first, 1e-6))))
-    times = [first]
-    for _ in range(reps - 1):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -274,7 +257,7 @@ def measure(shapes: List[dict], device: str, env: dict):
                 try:
                     fn = _callable(prob, build, mode)
                     fn()  # raises here if the provider cannot take these inputs
-                    ms = _time(fn, device)
+                    ms = common.time_ms(fn, device)
                     peak = common.cuda_peak_bytes(fn) if device == "cuda" else None
                 except Exception as e:  # noqa: BLE001 - recorded, not fatal
                     skipped.append(dict(impl=name, shape=shape, dtype=s["dtype"], mode=mode,

@@ -54,19 +54,25 @@ def environment(device: str) -> Dict[str, str]:
     return env
 
 
-def time_ms(fn: Callable[[], object], device: str, rep_ms: int = 100, cpu_reps: int = 3) -> float:
-    """Median time of one call in milliseconds."""
+def time_ms(fn: Callable[[], object], device: str, rep_ms: int = 100) -> float:
+    """Median time of one call in milliseconds.
+
+    GPU: CUDA events through ``triton.testing.do_bench``. CPU: one warm-up call, then
+    enough repeats for about half a second (3 to 15).
+    """
     if device == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
     fn()  # warm-up (first-call allocation, lazy init)
-    times = []
-    for _ in range(cpu_reps):
+    t0 = time.perf_counter()
+    fn()
+    times = [time.perf_counter() - t0]
+    for _ in range(max(3, min(15, int(0.5 / max(times[0], 1e-6)))) - 1):
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def cuda_peak_bytes(fn: Callable[[], object]) -> int:

@@ -380,3 +380,35 @@ def test_property_triton_packed(lens, group, window, causal, dtype, triton_devic
     assert_rel(out.cpu(), ref, TOL[dtype], "out")
     for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
         assert_rel(g.cpu(), r, TOL[dtype], name)
+
+
+# ----------------------------------------------------------------------------- GPU sizes
+GPU_CASES = {
+    "L1025_w256_gqa_hd128": (2, 1025, 1025, 8, 2, 128, 256, True),
+    "L2048_sqrt_hd64": (1, 2048, 2048, 4, 4, 64, "sqrt", True),
+    "L1025_bidir_hd80": (1, 1025, 1025, 4, 1, 80, (100, 37), False),
+    "q_shorter_hd256": (1, 300, 1100, 2, 2, 256, (128, 0), True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_triton_gpu_sizes(name, dtype):
+    # fp32 on the GPU multiplies in full fp32 (DOT_PREC="ieee"), so the fp32 bar holds
+    _check(GPU_CASES[name], dtype, "cuda", "triton")
+
+
+@pytest.mark.gpu
+def test_triton_gpu_varlen_long():
+    lens = [1000, 17, 3000, 513]
+    q, k, v, cu_q, cu_k = _varlen(lens, lens, 8, 2, 128, torch.bfloat16, "cuda")
+    out = sliding_window_attention(q, k, v, 512, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = sliding_window_attention_reference(q64, k64, v64, 512, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    rg = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    assert_rel(out, ref, TOL[torch.bfloat16], "out")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
+        assert_rel(g, r, TOL[torch.bfloat16], name)

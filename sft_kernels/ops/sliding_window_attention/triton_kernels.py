@@ -149,9 +149,9 @@ def _band_mask(rows, cols, off, left, right, seqlen_q, seqlen_k):
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, off, left, right, seqlen_q, seqlen_k,
-    qk_scale, offs_m, offs_n, offs_d,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right, seqlen_q,
+    seqlen_k, qk_scale, offs_m, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -164,7 +164,7 @@ def _fwd_inner(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASKED:
+        if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
             keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
             qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -221,15 +221,9 @@ def _swa_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, off,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off,
                                left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
-                               True, BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, off,
-                               left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
-                               False, BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, off,
-                               left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
-                               True, BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
+                               BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -272,9 +266,9 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n, lo, hi, off, left, right,
-    seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n, lo, full_lo, full_hi, hi, off,
+    left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     cols = start_n + offs_n
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -291,7 +285,7 @@ def _bwd_dkdv_inner(
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
-        if MASKED:  # mask the scores, not p: out-of-band exp2 could overflow
+        if (start_m < full_lo) | (start_m >= full_hi):  # edge tile; mask scores: exp2 could overflow
             keep = _band_mask(rows[None, :], cols[:, None], off, left, right, seqlen_q, seqlen_k)
             qkT = tl.where(keep, qkT, float("-inf"))
         pT = tl.math.exp2(qkT - lse[None, :])
@@ -353,14 +347,8 @@ def _swa_bwd_dkdv_kernel(
         lse_base = LSE + b64 * stride_lb + off_h * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + off_h * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n,
-                                 lo, full_lo, off, left, right, seqlen_q, seqlen_k, qk_scale, offs_m,
-                                 tl.arange(0, BLOCK_N), offs_d, True, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n,
-                                 full_lo, full_hi, off, left, right, seqlen_q, seqlen_k, qk_scale, offs_m,
-                                 tl.arange(0, BLOCK_N), offs_d, False, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n,
-                                 full_hi, hi, off, left, right, seqlen_q, seqlen_k, qk_scale, offs_m,
-                                 tl.arange(0, BLOCK_N), offs_d, True, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC)
+                                 lo, full_lo, full_hi, hi, off, left, right, seqlen_q, seqlen_k, qk_scale, offs_m,
+                                 tl.arange(0, BLOCK_N), offs_d, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC)
     dk = dk * sm_scale
     dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
     dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
@@ -370,9 +358,9 @@ def _swa_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, hi, off, left, right, seqlen_q, seqlen_k,
-    qk_scale, offs_m, offs_n, offs_d,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right, seqlen_q,
+    seqlen_k, qk_scale, offs_m, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -385,7 +373,7 @@ def _bwd_dq_inner(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASKED:
+        if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
             keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
             qk = tl.where(keep, qk, float("-inf"))
         p = tl.math.exp2(qk - lse[:, None])
@@ -444,12 +432,9 @@ def _swa_bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, off, left, right,
-                       seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, True, BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, off, left, right,
-                       seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, False, BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_hi, hi, off, left, right,
-                       seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, True, BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off,
+                       left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, BLOCK_N, HEAD_DIM, UPCAST,
+                       DOT_PREC)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + offs_m)[:, None].to(tl.int64) * stride_dqm
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok)
@@ -462,20 +447,25 @@ def _swa_bwd_dq_kernel(
 # dkdv=32,128,4,3;dq=128,32,4,3" pins them (any subset). Shapes follow Triton's fused
 # attention tutorial (FA2 style) for sm_80/sm_90; they are not yet swept on hardware.
 _CONFIGS = {
+    # Each config compiles for sm_90a (with wgmma) and sm_80 without register spills
+    # (tests/test_gpu_compile.py). Registers ~ fp32 accumulators + operands held in
+    # registers + score tiles: dK/dV at D=128 with BLOCK_N=128 holds 2*128*128*4 B of
+    # accumulators alone, which ptxas spilled at 4 and 8 warps; the sweep of ~60
+    # candidates that chose these is in the commit history. Speed on hardware is unmeasured.
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+        128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     },
     "dkdv": {
-        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        128: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
-        256: [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 1)],
+        64: [(16, 64, 4, 3), (16, 128, 8, 3), (16, 64, 8, 3)],
+        128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3)],
+        256: [(16, 64, 8, 1)],
     },
     "dq": {
-        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+        64: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+        128: [(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 1), (64, 16, 8, 2), (64, 32, 8, 3)],
     },
 }
 _INTERPRET_CONFIG = (16, 16, 1, 1)  # TRITON_INTERPRET=1: one small config, no tuning
@@ -627,3 +617,69 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
         *_lse_strides(lse, varlen), lq, lk, hq, hq // hkv, left, right, keys, scale, bucket, **meta,
     )
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- GPU compile check
+def compile_specs():
+    """Every kernel in every autotune configuration, for ``sft_kernels.testing.compile_check``.
+
+    Register and shared-memory use depend on the tile shapes, head_dim class and dtype, not
+    on the window mode, so the full config sweep uses causal explicit windows and one
+    packed ``"sqrt"`` variant per kernel covers the other code paths.
+    """
+    specs = []
+    ptr_args = {
+        "fwd": ("Q", "K", "V", "O"),
+        "dkdv": ("Q", "K", "V", "DO", "DK", "DV"),
+        "dq": ("Q", "K", "V", "DO", "DQ"),
+    }
+    kernels = {"fwd": _swa_fwd_kernel, "dkdv": _swa_bwd_dkdv_kernel, "dq": _swa_bwd_dq_kernel}
+
+    def signature(kind, dtype):
+        import inspect
+
+        fn = kernels[kind]
+        params = inspect.signature(getattr(fn, "fn", fn)).parameters
+        sig = {}
+        for name, p in params.items():
+            if name.isupper() and name not in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "LSE", "DELTA"):
+                continue  # constexpr
+            if name in ptr_args[kind]:
+                sig[name] = f"*{dtype}"
+            elif name in ("LSE", "DELTA"):
+                sig[name] = "*fp32"
+            elif name.startswith("cu_seqlens"):
+                sig[name] = "*i32"
+            elif name == "sm_scale":
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        return sig
+
+    def add(kind, dtype, head_dim, cfg, mode=0, varlen=False, causal=True):
+        bm, bn, warps, stages = cfg
+        specs.append({
+            "name": f"swa_{kind}[D={head_dim},{dtype},BM={bm},BN={bn},w={warps},s={stages}"
+                    + (",varlen,sqrt" if varlen else "") + "]",
+            "fn": kernels[kind],
+            "signature": signature(kind, dtype),
+            "constexprs": dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm,
+                               BLOCK_N=bn, WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False,
+                               DOT_PREC="tf32"),
+            "num_warps": warps,
+            "num_stages": stages,
+            "expect_mma": True,
+            # what a launch on (batch, seqlen, heads, head_dim) tensors with head_dim a
+            # multiple of 16 gets: Triton specialises such strides as 16-divisible
+            "divisible_by_16": [n for n, t in signature(kind, dtype).items() if t.startswith("*") or n.startswith("stride")],
+        })
+
+    for kind, by_dim in _CONFIGS.items():
+        for head_dim, configs in by_dim.items():
+            for i, cfg in enumerate(configs):
+                add(kind, "fp16", head_dim, cfg)
+                if i == 0:
+                    add(kind, "bf16", head_dim, cfg)
+        add(kind, "bf16", 80, by_dim[128][0])
+        add(kind, "bf16", 128, by_dim[128][0], mode=2, varlen=True)
+    return specs
