@@ -1,0 +1,499 @@
+"""``SFTAttention``: a drop-in causal self-attention layer built on both kernels.
+
+- Q, K and V come from **one** :class:`BlockDiagonalLinear`. ``qkv_groups=1`` is the
+  usual dense fused projection ``hidden -> (Hq + 2 Hkv) * D``; ``qkv_groups=g`` splits the
+  heads into ``g`` groups, group ``i`` projected only from hidden slice ``i`` (``hidden/g``
+  features), so the projection holds ``g`` times fewer weights.
+- Rotary position embeddings (Llama convention: ``rotate_half``, ``cos/sin`` over the
+  full head_dim with frequencies repeated twice), GQA/MQA (K/V never repeated in memory).
+- Sliding-window attention (:func:`sft_kernels.sliding_window_attention`): a fixed window
+  ``W`` (W keys including self) or the adaptive ``"sqrt"`` window.
+- Padding: a Hugging Face ``attention_mask`` ``(batch, seqlen)`` of 1 (token) / 0 (pad),
+  right or left padded. Tokens are *unpadded* into one packed batch with ``cu_seqlens``
+  before the projections, so a pad token is never attended, never attends, costs no
+  FLOPs, and its output row is exactly zero.
+
+Layout of the fused projection's output (what :meth:`SFTAttention.from_hf` relies on):
+group ``i`` (of ``g``) produces ``[q heads, k heads, v heads]`` of that group,
+``(Hq/g + 2 Hkv/g) * D`` features, in head order. With ``g = 1`` this is
+``cat([q_proj, k_proj, v_proj])``. Query head ``h`` uses KV head ``h // (Hq/Hkv)``, which
+lives in the same group, so groups never need each other's heads.
+
+The padding helpers (:func:`unpad_mask`, :func:`padded_sliding_window_attention`) are
+shared with the Hugging Face integration.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops.sliding_window_attention.op import sliding_window_attention
+from ..window import WindowArg, parse_window
+from .block_diagonal_linear import BlockDiagonalLinear
+
+__all__ = [
+    "SFTAttention",
+    "apply_rotary",
+    "padded_sliding_window_attention",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "rotate_half",
+    "unpad_mask",
+]
+
+
+# ----------------------------------------------------------------------------- rotary
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension (Llama / GPT-NeoX convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """``1 / theta ** (2i / D)`` for ``i < D/2``, float32 (as Hugging Face computes it)."""
+    if head_dim % 2 != 0:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    if not (isinstance(theta, (int, float)) and theta > 0 and math.isfinite(theta)):
+        raise ValueError(f"rope_theta must be a positive finite number, got {theta!r}")
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape ``positions.shape + (head_dim,)``.
+
+    Computed in float32 and cast to ``dtype``, exactly as Hugging Face's rotary embedding
+    modules do, so a float64 model reproduces theirs bit for bit.
+    """
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (..., heads, head_dim)`` by ``cos, sin (..., head_dim)`` (broadcast over heads)."""
+    cos = cos.unsqueeze(-2)
+    sin = sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- padding
+def _as_bool_mask(name: str, mask: torch.Tensor, shape) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of 1 (token) / 0 (padding), got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape (batch, seqlen) = {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex():
+        if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must hold only 1 (token) and 0 (padding); got other values")
+    return mask != 0
+
+
+def _check_contiguous(name: str, valid: torch.Tensor) -> None:
+    """Each row's tokens must form one block (right or left padding, not holes)."""
+    if torch.compiler.is_compiling() or valid.shape[1] < 2:
+        return
+    v = valid.to(torch.int8)
+    starts = (v[:, 1:] - v[:, :-1] == 1).sum(1) + v[:, 0]
+    if bool((starts > 1).any()):
+        row = int((starts > 1).nonzero()[0, 0])
+        raise ValueError(
+            f"{name}: row {row} has padding between tokens; only right or left padding (one block of "
+            "tokens per row) is supported, since the window counts positions"
+        )
+
+
+def unpad_mask(valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """``valid (batch, seqlen)`` bool -> ``(indices, cu_seqlens, max_seqlen)``.
+
+    ``indices`` (int64) are the flat positions ``b * seqlen + t`` of the tokens, row-major;
+    ``cu_seqlens`` (int32, ``batch + 1``) their per-row prefix sums.
+    """
+    lens = valid.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
+    cu = torch.nn.functional.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu, int(lens.max()) if lens.numel() else 0
+
+
+def _pad_rows(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Scatter packed rows ``(total, ...)`` into zeros ``(batch, seqlen, ...)``."""
+    out = packed.new_zeros((batch * seqlen,) + tuple(packed.shape[1:]))
+    out = out.index_copy(0, indices, packed)  # out of place: differentiable w.r.t. packed
+    return out.view((batch, seqlen) + tuple(packed.shape[1:]))
+
+
+def padded_sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_valid: Optional[torch.Tensor],
+    k_valid: Optional[torch.Tensor],
+    window_size: WindowArg,
+    causal: bool,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sliding-window attention on a padded batch, computed on the unpadded tokens only.
+
+    Args:
+        q: ``(batch, seqlen_q, heads_q, head_dim)``; k, v: ``(batch, seqlen_k, heads_kv, head_dim)``.
+        q_valid, k_valid: bool ``(batch, seqlen_q)`` / ``(batch, seqlen_k)``, True on real
+            tokens, or both None (no padding). Each row must be one contiguous block;
+            queries are bottom-right aligned with the keys of their row (left-padded
+            generation with a cache: the queries are the last tokens).
+        window_size, causal, softmax_scale, backend: as in
+            :func:`sft_kernels.sliding_window_attention`; an int / ``"sqrt"`` window is
+            resolved per row from that row's number of real keys.
+
+    Returns:
+        ``(batch, seqlen_q, heads_q, head_dim)``; rows of padded queries are zero.
+    """
+    if (q_valid is None) != (k_valid is None):
+        raise ValueError("q_valid and k_valid must both be given or both be None")
+    if q_valid is None:
+        return sliding_window_attention(q, k, v, window_size, causal, softmax_scale, backend=backend)
+    b, lq = q.shape[:2]
+    lk = k.shape[1]
+    idx_q, cu_q, max_q = unpad_mask(q_valid)
+    idx_k, cu_k, max_k = unpad_mask(k_valid)
+    qp = q.reshape(b * lq, *q.shape[2:]).index_select(0, idx_q)
+    kp = k.reshape(b * lk, *k.shape[2:]).index_select(0, idx_k)
+    vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
+    out = sliding_window_attention(
+        qp, kp, vp, window_size, causal, softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend,
+    )
+    return _pad_rows(out, idx_q, b, lq)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"SFTAttention: {name} must be a positive int, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- module
+class SFTAttention(nn.Module):
+    """Causal (or bidirectional) sliding-window self-attention with a fused, optionally
+    block-diagonal QKV projection, rotary embeddings, GQA and padding.
+
+    Args:
+        hidden_size: model width ``C``.
+        num_heads: query heads ``Hq``.
+        num_kv_heads: key/value heads ``Hkv`` (default ``Hq``); ``Hq % Hkv == 0``.
+        head_dim: ``D`` (default ``C // Hq``); even (rotary).
+        window_size: keys each query sees: an int ``W`` = W keys including itself
+            (causal: keys ``i-W+1 .. i``; the Hugging Face ``sliding_window=W``), ``"sqrt"``
+            = ``floor(sqrt(L))`` keys for a sequence of ``L`` real tokens, ``(left, right)``
+            with -1 = unbounded, or None = unbounded (plain causal attention). See
+            :func:`sft_kernels.sliding_window_attention`.
+        causal: queries see no later key.
+        qkv_groups: ``g``; the projection is ``g`` blocks ``(hidden/g) -> (Hq/g + 2 Hkv/g) D``.
+            ``hidden_size``, ``Hq`` and ``Hkv`` must be divisible by ``g``.
+        bias: bias on the Q/K/V projection (Qwen2 has one).
+        rope_theta: rotary base. ``rope_theta=None`` disables rotary embeddings.
+        backend: attention and projection backend (``"auto"``, ``"triton"``, ``"torch"``, ``"cuda"``).
+        out_bias: bias on ``o_proj`` (default: ``bias``).
+        dtype, device: factory arguments of the parameters.
+
+    Shapes: ``hidden_states (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size)``.
+    Parameters: ``qkv_proj.weight`` (flat block-diagonal weight, ``C (Hq + 2 Hkv) D / g``
+    values), ``qkv_proj.bias`` (``(Hq + 2 Hkv) D``), ``o_proj`` (``nn.Linear(Hq D, C)``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        window_size: WindowArg = 4096,
+        causal: bool = True,
+        qkv_groups: int = 1,
+        bias: bool = False,
+        rope_theta: Optional[float] = 10000.0,
+        backend: str = "auto",
+        *,
+        out_bias: Optional[bool] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ) -> None:
+        super().__init__()
+        hidden_size = _positive_int("hidden_size", hidden_size)
+        num_heads = _positive_int("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"SFTAttention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)"
+            )
+        if head_dim is None:
+            if hidden_size % num_heads != 0:
+                raise ValueError(
+                    f"SFTAttention: hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
+            head_dim = hidden_size // num_heads
+        head_dim = _positive_int("head_dim", head_dim)
+        qkv_groups = _positive_int("qkv_groups", qkv_groups)
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if val % qkv_groups != 0:
+                raise ValueError(
+                    f"SFTAttention: {name}={val} must be divisible by qkv_groups={qkv_groups} (each group takes "
+                    f"hidden_size/g features and produces num_heads/g query and num_kv_heads/g key/value heads)"
+                )
+        if rope_theta is not None and head_dim % 2 != 0:
+            raise ValueError(f"SFTAttention: rotary embeddings need an even head_dim, got {head_dim}")
+        self.window_spec = parse_window(window_size, causal)  # validates window_size and causal
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.window_size = window_size
+        self.causal = causal
+        self.qkv_groups = qkv_groups
+        self.backend = backend
+        self.scaling = head_dim ** -0.5
+        self.rope_theta = rope_theta
+        self.rope_attention_scaling = 1.0
+        g = qkv_groups
+        per_group_out = (num_heads // g + 2 * num_kv_heads // g) * head_dim
+        factory = dict(dtype=dtype, device=device)
+        self.qkv_proj = BlockDiagonalLinear(
+            [hidden_size // g] * g, [per_group_out] * g, bias=bias, **factory, backend=backend
+        )
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias,
+                                **factory)
+        inv_freq = rope_inv_freq(head_dim, rope_theta) if rope_theta is not None else torch.empty(0)
+        self.register_buffer("inv_freq", inv_freq.to(device=device), persistent=False)
+
+    # ------------------------------------------------------------------ helpers
+    def _split_qkv(self, qkv: torch.Tensor):
+        """``(..., (Hq + 2 Hkv) D)`` in group layout -> q ``(..., Hq, D)``, k, v ``(..., Hkv, D)``."""
+        g, d = self.qkv_groups, self.head_dim
+        hq, hkv = self.num_heads // g, self.num_kv_heads // g
+        x = qkv.view(*qkv.shape[:-1], g, hq + 2 * hkv, d)
+        q, k, v = x.split([hq, hkv, hkv], dim=-2)
+        lead = qkv.shape[:-1]
+        return (q.reshape(*lead, g * hq, d), k.reshape(*lead, g * hkv, d), v.reshape(*lead, g * hkv, d))
+
+    def _positions(self, attention_mask, position_ids, batch, seqlen, device):
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+                raise TypeError("SFTAttention: position_ids must be an integer tensor (batch, seqlen) or (1, seqlen)")
+            if position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0)
+            if position_ids.shape[-1] != seqlen or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"SFTAttention: position_ids must have shape ({batch}, {seqlen}) or (1, {seqlen}), "
+                    f"got {tuple(position_ids.shape)}"
+                )
+            return position_ids.expand(batch, seqlen)
+        if attention_mask is not None:
+            # count positions over real tokens, as generation in transformers does for left padding
+            return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        return torch.arange(seqlen, device=device).unsqueeze(0).expand(batch, seqlen)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Self-attention over ``hidden_states (batch, seqlen, hidden_size)``.
+
+        Args:
+            attention_mask: ``(batch, seqlen)``, 1 on tokens and 0 on padding (right or left
+                padded; bool, int or float 0/1). Pad tokens are dropped before the
+                projections and their output rows are zero. None = no padding.
+            position_ids: ``(batch, seqlen)`` or ``(1, seqlen)`` rotary positions. Default:
+                ``0, 1, ...`` counted over real tokens only (so a left-padded row gets the
+                same positions as the unpadded sequence).
+            position_embeddings: ``(cos, sin)``, each ``(batch, seqlen, head_dim)``, to use
+                instead of the module's own rotary tables (what a Hugging Face model passes;
+                supports every rope type it implements).
+
+        Returns:
+            ``(batch, seqlen, hidden_size)``.
+        """
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            raise ValueError(
+                "SFTAttention: hidden_states must be a tensor (batch, seqlen, hidden_size), got "
+                f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}"
+            )
+        b, l, c = hidden_states.shape
+        if c != self.hidden_size:
+            raise ValueError(f"SFTAttention: hidden_states has {c} features, expected hidden_size={self.hidden_size}")
+        valid = None
+        if attention_mask is not None:
+            valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
+            _check_contiguous("attention_mask", valid)
+        use_rope = position_embeddings is not None or self.rope_theta is not None
+        if use_rope and position_embeddings is None:
+            pos = self._positions(valid, position_ids, b, l, hidden_states.device)
+            cos, sin = rope_cos_sin(pos, self.inv_freq, hidden_states.dtype, self.rope_attention_scaling)
+        elif use_rope:
+            cos, sin = position_embeddings
+            cos = cos.expand(b, l, self.head_dim)
+            sin = sin.expand(b, l, self.head_dim)
+
+        if valid is None:
+            q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
+            if use_rope:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = sliding_window_attention(
+                q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend
+            )
+            return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+
+        # unpad once: projections, rotary, attention and o_proj all run on real tokens only
+        indices, cu, max_len = unpad_mask(valid)
+        x = hidden_states.reshape(b * l, c).index_select(0, indices)
+        q, k, v = self._split_qkv(self.qkv_proj(x))
+        if use_rope:
+            cos = cos.reshape(b * l, -1).index_select(0, indices)
+            sin = sin.reshape(b * l, -1).index_select(0, indices)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = sliding_window_attention(
+            q, k, v, self.window_size, self.causal, self.scaling, cu_seqlens_q=cu, cu_seqlens_k=cu,
+            max_seqlen_q=max_len, max_seqlen_k=max_len, backend=self.backend,
+        )
+        out = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return _pad_rows(out, indices, b, l)
+
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(
+        cls,
+        attention_module: nn.Module,
+        config,
+        window_size: WindowArg = "config",
+        backend: str = "auto",
+    ) -> "SFTAttention":
+        """Copy a Llama / Mistral / Qwen2 attention module exactly (``qkv_groups=1``).
+
+        ``q_proj, k_proj, v_proj`` (and their biases, Qwen2) are concatenated into the fused
+        projection bit for bit, ``o_proj`` is copied. Rotary: the default rope type is
+        rebuilt from ``rope_theta``; other non-dynamic types (linear, llama3, yarn, ...)
+        take their frequencies from transformers' own initialisers. (Inside a patched
+        model, :func:`sft_kernels.integrations.transformers.patch_model` passes the model's
+        own cos/sin, so every rope type works there.)
+
+        Args:
+            attention_module: e.g. ``model.model.layers[i].self_attn``.
+            config: the model config.
+            window_size: ``"config"`` (default): the model's own window, i.e.
+                ``config.sliding_window`` where the model uses one for this layer
+                (Mistral; Qwen2 with ``use_sliding_window`` on its sliding layers), else
+                unbounded causal attention. Anything else is used as given.
+            backend: as in the constructor.
+        """
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not isinstance(getattr(attention_module, name, None), nn.Linear):
+                raise TypeError(
+                    f"SFTAttention.from_hf: {type(attention_module).__name__} has no nn.Linear {name}; expected a "
+                    "Llama / Mistral / Qwen2 style attention module"
+                )
+        if float(getattr(config, "attention_dropout", 0.0) or 0.0) != 0.0:
+            raise ValueError(
+                f"SFTAttention.from_hf: config.attention_dropout={config.attention_dropout}, but the sliding-window "
+                "kernels implement no attention dropout; set it to 0.0"
+            )
+        qp, kp, vp, op = (getattr(attention_module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        hq = int(config.num_attention_heads)
+        hkv = int(getattr(config, "num_key_value_heads", None) or hq)
+        head_dim = int(getattr(attention_module, "head_dim", None) or qp.out_features // hq)
+        if qp.out_features != hq * head_dim or kp.out_features != hkv * head_dim:
+            raise ValueError(
+                f"SFTAttention.from_hf: projections {qp.out_features}/{kp.out_features} do not match "
+                f"{hq} query and {hkv} key/value heads of head_dim {head_dim}"
+            )
+        biases = {lin.bias is not None for lin in (qp, kp, vp)}
+        if len(biases) != 1:
+            raise ValueError("SFTAttention.from_hf: q_proj, k_proj and v_proj must all have a bias or none")
+        if window_size == "config":
+            window_size = hf_layer_window(attention_module, config)
+        rope_type, theta, inv_freq, attention_scaling = _hf_rope(config, head_dim)
+        w = qp.weight
+        layer = cls(
+            qp.in_features, hq, hkv, head_dim, window_size=window_size, causal=bool(getattr(attention_module, "is_causal", True)),
+            qkv_groups=1, bias=biases.pop(), rope_theta=theta, backend=backend, out_bias=op.bias is not None,
+            dtype=w.dtype, device=w.device,
+        )
+        if float(getattr(attention_module, "scaling", layer.scaling)) != layer.scaling:
+            layer.scaling = float(attention_module.scaling)
+        if inv_freq is not None:
+            layer.inv_freq = inv_freq.to(device=w.device)
+            layer.rope_attention_scaling = float(attention_scaling)
+        with torch.no_grad():
+            layer.qkv_proj.weight.copy_(torch.cat([qp.weight.reshape(-1), kp.weight.reshape(-1), vp.weight.reshape(-1)]))
+            if layer.qkv_proj.bias is not None:
+                layer.qkv_proj.bias.copy_(torch.cat([qp.bias, kp.bias, vp.bias]))
+            layer.o_proj.weight.copy_(op.weight)
+            if op.bias is not None:
+                layer.o_proj.bias.copy_(op.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, window_size={self.window_size!r}, causal={self.causal}, "
+            f"qkv_groups={self.qkv_groups}, rope_theta={self.rope_theta}, backend={self.backend!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- config readers
+def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:
+    """The sliding window (W keys including self) a Hugging Face model uses in this layer, or None.
+
+    Mistral: ``config.sliding_window``. Qwen2 and other models with ``layer_types``: the
+    window only on ``"sliding_attention"`` layers, and only when ``use_sliding_window``
+    is on (older Qwen2 configs keep ``sliding_window`` set even when it is off; older
+    versions without ``layer_types`` use it from layer ``max_window_layers`` on).
+    """
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_idx = getattr(attention_module, "layer_idx", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_idx is not None and layer_idx < len(layer_types):
+        return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+    if hasattr(attention_module, "sliding_window"):  # per-layer attribute (Qwen2 in 4.5x / 5.x)
+        sw = attention_module.sliding_window
+        return int(sw) if sw is not None else None
+    max_window_layers = getattr(config, "max_window_layers", None)
+    if hasattr(config, "use_sliding_window") and max_window_layers is not None and layer_idx is not None:
+        return int(window) if layer_idx >= max_window_layers else None
+    return int(window)
+
+
+def _hf_rope(config, head_dim: int):
+    """(rope_type, theta, inv_freq or None, attention_scaling) from a Llama-family config."""
+    params = getattr(config, "rope_parameters", None) or {}  # transformers 5.x
+    scaling = getattr(config, "rope_scaling", None) or {}  # transformers 4.x
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ValueError(f"SFTAttention.from_hf: partial_rotary_factor={partial} is not supported")
+    if rope_type == "default":
+        return rope_type, float(theta), None, 1.0
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(
+            f"SFTAttention.from_hf: rope_type={rope_type!r} depends on the sequence length; use "
+            "sft_kernels.integrations.transformers.patch_model, which uses the model's own rotary embedding"
+        )
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # only for non-default rope types
+
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    return rope_type, float(theta), inv_freq.float(), float(attention_scaling)
