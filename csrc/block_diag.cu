@@ -221,17 +221,9 @@ cudaError_t bd_gemm(const BdGemmParams& p, cudaStream_t stream) {
   if (t_tiles > 65535) return cudaErrorInvalidValue;  // grid.y limit: 8.4M tokens per call
   dim3 grid(p.total_tiles_n, static_cast<unsigned>(t_tiles));
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.trans_w) {
-    if (bf16)
-      bd::bd_gemm_kernel<__nv_bfloat16, true><<<grid, bd::kThreads, 0, stream>>>(p);
-    else
-      bd::bd_gemm_kernel<__half, true><<<grid, bd::kThreads, 0, stream>>>(p);
-  } else {
-    if (bf16)
-      bd::bd_gemm_kernel<__nv_bfloat16, false><<<grid, bd::kThreads, 0, stream>>>(p);
-    else
-      bd::bd_gemm_kernel<__half, false><<<grid, bd::kThreads, 0, stream>>>(p);
-  }
+  auto kernel = p.trans_w ? (bf16 ? bd::bd_gemm_kernel<__nv_bfloat16, true> : bd::bd_gemm_kernel<__half, true>)
+                          : (bf16 ? bd::bd_gemm_kernel<__nv_bfloat16, false> : bd::bd_gemm_kernel<__half, false>);
+  SFTK_LAUNCH(kernel, grid, bd::kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -239,10 +231,8 @@ cudaError_t bd_dw(const BdDwParams& p, cudaStream_t stream) {
   if (p.total_tiles <= 0 || p.num_groups <= 0 || p.split <= 0) return cudaSuccess;
   if (p.split > 65535) return cudaErrorInvalidValue;
   dim3 grid(p.total_tiles, p.split);
-  if (p.dtype == DType::kBFloat16)
-    bd::bd_dw_kernel<__nv_bfloat16><<<grid, bd::kThreads, 0, stream>>>(p);
-  else
-    bd::bd_dw_kernel<__half><<<grid, bd::kThreads, 0, stream>>>(p);
+  auto kernel = p.dtype == DType::kBFloat16 ? bd::bd_dw_kernel<__nv_bfloat16> : bd::bd_dw_kernel<__half>;
+  SFTK_LAUNCH(kernel, grid, bd::kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

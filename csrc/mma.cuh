@@ -18,6 +18,11 @@
 
 namespace sftk {
 
+#if defined(SFTK_EMULATE)
+// CPU emulation (csrc/tests/emu/): the same primitives written in C++ over fibers, so
+// the kernels below run unchanged on a machine without a GPU.
+#include "emu_primitives.h"
+#else
 // ----------------------------------------------------------------------------- dtypes
 template <typename T>
 struct Dtype;
@@ -73,6 +78,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) 
                : "r"(smem_addr(p)));
 }
 
+// ----------------------------------------------------------------------------- cp.async
+// 16 bytes global -> shared; src_bytes = 0 writes zeros without reading (gptr must still
+// be a valid address).
+__device__ __forceinline__ void cp_async_16(void* sptr, const void* gptr, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(sptr)), "l"(gptr),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Dynamic shared memory of a kernel, and a kernel launch.
+#define SFTK_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define SFTK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+template <typename Kernel>
+inline cudaError_t set_max_dynamic_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+#endif  // SFTK_EMULATE
+
 // Operand fetchers from shared memory (ld = row length in elements, a multiple of 8;
 // every row starts 16-byte aligned). Each thread passes its own lane.
 //
@@ -97,16 +121,6 @@ template <typename T>
 __device__ __forceinline__ void load_b_kn(uint32_t b[4], const T* s, int ld, int n0, int k0, int lane) {
   ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
-
-// ----------------------------------------------------------------------------- cp.async
-// 16 bytes global -> shared; src_bytes = 0 writes zeros without reading (gptr must still
-// be a valid address).
-__device__ __forceinline__ void cp_async_16(void* sptr, const void* gptr, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(sptr)), "l"(gptr),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Copy a ROWS x COLS tile (COLS a multiple of 8) from global memory (element (0, 0) at
 // `g`, row stride `g_ld` elements, unit column stride) into shared memory (row stride

@@ -41,10 +41,9 @@ cudaError_t swa_backward(const SwaParams& p, cudaStream_t stream) {
   if (!swa_supports_head_dim(p.head_dim)) return cudaErrorInvalidValue;
   if (p.batch * p.num_heads > 0 && p.seqlen_q > 0) {
     dim3 grid(swa::cdiv(p.seqlen_q, 8), p.batch * p.num_heads);
-    if (p.dtype == DType::kBFloat16)
-      swa::swa_bwd_delta_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(p);
-    else
-      swa::swa_bwd_delta_kernel<__half><<<grid, 256, 0, stream>>>(p);
+    auto kernel = p.dtype == DType::kBFloat16 ? swa::swa_bwd_delta_kernel<__nv_bfloat16>
+                                              : swa::swa_bwd_delta_kernel<__half>;
+    SFTK_LAUNCH(kernel, grid, 256, 0, stream, p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -132,7 +132,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaParams p) {
   constexpr int BM = kFwdBM, BN = kFwdBN, LD = D + kPad;
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SFTK_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * LD;      // two buffers
   T* sV = sK + 2 * BN * LD;  // two buffers
@@ -287,7 +287,7 @@ constexpr size_t dkdv_smem_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams p) {
   constexpr int BN = kDkdvBN, BM = DkdvCfg<D>::BM, LD = D + kPad;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SFTK_DYNAMIC_SMEM(smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * LD;
   T* sQ = sV + BN * LD;       // two buffers
@@ -467,7 +467,7 @@ constexpr size_t dq_smem_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaParams p) {
   constexpr int BM = kDqBM, BN = kDqBN, LD = D + kPad;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SFTK_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + BM * LD;
   T* sK = sdO + BM * LD;     // two buffers
@@ -599,9 +599,9 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaParams p)
 template <typename Kernel>
 inline cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const SwaParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = set_max_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  SFTK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,40 @@
+// Runs the CUDA kernels of csrc/ on the CPU through the fiber emulator (emu/emu.h) and
+// checks them against the float64 reference of kernel_tests.h. For machines without a
+// GPU; tests/test_cuda_build.py builds and runs it:
+//   g++ -std=c++17 -O2 -DSFTK_EMULATE -Icsrc/tests/emu -Icsrc csrc/tests/test_emulated.cpp -o emu_test
+//   ./emu_test [name-substring]       (EMU_SEED=n, EMU_CP_ASYNC=immediate|deferred)
+// What it proves: the index math, fragment layouts (as the PTX ISA defines them),
+// masking, pipelining and reductions of the kernel source. What it cannot: the
+// compiler's code generation and real hardware timing.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../block_diag.cu"
+#include "../swa_api.cu"
+#include "../swa_bwd_d128.cu"
+#include "../swa_bwd_d64.cu"
+#include "../swa_fwd_d128.cu"
+#include "../swa_fwd_d64.cu"
+#include "emu/emu.h"
+
+void* dev_alloc(size_t n) { return std::aligned_alloc(256, (n + 255) / 256 * 256); }
+void dev_free(void* p) { std::free(p); }
+void to_dev(void* d, const void* h, size_t n) { std::memcpy(d, h, n); }
+void from_dev(void* h, const void* d, size_t n) { std::memcpy(h, d, n); }
+void dev_sync() {}
+
+#include "kernel_tests.h"
+
+int main(int argc, char** argv) {
+  const char* filter = argc > 1 ? argv[1] : "";
+  std::mt19937 rng(0);
+  kt::Report rep;
+  for (const auto& c : kt::attention_cases(false))
+    if (std::strstr(c.name.c_str(), filter)) kt::run_attention(c, rep, rng);
+  for (const auto& c : kt::block_diag_cases(false))
+    if (std::strstr(c.name.c_str(), filter)) kt::run_block_diag(c, rep, rng);
+  std::printf("%s: %d failure(s)\n", rep.failures ? "FAILED" : "PASSED", rep.failures);
+  return rep.failures ? 1 : 0;
+}
