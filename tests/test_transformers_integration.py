@@ -1,0 +1,303 @@
+"""The Hugging Face backend and patch_model against transformers' own eager attention.
+
+Small random Llama / Mistral / Qwen2 models are built from configs (no downloads). Models
+run in float32: transformers' eager attention takes its softmax in float32 whatever the
+model dtype (and a float64 model turns the float64 mask minimum into -inf there, which
+makes left-padded rows NaN), so float32 is the precision eager defines, and the float32
+tolerance of the table in tests/helpers.py applies.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from sft_kernels.integrations import transformers as sft_tf  # noqa: E402
+from sft_kernels.modules.sft_attention import SFTAttention  # noqa: E402
+from tests.helpers import TOL, assert_rel  # noqa: E402
+
+NAME = "sft_sliding_window"
+TOL32 = TOL[torch.float32]
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+B, L, W = 3, 21, 8
+
+
+def _config(kind, **extra):
+    if kind == "llama":
+        return LlamaConfig(**SMALL, **extra)
+    if kind == "mistral":
+        return MistralConfig(**SMALL, sliding_window=W, **extra)
+    if kind == "qwen2":  # layer 0 full attention, layers 1-2 sliding: a hybrid model
+        return Qwen2Config(**{**SMALL, "num_hidden_layers": 3}, use_sliding_window=True, sliding_window=W,
+                           max_window_layers=1, **extra)
+    raise ValueError(kind)
+
+
+def _pair(cfg, impl=NAME):
+    """(eager model, same weights with ``impl``); each gets its own config copy."""
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager", dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl, dtype=torch.float32)
+    ours.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and ours.config._attn_implementation == impl
+    return eager, ours
+
+
+def _batch(padding):
+    ids = torch.randint(0, SMALL["vocab_size"], (B, L))
+    if padding == "none":
+        return ids, None
+    mask = torch.ones(B, L, dtype=torch.long)
+    if padding == "right":
+        mask[1, 13:] = 0
+        mask[2, 4:] = 0
+    else:
+        mask[1, :8] = 0
+        mask[2, : L - 4] = 0
+    return ids, mask
+
+
+def _logits_and_grads(model, ids, mask, weights):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    (logits[keep] * weights[keep]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits[keep].detach(), grads
+
+
+def _compare(a, b, what):
+    (la, ga), (lb, gb) = a, b
+    assert_rel(lb, la, TOL32, f"{what}: logits")
+    assert ga.keys() == gb.keys(), f"{what}: gradients of different parameters"
+    for n in ga:
+        assert_rel(gb[n], ga[n], TOL32, f"{what}: grad {n}")
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    sft_tf.register(window_size=None)
+    yield
+    sft_tf.register(window_size=None)
+
+
+# ----------------------------------------------------------------------------- the backend
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_backend_matches_eager(kind, padding):
+    eager, ours = _pair(_config(kind))
+    ids, mask = _batch(padding)
+    weights = torch.randn(B, L, SMALL["vocab_size"])
+    _compare(_logits_and_grads(eager, ids, mask, weights), _logits_and_grads(ours, ids, mask, weights),
+             f"{kind}/{padding}")
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_registered_window_on_llama_matches_eager_mistral(padding):
+    """register(window_size=W) gives a Llama the window eager Mistral (same architecture) uses."""
+    sft_tf.register(window_size=W)
+    eager, _ = _pair(_config("mistral"))
+    torch.manual_seed(1)
+    ours = AutoModelForCausalLM.from_config(_config("llama"), attn_implementation=NAME, dtype=torch.float32)
+    ours.load_state_dict(eager.state_dict())
+    ids, mask = _batch(padding)
+    weights = torch.randn(B, L, SMALL["vocab_size"])
+    _compare(_logits_and_grads(eager, ids, mask, weights), _logits_and_grads(ours, ids, mask, weights), "llama+W")
+
+
+def test_mistral_window_semantics_pinned():
+    """HF sliding_window=W is W keys including self in eager: a window of W differs from W+1 and W-1."""
+    eager, ours = _pair(_config("mistral"))
+    ids, _ = _batch("none")
+    ref = eager(input_ids=ids).logits
+    assert_rel(ours(input_ids=ids).logits, ref, TOL32, "W")
+    for other in (W - 1, W + 1):
+        e2, _ = _pair(_config("mistral"))
+        e2.config.sliding_window = other
+        e2.load_state_dict(eager.state_dict())
+        assert (e2(input_ids=ids).logits - ref).abs().max() > 1e-3
+
+
+def test_packed_sequences_via_position_ids():
+    """Rows holding several sequences (position_ids restart) are split as eager splits them."""
+    for kind in ("llama", "mistral"):
+        eager, ours = _pair(_config(kind))
+        ids = torch.randint(0, SMALL["vocab_size"], (2, L))
+        pos = torch.cat([torch.arange(9), torch.arange(12)])[None].repeat(2, 1)
+        pos[1] = torch.cat([torch.arange(4), torch.arange(17)])
+        # eager splits packed rows only without a KV cache (masking_utils._preprocess_mask_arguments)
+        a = eager(input_ids=ids, position_ids=pos, use_cache=False).logits
+        b = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert_rel(b, a, TOL32, f"{kind} packed")
+        # and the split matters: the same tokens as one sequence differ
+        assert (ours(input_ids=ids, use_cache=False).logits - a).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_incremental_decoding_with_cache(kind):
+    eager, ours = _pair(_config(kind))
+    ids, mask = _batch("left")
+    for model in (eager, ours):
+        model.eval()
+    with torch.no_grad():
+        out_e = eager(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        out_o = ours(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        step_e = eager(input_ids=ids[:, -1:], attention_mask=mask, cache=out_e.cache, position_ids=pos).logits
+        step_o = ours(input_ids=ids[:, -1:], attention_mask=mask, cache=out_o.cache, position_ids=pos).logits
+    assert_rel(step_o, step_e, TOL32, f"{kind} decode step")
+
+
+def test_attention_function_reads_4d_masks():
+    """The path of transformers < 4.53 (a 4D float mask), checked against eager directly."""
+    from transformers.masking_utils import eager_mask, sliding_window_causal_mask_function
+    from transformers.models.mistral.modeling_mistral import eager_attention_forward
+
+    _, ours = _pair(_config("mistral"))
+    module = ours.model.layers[0].self_attn
+    q = torch.randn(2, 4, L, 16)
+    k, v = torch.randn(2, 2, L, 16), torch.randn(2, 2, L, 16)
+    pad = torch.ones(2, L, dtype=torch.bool)
+    pad[1, :5] = False
+    mask4 = eager_mask(2, L, L, mask_function=sliding_window_causal_mask_function(W), attention_mask=pad)
+    ref, _ = eager_attention_forward(module, q, k, v, mask4, scaling=0.25)
+    out, weights = sft_tf.sft_attention_forward(module, q, k, v, mask4, scaling=0.25, sliding_window=W)
+    assert weights is None
+    assert_rel(out[pad], ref[pad], TOL32, "4D mask")
+    assert (out[~pad] == 0).all()
+    # a mask narrower than the window we would apply is refused, not silently ignored
+    narrow = eager_mask(2, L, L, mask_function=sliding_window_causal_mask_function(W - 3), attention_mask=pad)
+    with pytest.raises(ValueError, match="forbids pairs"):
+        sft_tf.sft_attention_forward(module, q, k, v, narrow, scaling=0.25, sliding_window=W)
+
+
+def test_mask_function_returns_2d_padding_mask():
+    m = torch.ones(2, 10, dtype=torch.bool)
+    m[0, :3] = False
+    assert sft_tf.sft_attention_mask(2, 10, 10, attention_mask=None) is None
+    assert torch.equal(sft_tf.sft_attention_mask(2, 10, 10, attention_mask=m), m)
+    assert torch.equal(sft_tf.sft_attention_mask(2, 1, 6, attention_mask=m), m[:, -6:])
+
+
+def test_unsupported_features_raise():
+    _, ours = _pair(_config("llama", attention_dropout=0.1))
+    ours.train()
+    ids, _ = _batch("none")
+    with pytest.raises(ValueError, match="attention dropout"):
+        ours(input_ids=ids)
+    module = ours.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match="softcap"):
+        sft_tf.sft_attention_forward(module.eval(), q, q[:, :2], q[:, :2], None, softcap=30.0)
+
+
+def test_register_validates_and_checks_version(monkeypatch):
+    assert sft_tf.register() == NAME
+    with pytest.raises(ValueError, match="window_size"):
+        sft_tf.register(window_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        sft_tf.register(backend="cudnn")
+    # transformers may swap its lazy module in sys.modules after import: patch the live one
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.2")
+    with pytest.raises(ImportError, match=r"transformers>=4\.48\.0.*found 4\.40\.2"):
+        sft_tf.register()
+
+
+def test_import_sft_kernels_does_not_import_transformers():
+    code = "import sys, sft_kernels, sft_kernels.modules; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- patch_model
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_patch_model_matches_eager(kind, padding):
+    eager, patched = _pair(_config(kind), impl="eager")
+    sft_tf.patch_model(patched)
+    assert all(isinstance(layer.self_attn, sft_tf.SFTAttentionHF) for layer in patched.model.layers)
+    ids, mask = _batch(padding)
+    weights = torch.randn(B, L, SMALL["vocab_size"])
+    a = _logits_and_grads(eager, ids, mask, weights)
+    lb, gb = _logits_and_grads(patched, ids, mask, weights)
+    # the fused projection's gradient is the q/k/v gradients concatenated
+    ga = dict(a[1])
+    for i, layer in enumerate(eager.model.layers):
+        pre = f"model.layers.{i}.self_attn."
+        ga[pre + "attn.qkv_proj.weight"] = torch.cat([ga.pop(pre + f"{p}_proj.weight").reshape(-1) for p in "qkv"])
+        if pre + "q_proj.bias" in ga:
+            ga[pre + "attn.qkv_proj.bias"] = torch.cat([ga.pop(pre + f"{p}_proj.bias") for p in "qkv"])
+        for p in ("weight", "bias"):
+            if pre + f"o_proj.{p}" in ga:
+                ga[pre + f"attn.o_proj.{p}"] = ga.pop(pre + f"o_proj.{p}")
+    _compare((a[0], ga), (lb, gb), f"patched {kind}/{padding}")
+
+
+def test_patch_model_window_and_layers():
+    _, llama = _pair(_config("llama"), impl="eager")
+    sft_tf.patch_model(llama, window_size="sqrt")
+    assert {layer.self_attn.attn.window_size for layer in llama.model.layers} == {"sqrt"}
+    _, qwen = _pair(_config("qwen2"), impl="eager")
+    sft_tf.patch_model(qwen, window_size=4)  # qwen2 has its own window: layer 0 full, 1-2 sliding W
+    assert [layer.self_attn.attn.window_size for layer in qwen.model.layers] == [None, W, W]
+
+
+def test_from_hf_copies_exactly():
+    for kind in ("llama", "mistral", "qwen2"):
+        eager, _ = _pair(_config(kind))
+        for layer in eager.model.layers:
+            hf = layer.self_attn
+            sft = SFTAttention.from_hf(hf, eager.config)
+            q, k, v = sft.qkv_proj.blocks()[0].split([64, 32, 32])
+            assert torch.equal(q, hf.q_proj.weight) and torch.equal(k, hf.k_proj.weight)
+            assert torch.equal(v, hf.v_proj.weight) and torch.equal(sft.o_proj.weight, hf.o_proj.weight)
+            if kind == "qwen2":
+                assert torch.equal(sft.qkv_proj.bias, torch.cat([hf.q_proj.bias, hf.k_proj.bias, hf.v_proj.bias]))
+            x = torch.randn(2, L, 64)
+            pos = torch.arange(L)[None]
+            cos_sin = eager.model.rotary_emb(x, pos)
+            ref, _ = hf(x, position_embeddings=cos_sin, attention_mask=_causal_eager_mask(eager.config, hf, x))
+            assert_rel(sft(x), ref, TOL32, f"from_hf {kind}")  # its own rotary tables
+            assert_rel(sft(x, position_embeddings=cos_sin), ref, TOL32, f"from_hf {kind} (HF rotary)")
+
+
+def _causal_eager_mask(config, module, x):
+    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+
+    window = sft_tf.hf_layer_window(module, config)
+    fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    return eager_mask(x.shape[0], x.shape[1], x.shape[1], mask_function=fn, dtype=x.dtype)
+
+
+def test_patch_model_qkv_groups():
+    eager, patched = _pair(_config("llama"), impl="eager")
+    dense = sum(p.numel() for p in eager.parameters())
+    sft_tf.patch_model(patched, window_size=W, qkv_groups=2)
+    attn = patched.model.layers[0].self_attn.attn
+    assert attn.qkv_groups == 2
+    qkv_dense = 64 * (4 + 2 + 2) * 16
+    assert attn.qkv_proj.weight.numel() == qkv_dense // 2
+    assert sum(p.numel() for p in patched.parameters()) == dense - 2 * qkv_dense // 2
+    ids, mask = _batch("right")
+    logits = patched(input_ids=ids, attention_mask=mask, labels=ids).loss
+    logits.backward()
+    assert attn.qkv_proj.weight.grad is not None and torch.isfinite(attn.qkv_proj.weight.grad).all()
+
+
+def test_patch_model_rejects_bad_arguments():
+    _, model = _pair(_config("llama"), impl="eager")
+    with pytest.raises(ValueError, match="qkv_groups"):
+        sft_tf.patch_model(model, qkv_groups=0)
+    with pytest.raises(ValueError, match="qkv_groups=3"):
+        sft_tf.patch_model(model, qkv_groups=3)
+    with pytest.raises(ValueError, match="window_size"):
+        sft_tf.patch_model(model, window_size=-2)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model types"):
+        sft_tf.patch_model(gpt2)
