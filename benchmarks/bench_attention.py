@@ -174,11 +174,11 @@ def run(args):
     if args.measure_memory:  # child process for CPU peak memory
         impl, cfg = json.loads(args.measure_memory[0])
 
-        def make():
-            q, k, v, do = setup(cfg, "cpu")
-            return make_fn(impl, cfg, q, k, v, do)
+        def make(c=cfg):
+            q, k, v, do = setup(c, "cpu")
+            return make_fn(impl, c, q, k, v, do)
 
-        common.child_peak_main(make)
+        common.child_peak_main(make, warm=lambda: make(dict(cfg, seqlen=64, window=8)))
         return []
 
     device = args.device

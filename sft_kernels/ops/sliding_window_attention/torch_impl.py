@@ -61,27 +61,34 @@ def _rows_per_chunk(lq: int, lk: int, left: int, right: int, batch_heads: int) -
     return max(1, min(rows, lq))
 
 
-def _split_heads(x: torch.Tensor, hkv: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L, H, D) -> (B, Hkv, H // Hkv, L, D) contiguous, in the compute dtype."""
-    b, l, h, d = x.shape
-    return x.to(dtype).view(b, l, hkv, h // hkv, d).permute(0, 2, 3, 1, 4).contiguous()
+def _q_chunk(x: torch.Tensor, qs: int, qe: int, hkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [qs, qe) of (B, L, Hq, D) -> (B, Hkv, G * C, D) in the compute dtype (a chunk-sized copy)."""
+    b, _, h, d = x.shape
+    c = qe - qs
+    return x[:, qs:qe].to(dtype).view(b, c, hkv, h // hkv, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, (h // hkv) * c, d)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    b, hkv, g, l, d = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(b, l, hkv * g, d)
+def _kv_range(x: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    """Keys [lo, hi) of (B, Lk, Hkv, D) -> (B, Hkv, R, D); the kv heads are never repeated."""
+    return x[:, lo:hi].to(dtype).permute(0, 2, 1, 3)
+
+
+def _to_rows(t: torch.Tensor, b: int, hkv: int, g: int, c: int) -> torch.Tensor:
+    """(B, Hkv, G * C, D) -> (B, C, Hkv * G, D), the caller's layout for a chunk of rows."""
+    return t.view(b, hkv, g, c, -1).permute(0, 3, 1, 2, 4).reshape(b, c, hkv * g, -1)
 
 
 def _fwd_padded(q, k, v, left, right, scale):
-    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out (B, Lq, Hq, D), lse (B, Hq, Lq) fp32."""
+    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out (B, Lq, Hq, D), lse (B, Hq, Lq) fp32.
+
+    Works on the caller's layout a chunk at a time: besides out and lse, memory is one
+    chunk's scores (no full-size transposed copies of q, k or v).
+    """
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    qt = _split_heads(q, hkv, cdt)
-    kt = k.to(cdt).permute(0, 2, 1, 3).contiguous()  # (B, Hkv, Lk, D): no head repeat
-    vt = v.to(cdt).permute(0, 2, 1, 3).contiguous()
-    out = torch.zeros(b, hkv, g, lq, d, dtype=cdt, device=q.device)
+    out = torch.zeros(b, lq, hq, d, dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
     lse = torch.full((b, hkv, g, lq), float("-inf"), dtype=lse_dtype, device=q.device)
     off = lk - lq
@@ -90,8 +97,7 @@ def _fwd_padded(q, k, v, left, right, scale):
         if hi <= lo:
             continue  # no key in reach: zeros, lse -inf
         c = qe - qs
-        qc = qt[:, :, :, qs:qe].reshape(b, hkv, g * c, d)
-        s = torch.matmul(qc, kt[:, :, lo:hi].transpose(-1, -2)).mul_(scale)  # (B, Hkv, G*C, R)
+        s = torch.matmul(_q_chunk(q, qs, qe, hkv, cdt), _kv_range(k, lo, hi, cdt).transpose(-1, -2)).mul_(scale)
         if needs_mask:
             keep = _band(qs, qe, lo, hi, off, left, right, q.device)
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
@@ -99,53 +105,48 @@ def _fwd_padded(q, k, v, left, right, scale):
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no key
         p = s.sub_(m).exp_()
         l = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p, vt[:, :, lo:hi]).div_(torch.where(l == 0, torch.ones_like(l), l))
-        out[:, :, :, qs:qe] = o.view(b, hkv, g, c, d)
+        o = torch.matmul(p, _kv_range(v, lo, hi, cdt)).div_(torch.where(l == 0, torch.ones_like(l), l))
+        out[:, qs:qe] = _to_rows(o, b, hkv, g, c)
         lse[:, :, :, qs:qe] = (m + torch.log(l)).view(b, hkv, g, c).to(lse_dtype)
-    return _merge_heads(out).to(q.dtype).contiguous(), lse.view(b, hq, lq)
+    return out, lse.view(b, hq, lq)
 
 
 def _bwd_padded(do, q, k, v, out, lse, left, right, scale):
-    """Gradients of :func:`_fwd_padded`; scores recomputed per chunk."""
+    """Gradients of :func:`_fwd_padded`; scores recomputed per chunk.
+
+    Memory besides dq, dk, dv: one chunk's scores (dk/dv accumulate in fp32 buffers only
+    when the inputs are fp16/bf16).
+    """
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    qt = _split_heads(q, hkv, cdt)
-    dot = _split_heads(do, hkv, cdt)
-    kt = k.to(cdt).permute(0, 2, 1, 3).contiguous()
-    vt = v.to(cdt).permute(0, 2, 1, 3).contiguous()
-    # delta = rowsum(dO * O): the softmax-gradient correction, one value per query row
-    delta = (dot * _split_heads(out, hkv, cdt)).sum(-1)  # (B, Hkv, G, Lq)
     lse = lse.view(b, hkv, g, lq).to(cdt)
     lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # empty rows: p = 0
-    dq = torch.zeros_like(qt)
-    dk = torch.zeros_like(kt)
-    dv = torch.zeros_like(vt)
+    dq = torch.zeros(b, lq, hq, d, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
+    dv = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
     off = lk - lq
     rows = _rows_per_chunk(lq, lk, left, right, b * hq)
     for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):
         if hi <= lo:
             continue
         c = qe - qs
-        qc = qt[:, :, :, qs:qe].reshape(b, hkv, g * c, d)
-        doc = dot[:, :, :, qs:qe].reshape(b, hkv, g * c, d)
-        kr, vr = kt[:, :, lo:hi], vt[:, :, lo:hi]
+        qc = _q_chunk(q, qs, qe, hkv, cdt)
+        doc = _q_chunk(do, qs, qe, hkv, cdt)
+        # delta = rowsum(dO * O): the softmax-gradient correction, one value per query row
+        delta = (doc * _q_chunk(out, qs, qe, hkv, cdt)).sum(-1, keepdim=True)
+        kr, vr = _kv_range(k, lo, hi, cdt), _kv_range(v, lo, hi, cdt)
         s = torch.matmul(qc, kr.transpose(-1, -2)).mul_(scale)
         if needs_mask:
             keep = _band(qs, qe, lo, hi, off, left, right, q.device)
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
         p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()
-        dv[:, :, lo:hi] += torch.matmul(p.transpose(-1, -2), doc)  # sums the G query heads
-        dp = torch.matmul(doc, vr.transpose(-1, -2))
-        ds = p.mul_(dp.sub_(delta[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)))
-        dq[:, :, :, qs:qe] = torch.matmul(ds, kr).mul_(scale).view(b, hkv, g, c, d)
-        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
-    return (
-        _merge_heads(dq).to(q.dtype).contiguous(),
-        dk.permute(0, 2, 1, 3).to(k.dtype).contiguous(),
-        dv.permute(0, 2, 1, 3).to(v.dtype).contiguous(),
-    )
+        dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).transpose(1, 2)  # sums the G query heads
+        ds = p.mul_(torch.matmul(doc, vr.transpose(-1, -2)).sub_(delta))
+        dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr).mul_(scale), b, hkv, g, c)
+        dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale).transpose(1, 2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _seq_bounds(cu_seqlens: torch.Tensor) -> List[int]:
