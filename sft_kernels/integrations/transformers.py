@@ -35,9 +35,19 @@ key length), or None. transformers < 4.53 has no mask interface and hands custom
 and checks that it never attends a pair the mask forbids (raising otherwise).
 
 Minimum transformers version: 4.48 (``ALL_ATTENTION_FUNCTIONS``; ``AttentionInterface`` and
-``AttentionMaskInterface`` are used where present). Tested: transformers 5.24.0 with
-torch 2.14 on CPU (Llama, Mistral, Qwen2 built from small configs, float64). Versions
-4.48-4.x are handled by the code paths above but were not installed in CI.
+``AttentionMaskInterface`` are used where present). Tested with torch 2.14 on CPU, Llama /
+Mistral / Qwen2 built from small configs, float32, against eager:
+
+- 5.24.0: the test suite (tests/test_transformers_integration.py): logits and gradients,
+  unpadded / right / left padding, packed rows, a cached decoding step, patch_model.
+- 4.48.3 (installed aside, by hand): logits unpadded and padded, patch_model, a cached
+  decoding step for Llama, Mistral and Qwen2 without sliding window, all within 3e-7.
+  Qwen2 *with* ``use_sliding_window`` differs there by design: 4.48's eager ignores Qwen2's
+  window (it warns "Sliding Window Attention is enabled but not implemented for `eager`"),
+  this backend applies it on the sliding layers as the config asks.
+
+Versions in between are covered by the same two code paths (4D masks before 4.53, the
+mask interface from 4.53) but were not installed.
 
 Not supported (a ValueError says so): attention dropout > 0 in training, logit soft-capping,
 attention sinks. Like the flash-attention backends, ``output_attentions`` yields None.
@@ -157,7 +167,9 @@ def _valid_from_4d(mask: torch.Tensor, q_len: int, kv_len: int, window_size, cau
         raise ValueError(
             f"sft_sliding_window: 4D attention_mask must be (batch, 1, {q_len}, >= {kv_len}), got {tuple(mask.shape)}"
         )
-    m = mask[:, 0, :, -kv_len:]
+    # 4.x builds the 4D mask for a cache of target_length >= kv_len (dynamic caches: one
+    # more column) and eager slices it [..., :kv_len]; so do we
+    m = mask[:, 0, :, :kv_len]
     if m.dtype == torch.bool:
         allowed = m
     else:
