@@ -288,6 +288,10 @@ def sft_attention_forward(
 
     Returns:
         ``(attn_output (batch, q_len, heads_q, head_dim), None)``, as the HF layers expect.
+
+    Packed rows (no padding mask, ``position_ids`` restarting) are split into their
+    sequences whenever ``q_len == kv_len``, as flash-attention does. Eager/SDPA in 5.x split
+    them only when the model runs without a KV cache, so compare with ``use_cache=False``.
     """
     _check_unsupported(module, dropout, kwargs)
     window = _layer_window(module, kwargs)
