@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .backends import BACKENDS, backend_status  # noqa: E402
 from .modules.block_diagonal_linear import BlockDiagonalLinear  # noqa: E402
+from .modules.sft_attention import SFTAttention  # noqa: E402
 from .ops.block_diag import block_diag_matmul  # noqa: E402
 from .ops.block_diag.reference import block_diag_matmul_reference  # noqa: E402
 from .ops.sliding_window_attention.op import sliding_window_attention  # noqa: E402
@@ -20,6 +21,7 @@ from .window import parse_window, resolve_window, sliding_window_to_window_size 
 __all__ = [
     "BACKENDS",
     "BlockDiagonalLinear",
+    "SFTAttention",
     "backend_status",
     "block_diag_matmul",
     "block_diag_matmul_reference",
