@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs the package, checks the kernels against the
 #               references on the local device, benchmarks them
-#   make test   creates .venv, installs the package with its test extras, runs pytest
+#   make test   creates .venv, installs the package with its test extras (dev, hf,
+#               deepspeed), runs pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	# plain `torch` takes the CUDA build from the local wheel cache, so the CUDA
 	# extension can compile here with or without a GPU
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,hf,deepspeed]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
