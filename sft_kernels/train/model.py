@@ -1,0 +1,236 @@
+"""The model for ``sft-kernels train``: the embedded default or a local Hugging Face directory,
+its attention implementation and window, and the export to a plain Hugging Face checkpoint.
+
+Embedded default: a small Mistral-architecture model (Mistral is Llama plus
+``config.sliding_window``, which is what lets eager and SDPA attention apply the same
+window as ``sft_sliding_window``), initialised at random from ``--seed``:
+hidden 256, 4 layers, 4 query heads and 2 key/value heads of dim 64, MLP 688, tied
+embeddings, vocabulary = the byte tokenizer's 259 ids. 2.97M parameters.
+
+Window (``--window_size``) per attention implementation:
+
+====================  ====================================  ==============================
+``--window_size``      ``sft_sliding_window``                 ``eager`` / ``sdpa``
+====================  ====================================  ==============================
+``W`` (int >= 1)       ``config.sliding_window = W`` where    ``config.sliding_window = W``
+                       the model type has one, else           (Mistral/Qwen2 types only;
+                       ``register(window_size=W)``            Llama has no window: error)
+``sqrt``               ``register(window_size="sqrt")``,      not expressible: error
+                       ``config.sliding_window = None``
+``-1``                 no window (causal)                     no window (causal)
+====================  ====================================  ==============================
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+WindowOpt = Union[None, int, str]
+
+DEFAULT_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=32768,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    attention_dropout=0.0,
+)
+ATTN_IMPLEMENTATIONS = ("sft_sliding_window", "eager", "sdpa")
+_WINDOWED_TYPES = ("mistral", "qwen2", "mixtral", "qwen3")  # configs whose sliding_window eager/SDPA apply
+
+
+def parse_window_arg(value: str) -> WindowOpt:
+    """``--window_size``: an int W >= 1, ``sqrt``, or -1 / ``none`` for no window."""
+    if isinstance(value, int):
+        value = str(value)
+    v = str(value).strip().lower()
+    if v in ("sqrt",):
+        return "sqrt"
+    if v in ("-1", "none"):
+        return None
+    try:
+        w = int(v)
+    except ValueError:
+        raise ValueError(f"--window_size must be an int >= 1, 'sqrt' or -1 (no window), got {value!r}") from None
+    if w < 1:
+        raise ValueError(f"--window_size must be an int >= 1, 'sqrt' or -1 (no window), got {value!r}")
+    return w
+
+
+def default_config(vocab_size: int, window: WindowOpt, pad_id: int, bos_id: int, eos_id: int, **overrides):
+    from transformers import MistralConfig
+
+    fields = dict(DEFAULT_MODEL, **overrides)
+    return MistralConfig(
+        vocab_size=vocab_size,
+        sliding_window=window if isinstance(window, int) else None,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        **fields,
+    )
+
+
+def _apply_window(config, window: WindowOpt, attn_implementation: str) -> Optional[WindowOpt]:
+    """Put the window into ``config`` where the model type reads one; return what is left for
+    ``register``/``patch_model`` (the window of models without their own)."""
+    windowed = getattr(config, "model_type", None) in _WINDOWED_TYPES
+    if windowed:
+        config.sliding_window = window if isinstance(window, int) else None
+        if hasattr(config, "use_sliding_window"):
+            config.use_sliding_window = isinstance(window, int)
+        if hasattr(config, "max_window_layers") and isinstance(window, int):
+            config.max_window_layers = 0  # Qwen2: every layer windowed
+    if attn_implementation != "sft_sliding_window":
+        if window == "sqrt":
+            raise ValueError("--window_size sqrt (adaptive window) needs --attn_implementation sft_sliding_window; "
+                             "eager/sdpa only take a fixed config.sliding_window")
+        if isinstance(window, int) and not windowed:
+            raise ValueError(
+                f"--window_size {window} with --attn_implementation {attn_implementation}: model type "
+                f"{config.model_type!r} has no config.sliding_window, so eager/sdpa would ignore the window; "
+                "use --attn_implementation sft_sliding_window or --window_size -1")
+        return None
+    if windowed and isinstance(window, int):
+        return None  # the model's own window is used
+    return window
+
+
+def build_model(args, tokenizer):
+    """The ``*ForCausalLM`` (fp32 parameters; DeepSpeed casts for fp16/bf16), with the chosen
+    attention implementation and window, gradient checkpointing and ``qkv_groups``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    window = parse_window_arg(args.window_size)
+    impl = args.attn_implementation
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
+    if args.qkv_groups > 1 and impl != "sft_sliding_window":
+        raise ValueError("--qkv_groups > 1 swaps attention for SFTAttention and needs "
+                         "--attn_implementation sft_sliding_window")
+    if args.model_name_or_path:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, local_files_only=True)
+    else:
+        config = default_config(len(tokenizer), window, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                tokenizer.eos_token_id)
+    extra_window = _apply_window(config, window, impl)
+    if impl == "sft_sliding_window":
+        from ..integrations.transformers import register
+
+        register(window_size=extra_window)
+    torch.manual_seed(args.seed)
+    if args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32,
+                                                     attn_implementation=impl, local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if args.qkv_groups > 1:
+        from ..integrations.transformers import patch_model
+
+        patch_model(model, window_size=extra_window, qkv_groups=args.qkv_groups)
+    if args.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+# ----------------------------------------------------------------------------- export
+def _gathered_state_dict(model: nn.Module, zero_stage: int, rank: int) -> Dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of the parameters and persistent buffers (rank 0 gets them; other
+    ranks get {}). Under ZeRO-3 each parameter is gathered on its own, as DeepSpeed-Chat does."""
+    out = {}
+    for name, p in model.named_parameters():
+        if zero_stage == 3 and hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    out[name] = p.detach().float().cpu().clone()
+        elif rank == 0:
+            out[name] = p.detach().float().cpu().clone()
+    if rank == 0:
+        for mod_name, module in model.named_modules():
+            for b_name, buf in module._buffers.items():
+                if buf is not None and b_name not in module._non_persistent_buffers_set:
+                    out[f"{mod_name}.{b_name}" if mod_name else b_name] = buf.detach().float().cpu().clone()
+    return out
+
+
+def _densify_patched(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Rewrite the keys of ``patch_model``'s SFTAttention layers into the model's own
+    ``q_proj/k_proj/v_proj/o_proj`` keys. qkv_groups=g becomes dense projections whose
+    off-diagonal blocks are zero: the same function, so the export reloads exactly."""
+    try:
+        from ..integrations.transformers import SFTAttentionHF
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, SFTAttentionHF):
+            continue
+        attn = module.attn
+        g, d, c = attn.qkv_groups, attn.head_dim, attn.hidden_size
+        hq, hkv, cin = attn.num_heads // g, attn.num_kv_heads // g, c // g
+        w = state.pop(f"{name}.attn.qkv_proj.weight")
+        b = state.pop(f"{name}.attn.qkv_proj.bias", None)
+        per = (hq + 2 * hkv) * d
+        dense = {k: torch.zeros(n * g * d, c) for k, n in (("q", hq), ("k", hkv), ("v", hkv))}
+        bias = {k: [] for k in "qkv"}
+        for i in range(g):
+            block = w[i * per * cin:(i + 1) * per * cin].view(per, cin)
+            rows = dict(zip("qkv", block.split([hq * d, hkv * d, hkv * d], 0)))
+            for k, n in (("q", hq), ("k", hkv), ("v", hkv)):
+                dense[k][i * n * d:(i + 1) * n * d, i * cin:(i + 1) * cin] = rows[k]
+            if b is not None:
+                for k, part in zip("qkv", b[i * per:(i + 1) * per].split([hq * d, hkv * d, hkv * d])):
+                    bias[k].append(part)
+        for k in "qkv":
+            state[f"{name}.{k}_proj.weight"] = dense[k]
+            if b is not None:
+                state[f"{name}.{k}_proj.bias"] = torch.cat(bias[k])
+        for suffix in ("weight", "bias"):
+            t = state.pop(f"{name}.attn.o_proj.{suffix}", None)
+            if t is not None:
+                state[f"{name}.o_proj.{suffix}"] = t
+        for key in [k for k in state if k.startswith(f"{name}.attn.")]:
+            state.pop(key)  # non-persistent helpers (rotary tables)
+
+
+def save_hf_checkpoint(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int) -> None:
+    """``output_dir/{config.json, model.safetensors, tokenizer files}`` that
+    ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads with any attention
+    implementation (the saved config names none). Collective under ZeRO-3: call on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    state = _gathered_state_dict(model, zero_stage, rank)
+    if rank != 0:
+        return
+    _densify_patched(model, state)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.use_cache = True
+    config.dtype = "float32"
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    result = plain.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise RuntimeError(f"save_hf_checkpoint: keys the plain model lacks: {result.unexpected_keys[:4]}")
+    plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"save_hf_checkpoint: no value for {missing[:4]}")
+    os.makedirs(output_dir, exist_ok=True)
+    plain.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)

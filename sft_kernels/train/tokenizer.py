@@ -1,0 +1,124 @@
+"""Tokenizers for ``sft-kernels train``: a byte-level one for the embedded model, or the model's own.
+
+Byte tokenizer ids (259 in all, no download, no vocabulary file)::
+
+    0 <pad>   1 </s> (eos)   2 <s> (bos)   3 + b  for byte b in 0..255
+
+(ByT5's layout with ``extra_ids=0``, where id 2 is an ``<unk>`` that text never produces.)
+``save_pretrained(dir)`` writes
+
+- ``sft_byte_tokenizer.json``: what :func:`load_tokenizer` reads back into a
+  :class:`ByteTokenizer` (it is the marker that a directory holds this tokenizer);
+- ``tokenizer.json`` + ``tokenizer_config.json``: the same mapping as a ``tokenizers``
+  byte-level BPE with no merges, so ``transformers.AutoTokenizer.from_pretrained(dir)``
+  loads a fast tokenizer giving the same ids for any text (one difference: it reads the
+  literal strings ``<pad>``, ``</s>``, ``<s>`` in text as the special tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Sequence
+
+MARKER = "sft_byte_tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, plus pad (0), eos (1) and bos (2)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    bos_token_id = 2
+    offset = 3
+    vocab_size = 256 + 3
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        ids = [b + self.offset for b in text.encode("utf-8")]
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if i >= self.offset:
+                out.append(i - self.offset)
+            elif not skip_special_tokens:
+                out += {0: b"<pad>", 1: b"</s>", 2: b"<s>"}[i]
+        return out.decode("utf-8", errors="replace")
+
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, MARKER), "w") as f:
+            json.dump(dict(type="byte", vocab_size=self.vocab_size, pad_token_id=self.pad_token_id,
+                           eos_token_id=self.eos_token_id, bos_token_id=self.bos_token_id, offset=self.offset), f,
+                      indent=1)
+        self.to_hf().save_pretrained(path)
+
+    def to_hf(self):
+        """The same ids as a ``transformers`` fast tokenizer (byte-level BPE without merges)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        chars = _bytes_to_unicode()
+        vocab = {"<pad>": self.pad_token_id, "</s>": self.eos_token_id, "<s>": self.bos_token_id}
+        vocab.update({chars[b]: b + self.offset for b in range(256)})
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<s>")])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table, the alphabet of the ByteLevel pre-tokenizer."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the small interface the training code uses."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        if tok.pad_token_id is None:  # Llama-style tokenizers ship without a pad token
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        self.pad_token_id = tok.pad_token_id
+        self.eos_token_id = tok.eos_token_id
+        self.bos_token_id = tok.bos_token_id
+        self.vocab_size = len(tok)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, path: str) -> None:
+        self.tok.save_pretrained(path)
+
+
+def load_tokenizer(path: str | None):
+    """The byte tokenizer for ``None`` or a directory holding ``sft_byte_tokenizer.json``,
+    else ``AutoTokenizer.from_pretrained(path)`` (local files only)."""
+    if path is None or os.path.exists(os.path.join(path, MARKER)):
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))

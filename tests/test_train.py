@@ -1,0 +1,249 @@
+"""``sft-kernels train``: labels, tokenizer, end-to-end DeepSpeed runs on CPU, checkpoints, resume.
+
+The runs use the embedded default model (random init, byte tokenizer) on the shipped
+dataset with tiny settings (``--max_steps`` 6-8, ``--max_seq_len 64``) in this process
+(DeepSpeed's CPU accelerator, gloo, world size 1). Runs shared by several tests are
+module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from sft_kernels.train import build_parser, main, run  # noqa: E402
+from sft_kernels.train.data import (IGNORE_INDEX, TrainBatches, collate, default_data_path, encode,  # noqa: E402
+                                    encode_all, load_jsonl, split)
+from sft_kernels.train.model import parse_window_arg  # noqa: E402
+from sft_kernels.train.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
+
+TINY = ["--max_seq_len", "64", "--no_progress", "--per_device_eval_batch_size", "32"]
+
+
+def _run(out_dir, *flags):
+    args = build_parser().parse_args(["--output_dir", str(out_dir), *TINY, *map(str, flags)])
+    return run(args)
+
+
+def _params(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _loss_falls(losses):
+    values = [v for _, v in losses]
+    k = max(1, len(values) // 3)
+    return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+# ----------------------------------------------------------------------------- data and tokenizer
+def test_collator_labels_ignore_prompt_and_padding():
+    tok = ByteTokenizer()
+    rows = [{"prompt": "Human: hi\nAssistant:", "response": " yo"},
+            {"prompt": "Q:", "response": " a much longer answer"}]
+    examples = [encode(r, tok, 64) for r in rows]
+    batch = collate(examples, tok.pad_token_id)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape == (2, max(len(e.input_ids) for e in examples))
+    for i, row in enumerate(rows):
+        n_prompt = 1 + len(row["prompt"].encode())  # bos + prompt bytes
+        n = n_prompt + len(row["response"].encode()) + 1  # + response + eos
+        assert ids[i, 0] == tok.bos_token_id
+        assert (labels[i, :n_prompt] == IGNORE_INDEX).all(), "prompt tokens must not be supervised"
+        assert torch.equal(labels[i, n_prompt:n], ids[i, n_prompt:n]), "response tokens are their own labels"
+        assert labels[i, n - 1] == tok.eos_token_id, "the eos after the response is supervised"
+        assert (labels[i, n:] == IGNORE_INDEX).all() and (ids[i, n:] == tok.pad_token_id).all()
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert tok.decode(ids[i, n_prompt:n - 1].tolist()) == row["response"]
+
+
+def test_truncation_keeps_prompt_labels_masked_and_drops_empty_responses():
+    tok = ByteTokenizer()
+    long_prompt = {"prompt": "x" * 100, "response": " y"}
+    short = {"prompt": "Q", "response": " abcdefghij"}
+    kept, dropped = encode_all([long_prompt, short], tok, 8)
+    assert dropped == 1 and len(kept) == 1
+    ex = kept[0]
+    assert len(ex.input_ids) == 8 and ex.labels[:2] == [IGNORE_INDEX] * 2 and ex.labels[2:] == ex.input_ids[2:]
+
+
+def test_split_and_batches_are_deterministic_and_disjoint():
+    tok = ByteTokenizer()
+    examples, _ = encode_all(load_jsonl(default_data_path()), tok, 64)
+    assert len(examples) >= 300, "the shipped dataset holds a few hundred examples"
+    train_a, eval_a = split(examples, 0.1, seed=3)
+    train_b, eval_b = split(examples, 0.1, seed=3)
+    assert [e.input_ids for e in eval_a] == [e.input_ids for e in eval_b]
+    assert len(eval_a) == round(0.1 * len(examples)) and len(train_a) + len(eval_a) == len(examples)
+    assert not {id(e) for e in train_a} & {id(e) for e in eval_a}
+    batches = TrainBatches(train_a, 8, 3, seed=3)
+    assert batches.micro_per_epoch % 3 == 0 and batches.steps_per_epoch == batches.micro_per_epoch // 3
+    first = list(batches.epoch(1))
+    resumed = list(batches.epoch(1, start_micro=4))
+    assert len(first) == batches.micro_per_epoch
+    for a, b in zip(first[4:], resumed):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(next(batches.epoch(0))["input_ids"], first[0]["input_ids"])
+
+
+def test_byte_tokenizer_reloads_with_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = ByteTokenizer()
+    tok.save_pretrained(tmp_path)
+    text = "Human: héllo ✓ 12 + 30?\nAssistant:\t\x00\xff"
+    assert tok.decode(tok.encode(text)) == text
+    assert isinstance(load_tokenizer(str(tmp_path)), ByteTokenizer)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert (hf.pad_token_id, hf.eos_token_id, hf.bos_token_id, len(hf)) == (0, 1, 2, 259)
+
+
+@pytest.mark.parametrize("value, expected", [("64", 64), ("sqrt", "sqrt"), ("-1", None), ("none", None)])
+def test_window_flag(value, expected):
+    assert parse_window_arg(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "1.5"])
+def test_window_flag_rejects(value):
+    with pytest.raises(ValueError, match="--window_size"):
+        parse_window_arg(value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--offload"], "--offload"),
+    (["--attn_implementation", "eager", "--window_size", "sqrt"], "sqrt"),
+    (["--attn_implementation", "eager", "--qkv_groups", "2"], "qkv_groups"),
+    (["--eval_fraction", "1.5"], "eval_fraction"),
+], ids=["offload-needs-zero", "sqrt-needs-sft", "groups-need-sft", "eval-fraction"])
+def test_bad_flag_combinations_fail_with_a_message(tmp_path, capsys, flags, message):
+    assert main(["--output_dir", str(tmp_path), "--max_steps", "1", *TINY, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end-to-end runs
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero0")
+    metrics, model = _run(out, "--max_steps", 8, "--zero_stage", 0)
+    return out, metrics, model
+
+
+def test_zero0_loss_finite_and_falls_and_perplexity_drops(zero0_run):
+    out, metrics, _ = zero0_run
+    losses = metrics["train_losses"]
+    assert [s for s, _ in losses] == list(range(1, 9))
+    assert all(math.isfinite(v) for _, v in losses)
+    assert _loss_falls(losses), losses
+    before, after = metrics["eval_before"], metrics["eval_after"]
+    assert after["perplexity"] < before["perplexity"], (before, after)
+    assert math.isclose(before["perplexity"], math.exp(before["loss"]), rel_tol=1e-9)
+    # a random 259-way model starts near uniform: perplexity in the hundreds
+    assert 100 < before["perplexity"] < 1000
+    on_disk = json.load(open(os.path.join(out, "metrics.json")))
+    assert on_disk["eval_after"] == after and on_disk["steps"] == 8
+
+
+def _probe_batch():
+    tok = ByteTokenizer()
+    rows = [{"prompt": "Human: What is 12 + 7?\nAssistant:", "response": " 19"},
+            {"prompt": "Human: Reverse the word stone.\nAssistant:", "response": " enots"}]
+    return collate([encode(r, tok, 64) for r in rows], tok.pad_token_id)
+
+
+def test_checkpoint_reloads_with_from_pretrained_identical_logits(zero0_run):
+    from transformers import AutoModelForCausalLM
+
+    out, _, trained = zero0_run
+    batch = _probe_batch()
+    mask = batch["attention_mask"].bool()
+    trained.eval()
+    with torch.no_grad():
+        ref = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        same = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="sft_sliding_window").eval()
+        got = same(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        eager = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+        got_eager = eager(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert same.config.sliding_window == 32
+    for (n, p), (n2, p2) in zip(trained.named_parameters(), same.named_parameters()):
+        assert n == n2 and torch.equal(p, p2), n
+    assert torch.equal(got[mask], ref[mask]), "same weights, same attention: bit-identical logits"
+    # eager with the same sliding window: the same function up to fp32 rounding
+    err = (got_eager[mask] - ref[mask]).norm() / ref[mask].norm()
+    assert err < 1e-5, err
+
+
+def test_zero3_with_gradient_checkpointing_trains_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    metrics, _ = _run(tmp_path, "--max_steps", 6, "--zero_stage", 3, "--gradient_checkpointing")
+    losses = metrics["train_losses"]
+    assert len(losses) == 6 and all(math.isfinite(v) for _, v in losses) and _loss_falls(losses), losses
+    assert metrics["eval_after"]["perplexity"] < metrics["eval_before"]["perplexity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert sum(p.numel() for p in reloaded.parameters()) == metrics["parameters"]
+    assert all(p.abs().sum() > 0 for p in reloaded.parameters()), "every gathered ZeRO-3 parameter was written"
+
+
+def test_zero2_bf16_with_gradient_accumulation(tmp_path):
+    metrics, _ = _run(tmp_path, "--max_steps", 4, "--zero_stage", 2, "--dtype", "bf16",
+                      "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 4)
+    losses = metrics["train_losses"]
+    assert len(losses) == 4 and all(math.isfinite(v) for _, v in losses) and _loss_falls(losses), losses
+    assert metrics["eval_after"]["perplexity"] < metrics["eval_before"]["perplexity"]
+
+
+def test_qkv_groups_block_diagonal_export_is_the_same_function(tmp_path):
+    """qkv_groups=2 trains SFTAttention with block-diagonal QKV; the export writes dense
+    projections with zero off-diagonal blocks, which compute the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    metrics, trained = _run(tmp_path, "--max_steps", 4, "--qkv_groups", 2)
+    assert all(math.isfinite(v) for _, v in metrics["train_losses"])
+    params = _params(tmp_path)
+    q = params["model.layers.0.self_attn.q_proj.weight"]  # (Hq D, C) = (256, 256), 2 groups
+    assert q[:128, 128:].abs().max() == 0 and q[128:, :128].abs().max() == 0 and q[:128, :128].abs().max() > 0
+    batch = _probe_batch()
+    mask = batch["attention_mask"].bool()
+    trained.eval()
+    with torch.no_grad():
+        ref = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        dense = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+        got = dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    err = (got[mask] - ref[mask]).norm() / ref[mask].norm()
+    assert err < 1e-5, err
+
+
+def test_resume_continues_where_the_checkpoint_stopped(tmp_path):
+    """3 steps, then 3 more resumed in the same output_dir == 6 steps in one run."""
+    full, _ = _run(tmp_path / "full", "--max_steps", 6)
+    first, _ = _run(tmp_path / "split", "--max_steps", 3)
+    assert first["steps"] == 3 and os.path.exists(tmp_path / "split" / "ds_checkpoint" / "latest")
+    second, _ = _run(tmp_path / "split", "--max_steps", 6)
+    assert second["resumed_from_step"] == 3 and second["steps"] == 6
+    assert [s for s, _ in second["train_losses"]] == [4, 5, 6]
+    assert second["eval_before"] == first["eval_before"], "the pre-training evaluation is carried over"
+    expected = dict((s, v) for s, v in full["train_losses"])
+    for s, v in second["train_losses"]:
+        assert v == pytest.approx(expected[s], rel=1e-6, abs=0), (s, v, expected[s])
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "split")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+    # a third call with nothing left to do trains no step and keeps the result
+    third, _ = _run(tmp_path / "split", "--max_steps", 6)
+    assert third["train_losses"] == [] and third["steps"] == 6
+
+
+def test_resume_refuses_a_different_batch_size(tmp_path, capsys):
+    _run(tmp_path, "--max_steps", 1)
+    assert main(["--output_dir", str(tmp_path), "--max_steps", "2", *TINY,
+                 "--per_device_train_batch_size", "4"]) == 2
+    assert "per_device_train_batch_size" in capsys.readouterr().err
