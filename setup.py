@@ -6,7 +6,7 @@ time; ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0") and
 ``MAX_JOBS`` the parallel compile jobs.
 """
 
-import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -14,18 +14,22 @@ from setuptools import find_packages, setup
 ext_modules = []
 cmdclass = {}
 if os.environ.get("SFT_KERNELS_BUILD_CUDA", "0") == "1":
-    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
-    if not sources:
-        raise SystemExit("SFT_KERNELS_BUILD_CUDA=1 but csrc/ holds no CUDA sources in this version")
+    # one definition of the build (sources, flags, CUDA_HOME, arch list) shared with the
+    # just-in-time build and DeepSpeed's op builder: sft_kernels/_build.py
+    spec = importlib.util.spec_from_file_location("_sft_build", os.path.join("sft_kernels", "_build.py"))
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    os.environ.setdefault("CUDA_HOME", b.cuda_home())  # before torch reads it at import
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", b.DEFAULT_ARCH_LIST)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext_modules.append(
         CUDAExtension(
-            "sft_kernels._C",
-            sources,
-            include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-Xptxas=-v"]},
+            b.AOT_NAME,
+            [os.path.relpath(src) for src in b.sources()],
+            include_dirs=b.include_dirs(),
+            library_dirs=b.library_dirs(),
+            extra_compile_args={"cxx": b.CXX_FLAGS, "nvcc": b.NVCC_FLAGS + ["-Xptxas=-v"]},
         )
     )
     cmdclass["build_ext"] = BuildExtension

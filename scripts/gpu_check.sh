@@ -29,9 +29,17 @@ export PYTHONPATH="$(pwd):${PYTHONPATH:-}"
 $PY -m sft_kernels.cli info 2>&1 | tee "$OUT/info.txt"
 
 if ls csrc/*.cu >/dev/null 2>&1; then
-  step "building the CUDA extension"
-  SFT_KERNELS_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
-    || echo "BUILD FAILED (see build.log)" | tee -a "$LOG"
+  step "building the CUDA extension (ahead of time, in place) for this GPU"
+  cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+  TORCH_CUDA_ARCH_LIST="$cap" SFT_KERNELS_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace \
+    >"$OUT/build.log" 2>&1 || echo "BUILD FAILED (see build.log)" | tee -a "$LOG"
+  if command -v cmake >/dev/null 2>&1; then
+    step "CMake build and the C++ GPU test executable"
+    (cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release >"$OUT/cmake.log" 2>&1 \
+      && cmake --build build-cmake -j "${MAX_JOBS:-16}" >>"$OUT/cmake.log" 2>&1 \
+      && timeout 120 ./build-cmake/sft_kernels_test >"$OUT/cpp_gpu_test.log" 2>&1) ; echo "C++ GPU test exit code $?" | tee -a "$LOG"
+    tail -n 5 "$OUT/cpp_gpu_test.log" 2>/dev/null | tee -a "$LOG"
+  fi
 fi
 
 step "GPU tests (pytest -m 'gpu or interpret')"

@@ -5,7 +5,8 @@ Every op takes ``backend="auto" | "triton" | "cuda" | "torch"``:
 - ``torch``: the pure-PyTorch implementation; any device; memory-efficient.
 - ``triton``: the Triton kernels; CUDA tensors, or CPU tensors when the process runs
   with ``TRITON_INTERPRET=1`` (the Triton interpreter: slow, for tests).
-- ``cuda``: the compiled CUDA C++ extension ``sft_kernels._C``; CUDA tensors.
+- ``cuda``: the CUDA C++ extension (``sft_kernels._C`` built ahead of time, or compiled
+  just in time with ``SFT_KERNELS_JIT=1``); CUDA tensors, fp16/bf16.
 - ``auto``: per call, Triton on CUDA tensors (when Triton imports), PyTorch on CPU.
   ``cuda`` is chosen by ``auto`` only for shape classes where it was verified on a GPU
   and measured faster; each op records that rule next to its dispatch.
@@ -22,11 +23,6 @@ from typing import Dict
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
-
-BUILD_HINT = (
-    "build it ahead of time with `SFT_KERNELS_BUILD_CUDA=1 pip install -e .` "
-    "(needs nvcc and a CUDA build of torch)"
-)
 
 
 @dataclass(frozen=True)
@@ -49,17 +45,12 @@ def _triton_import_error() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_ext_error() -> str:
-    try:
-        importlib.import_module("sft_kernels._C")
-    except ImportError as exc:
-        csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-        has_sources = os.path.isdir(csrc) and any(f.endswith(".cu") for f in os.listdir(csrc))
-        if not has_sources:
-            return "this version ships no CUDA C++ kernels yet (csrc/ is empty); use backend='triton'"
-        return f"the CUDA extension sft_kernels._C is not built ({exc}); {BUILD_HINT}"
-    return ""
+    """'' when the CUDA extension can be had (built ahead of time, or SFT_KERNELS_JIT=1
+    with nvcc), else why not and how to build it. Cheap: never compiles."""
+    from . import _build
+
+    return _build.extension_error()
 
 
 def backend_status() -> Dict[str, BackendStatus]:

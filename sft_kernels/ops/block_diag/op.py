@@ -20,7 +20,8 @@ Backends (``backend=``):
   each writing in place into its slice of the output (see ``torch_impl.py``); any device.
 - ``"triton"``: one persistent grouped-GEMM launch over all blocks (``triton_kernels.py``);
   CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-- ``"cuda"``: not shipped for this op (``resolve_backend`` says so).
+- ``"cuda"``: the CUDA C++ grouped GEMM (``csrc/block_diag.cu``, mma.sync; fp16/bf16);
+  verified in the CPU emulator only, unmeasured on a GPU, so ``auto`` never picks it.
 - ``"auto"``: one block -> ``F.linear`` (cuBLAS / MKL); CPU -> ``"torch"`` (bmm for equal
   blocks: 8.0x over dense at tokens 4096, width 4096, g=8, fp32, 2 cores); CUDA ->
   ``"triton"``. The CUDA rule is the design's default and is still unmeasured: no GPU
@@ -142,6 +143,12 @@ def _kernels():
     return triton_kernels
 
 
+def _cuda():
+    from . import cuda_backend
+
+    return cuda_backend
+
+
 @torch.library.custom_op("sft_kernels::block_diag_matmul", mutates_args=())
 def _bdmm(
     x: torch.Tensor,
@@ -159,6 +166,8 @@ def _bdmm(
     b = bias.contiguous() if bias is not None else None
     if impl == "triton":
         y = _kernels().gemm_forward(x2, w, b, in_features, out_features)
+    elif impl == "cuda":
+        y = _cuda().gemm_forward(x2, w, b, in_features, out_features)
     else:
         y = torch_impl.forward(x2, w, b, in_features, out_features)
     return y.view(*lead, y.shape[-1])
@@ -181,6 +190,8 @@ def _bdmm_dx(
     w = weight.contiguous()
     if impl == "triton":
         dx = _kernels().gemm_backward_dx(g2, w, in_features, out_features)
+    elif impl == "cuda":
+        dx = _cuda().gemm_backward_dx(g2, w, in_features, out_features)
     else:
         dx = torch_impl.backward_dx(g2, w, in_features, out_features)
     return dx.view(*lead, dx.shape[-1])
@@ -201,6 +212,8 @@ def _bdmm_dw(
     x2 = _as_2d(x)
     if impl == "triton":
         return _kernels().gemm_backward_dw(g2, x2, in_features, out_features)
+    if impl == "cuda":
+        return _cuda().gemm_backward_dw(g2, x2, in_features, out_features)
     return torch_impl.backward_dw(g2, x2, in_features, out_features)
 
 
