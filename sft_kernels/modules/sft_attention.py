@@ -202,6 +202,15 @@ class SFTAttention(nn.Module):
         backend: attention and projection backend (``"auto"``, ``"triton"``, ``"torch"``, ``"cuda"``).
         out_bias: bias on ``o_proj`` (default: ``bias``).
         dtype, device: factory arguments of the parameters.
+        sequence_parallel_group: a ``torch.distributed`` process group of ``P`` ranks for
+            DeepSpeed-Ulysses sequence parallelism (None: off). Rank ``r`` of the group holds
+            tokens ``r L/P .. (r+1) L/P - 1`` of every sequence; the local attention runs in
+            ``deepspeed.sequence.layer.DistributedAttention``, which exchanges heads for
+            sequence (all-to-all) so each rank attends over the whole sequence with ``Hq/P``
+            query and ``Hkv/P`` key/value heads. Needs ``Hq % P == 0``, ``Hkv % P == 0`` and
+            the same local length on every rank; rotary positions default to the global ones
+            (offset ``r L/P``); an ``attention_mask`` is the local ``(batch, L/P)`` shard (see
+            :mod:`sft_kernels.integrations.deepspeed`). Imports deepspeed only when given.
 
     Shapes: ``hidden_states (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size)``.
     Parameters: ``qkv_proj.weight`` (flat block-diagonal weight, ``C (Hq + 2 Hkv) D / g``
@@ -224,6 +233,7 @@ class SFTAttention(nn.Module):
         out_bias: Optional[bool] = None,
         dtype: Optional[torch.dtype] = None,
         device=None,
+        sequence_parallel_group=None,
     ) -> None:
         super().__init__()
         hidden_size = _positive_int("hidden_size", hidden_size)
@@ -272,6 +282,10 @@ class SFTAttention(nn.Module):
                                 **factory)
         inv_freq = rope_inv_freq(head_dim, rope_theta) if rope_theta is not None else torch.empty(0)
         self.register_buffer("inv_freq", inv_freq.to(device=device), persistent=False)
+        self.sequence_parallel_group = sequence_parallel_group
+        self.sequence_parallel_attention = None
+        if sequence_parallel_group is not None:
+            self.sequence_parallel_attention = _ulysses_attention(self, sequence_parallel_group)
 
     # ------------------------------------------------------------------ helpers
     def _split_qkv(self, qkv: torch.Tensor):
@@ -332,6 +346,8 @@ class SFTAttention(nn.Module):
         b, l, c = hidden_states.shape
         if c != self.hidden_size:
             raise ValueError(f"SFTAttention: hidden_states has {c} features, expected hidden_size={self.hidden_size}")
+        if self.sequence_parallel_attention is not None:
+            return self._forward_sequence_parallel(hidden_states, attention_mask, position_ids, position_embeddings)
         valid = None
         if attention_mask is not None:
             valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
@@ -368,6 +384,61 @@ class SFTAttention(nn.Module):
         )
         out = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
         return _pad_rows(out, indices, b, l)
+
+    def _local_attention(self, q, k, v, valid=None):
+        """What each rank runs between the two all-to-alls: the whole sequence, its heads."""
+        if valid is None:
+            return sliding_window_attention(q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend)
+        return padded_sliding_window_attention(
+            q, k, v, valid, valid, self.window_size, self.causal, self.scaling, backend=self.backend
+        )
+
+    def _forward_sequence_parallel(self, hidden_states, attention_mask, position_ids, position_embeddings):
+        """Ulysses: this rank holds ``hidden_states (batch, L/P, C)``, a slice of the sequence.
+
+        Padding is kept in place (the all-to-all needs equal shapes on every rank): the full
+        ``(batch, L)`` mask is all-gathered, the local attention skips pad keys and queries
+        (:func:`padded_sliding_window_attention`), and pad rows of the output are set to zero.
+        """
+        import torch.distributed as dist
+
+        group = self.sequence_parallel_group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        b, l, c = hidden_states.shape
+        offset = rank * l
+        full_valid = valid = None
+        if attention_mask is not None:
+            valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
+            parts = [torch.empty_like(valid) for _ in range(world)]
+            dist.all_gather(parts, valid.contiguous(), group=group)
+            full_valid = torch.cat(parts, dim=1)
+            _check_contiguous("attention_mask (all-gathered over the sequence parallel group)", full_valid)
+        use_rope = position_embeddings is not None or self.rope_theta is not None
+        if use_rope and position_embeddings is None:
+            if position_ids is None:
+                if full_valid is not None:
+                    pos = (full_valid.long().cumsum(-1) - 1).clamp_(min=0)[:, offset:offset + l]
+                else:
+                    pos = (torch.arange(l, device=hidden_states.device) + offset).unsqueeze(0).expand(b, l)
+            else:
+                pos = self._positions(None, position_ids, b, l, hidden_states.device)
+            cos, sin = rope_cos_sin(pos, self.inv_freq, hidden_states.dtype, self.rope_attention_scaling)
+        elif use_rope:
+            cos, sin = position_embeddings
+            cos = cos.expand(b, l, self.head_dim)
+            sin = sin.expand(b, l, self.head_dim)
+        q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
+        if use_rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if full_valid is None:
+            out = self.sequence_parallel_attention(q, k, v, 0)
+        else:
+            out = self.sequence_parallel_attention(q, k, v, 0, None, full_valid)
+        out = self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+        if valid is not None:
+            out = out * valid.unsqueeze(-1).to(out.dtype)  # pad rows exactly zero, as without parallelism
+        return out
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
@@ -448,6 +519,29 @@ class SFTAttention(nn.Module):
             f"head_dim={self.head_dim}, window_size={self.window_size!r}, causal={self.causal}, "
             f"qkv_groups={self.qkv_groups}, rope_theta={self.rope_theta}, backend={self.backend!r}"
         )
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+def _ulysses_attention(layer: "SFTAttention", group):
+    """``DistributedAttention`` around ``layer._local_attention``, after checking the head counts."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "SFTAttention: sequence_parallel_group needs torch.distributed to be initialised "
+            "(deepspeed.init_distributed() or torch.distributed.init_process_group())"
+        )
+    world = dist.get_world_size(group)
+    for name, heads in (("num_heads", layer.num_heads), ("num_kv_heads", layer.num_kv_heads)):
+        if heads % world != 0:
+            raise ValueError(
+                f"SFTAttention: {name}={heads} must be divisible by the sequence parallel group size {world} "
+                "(Ulysses gives each rank num_heads/P query and num_kv_heads/P key/value heads)"
+            )
+    from deepspeed.sequence.layer import DistributedAttention  # only here: sft_kernels never imports deepspeed
+
+    # (batch, seqlen, heads, head_dim): scatter heads (dim 2), gather the sequence (dim 1)
+    return DistributedAttention(layer._local_attention, group, scatter_idx=2, gather_idx=1)
 
 
 # ----------------------------------------------------------------------------- config readers
