@@ -22,7 +22,8 @@ STEPS = 16  # steps before the checkpoint
 
 WORKER = r'''
 import json, os, sys
-os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
+device = sys.argv[6]
+os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported
 import torch
 import torch.nn as nn
 import deepspeed
@@ -30,7 +31,7 @@ from sft_kernels import BlockDiagonalLinear, SFTAttention
 
 stage, dtype_name, ckpt_dir, out_path, steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 torch.set_num_threads(1)
-deepspeed.init_distributed(dist_backend="gloo")
+deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
 VOCAB, C, L, B = 32, 32, 24, 4
 
 
@@ -93,7 +94,7 @@ def engine(seed):
 
 
 def train_step(eng, step):
-    loss = eng(batch(step))
+    loss = eng(batch(step).to(eng.device))
     eng.backward(loss)
     eng.step()
     return float(loss)
@@ -134,6 +135,25 @@ CONFIGS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (1, 
 IDS = [f"zero{s}-{d}" for s, d in CONFIGS]
 
 
+def _launch(tmp, cid, stage, dtype, device="cpu"):
+    env = dict(os.environ, PYTHONPATH=ROOT, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), DS_ACCELERATOR=device, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp / f"{cid}.json"
+    cmd = [sys.executable, str(tmp / "worker.py"), str(stage), dtype, str(tmp / f"ckpt-{cid}"), str(out), str(STEPS),
+           device]
+    return out, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _collect(out, p):
+    try:
+        log = p.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        log = p.communicate()[0] + "\n(timed out)"
+    return json.loads(out.read_text()) if p.returncode == 0 else log[-6000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,22 +171,10 @@ def zero_runs(tmp_path_factory):
     while pending:
         running = []
         for cid, (stage, dt) in pending[:2]:
-            env = dict(os.environ, PYTHONPATH=ROOT, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu",
-                       OMP_NUM_THREADS="1")
-            env.pop("TRITON_INTERPRET", None)
-            out = tmp / f"{cid}.json"
-            cmd = [sys.executable, str(script), str(stage), dt, str(tmp / f"ckpt-{cid}"), str(out), str(STEPS)]
-            running.append((cid, out, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.STDOUT, text=True)))
+            running.append((cid, *_launch(tmp, cid, stage, dt)))
         pending = pending[2:]
         for cid, out, p in running:
-            try:
-                log = p.communicate(timeout=240)[0]
-            except subprocess.TimeoutExpired:
-                p.kill()
-                log = p.communicate()[0] + "\n(timed out)"
-            results[cid] = json.loads(out.read_text()) if p.returncode == 0 else log[-6000:]
+            results[cid] = _collect(out, p)
     return results
 
 
@@ -194,3 +202,13 @@ def test_checkpoint_resumes_exactly(run, cid):
     assert run["loaded_equal"] == [], f"parameters differ after load_checkpoint: {run['loaded_equal']}"
     assert run["next_b"] == run["next_a"]
     assert run["after_step_equal"] == [], f"parameters differ after the resumed step: {run['after_step_equal']}"
+
+
+@pytest.mark.gpu
+def test_zero2_bf16_on_gpu(tmp_path):
+    """The same model and checks on a GPU (nccl, Triton kernels through backend="auto")."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    r = _collect(*_launch(tmp_path, "gpu-zero2-bf16", 2, "bf16", device="cuda"))
+    assert isinstance(r, dict), f"the training process failed:\n{r}"
+    assert r["finite"] and sum(r["losses"][-3:]) / 3 < 0.8 * r["losses"][0], r["losses"]
+    assert r["loaded_equal"] == [] and r["next_b"] == r["next_a"]

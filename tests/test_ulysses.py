@@ -28,8 +28,10 @@ import torch.distributed as dist
 from sft_kernels import SFTAttention
 
 deepspeed.init_distributed(dist_backend="gloo")
+from sft_kernels.integrations.deepspeed import ulysses_group
 rank, world = dist.get_rank(), dist.get_world_size()
-group = dist.new_group(list(range(world)))
+group, dp_rank = ulysses_group(world)  # one sequence parallel group of all ranks
+assert dp_rank == 0 and dist.get_world_size(group) == world
 torch.set_default_dtype(torch.float64)
 
 def rel(a, b):
