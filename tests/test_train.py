@@ -247,3 +247,70 @@ def test_resume_refuses_a_different_batch_size(tmp_path, capsys):
     assert main(["--output_dir", str(tmp_path), "--max_steps", "2", *TINY,
                  "--per_device_train_batch_size", "4"]) == 2
     assert "per_device_train_batch_size" in capsys.readouterr().err
+
+
+
+def test_two_processes_zero2_gloo(tmp_path, zero0_run):
+    """World size 2 the way the deepspeed launcher starts it (RANK/WORLD_SIZE/LOCAL_RANK in the
+    environment, --local_rank=N): ZeRO-2 partitions across the ranks, evaluation sums the
+    shards of every rank (same token count as one process)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "sft_kernels.train", f"--local_rank={rank}", "--output_dir", str(tmp_path),
+               "--max_steps", "2", "--zero_stage", "2", *TINY]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert all(math.isfinite(v) for _, v in metrics["train_losses"])
+    assert metrics["eval_before"]["tokens"] == zero0_run[1]["eval_before"]["tokens"]
+    assert metrics["eval_after"]["perplexity"] < metrics["eval_before"]["perplexity"]
+
+
+# ----------------------------------------------------------------------------- end-to-end benchmark
+def test_e2e_benchmark_writes_records(tmp_path):
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    import sys
+
+    sys.path.insert(0, bench)
+    import bench_e2e
+
+    tiny = [dict(batch=1, seqlen=L, window=16, hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1,
+                 head_dim=32, dtype="float32") for L in (64,)]  # one length: each record spawns a memory probe
+    assert bench_e2e.main(["--device", "cpu", "--out", str(tmp_path)], shape_list=tiny) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert set(data) == {"env", "records", "skipped"} and not data["skipped"]
+    keys = {"op", "impl", "device", "dtype", "shape", "ms", "tokens_per_s", "peak_mem_bytes", "speedup_vs", "env"}
+    assert {(r["impl"], r["shape"]["seqlen"]) for r in data["records"]} == {
+        (i, 64) for i in ("sdpa", "sft_sliding_window")}
+    for r in data["records"]:
+        assert not keys - set(r), keys - set(r)
+        assert r["op"] == "sft_train_step" and r["ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["speedup_vs"]["baseline"] == "sdpa" and r["speedup_vs"]["ratio"] > 0
+        assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+    assert any(r["peak_mem_bytes"] for r in data["records"]), "the child-process memory probe ran"
+    assert data["env"]["transformers"] and data["env"]["commit"]
+    assert "sft_sliding_window" in (tmp_path / "e2e.md").read_text()
+
+
+def test_e2e_benchmark_sdpa_and_sft_compute_the_same_loss():
+    """The two providers are the same model with the same window: equal first-step losses."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_e2e
+
+    shape = dict(batch=1, seqlen=96, window=16, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1,
+                 head_dim=32, dtype="float32")
+    losses = [bench_e2e.setup(impl, shape, "cpu")().item() for impl in bench_e2e.IMPLS]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -17,7 +17,10 @@ byte-level tokenizer is built from an embedded configuration and trained from ra
 initialisation on the shipped dataset. On CPU it runs with DeepSpeed's CPU accelerator
 and the gloo backend in one process; on GPUs launch it with the deepspeed launcher:
 
-    deepspeed --num_gpus 8 -m sft_kernels.train --model_name_or_path DIR --zero_stage 3 --dtype bf16
+    deepspeed --num_gpus 8 --module sft_kernels.train --model_name_or_path DIR --zero_stage 3 --dtype bf16
+
+(--module, not the sft-kernels command: the launcher puts --local_rank=N right after the
+program name, where only ``python -m sft_kernels.train`` accepts it.)
 
 If --output_dir already holds a DeepSpeed checkpoint the run resumes from it.
 """

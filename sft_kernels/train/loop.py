@@ -119,8 +119,9 @@ def _optimizer(model, args, device):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=(0.9, 0.95))
-    # torch's AdamW instead of DeepSpeed's FusedAdam: the same update without a JIT build
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # torch's AdamW instead of DeepSpeed's FusedAdam: the same update without a JIT build. Not
+    # fused=True: the parameters are still on the CPU here (DeepSpeed moves them to the device).
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
 
 
 # ----------------------------------------------------------------------------- evaluation
