@@ -2,6 +2,7 @@
 
     sft-kernels info                 versions, device, backend availability (like ds_report)
     sft-kernels bench [--quick]      benchmarks against the baselines (benchmarks/bench_*.py)
+    sft-kernels train [flags]        DeepSpeed-Chat step-1 SFT on the kernels (train --help)
     sft-kernels demo                 the README's main job on the local device
 """
 
@@ -56,6 +57,12 @@ def _cmd_bench(args) -> int:
     return run_benchmarks(ops, args.quick, args.out, args.device)
 
 
+def _cmd_train(args) -> int:
+    from .train import main as train_main
+
+    return train_main(args.train_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/<date>-<commit>)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("train", help="supervised fine-tuning with DeepSpeed on the kernels", add_help=False)
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="flags of sft_kernels.train (see train --help)")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("demo", help="check the kernels against the references, then benchmark")
     p.add_argument("--full", action="store_true", help="full benchmark sweep instead of the quick one")
     p.set_defaults(func=_cmd_demo)
@@ -74,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # every flag, --help included, belongs to the train parser
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

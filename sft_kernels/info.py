@@ -42,6 +42,16 @@ def collect() -> dict:
     return {"env": env, "gpus": gpus, "backends": backend_status()}
 
 
+def deepspeed_op_line() -> str:
+    """ds_report-style line for the DeepSpeed op builder (imports deepspeed: a few seconds)."""
+    try:
+        from .integrations.deepspeed import compatibility_report
+
+        return compatibility_report()
+    except ImportError as exc:
+        return f"SFTKernelsBuilder (sft_kernels) ...... deepspeed not importable ({exc})"
+
+
 def report(file=None) -> None:
     file = file or sys.stdout
     info = collect()
@@ -61,3 +71,7 @@ def report(file=None) -> None:
     for st in info["backends"].values():
         mark = "[YES]" if st.available else "[NO] "
         print(f"{st.name:<8} {mark:<10} {st.reason}", file=file)
+    print("", file=file)
+    print("DeepSpeed op", file=file)
+    print("-" * 60, file=file)
+    print(deepspeed_op_line(), file=file)
