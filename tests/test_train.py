@@ -123,7 +123,10 @@ def test_window_flag_rejects(value):
     (["--attn_implementation", "eager", "--window_size", "sqrt"], "sqrt"),
     (["--attn_implementation", "eager", "--qkv_groups", "2"], "qkv_groups"),
     (["--eval_fraction", "1.5"], "eval_fraction"),
-], ids=["offload-needs-zero", "sqrt-needs-sft", "groups-need-sft", "eval-fraction"])
+    pytest.param(["--dtype", "fp16"], "fp16", marks=pytest.mark.skipif(
+        torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+        reason="fp16 is refused only where DeepSpeed's CPU accelerator lacks oneDNN fp16")),
+], ids=["offload-needs-zero", "sqrt-needs-sft", "groups-need-sft", "eval-fraction", "fp16-on-this-cpu"])
 def test_bad_flag_combinations_fail_with_a_message(tmp_path, capsys, flags, message):
     assert main(["--output_dir", str(tmp_path), "--max_steps", "1", *TINY, *flags]) == 2
     assert message in capsys.readouterr().err
@@ -248,6 +251,39 @@ def test_resume_refuses_a_different_batch_size(tmp_path, capsys):
                  "--per_device_train_batch_size", "4"]) == 2
     assert "per_device_train_batch_size" in capsys.readouterr().err
 
+
+
+
+def test_fine_tune_from_the_exported_checkpoint(zero0_run, tmp_path):
+    """--model_name_or_path = a previous output_dir: its weights, its (byte) tokenizer and its
+    window; the evaluation before training reproduces that run's final evaluation."""
+    out, first, _ = zero0_run
+    metrics, model = _run(tmp_path, "--model_name_or_path", out, "--max_steps", 2)
+    assert model.config.sliding_window == 32
+    assert metrics["eval_before"]["tokens"] == first["eval_after"]["tokens"]
+    assert metrics["eval_before"]["loss"] == pytest.approx(first["eval_after"]["loss"], rel=1e-6)
+
+
+def test_fine_tune_a_local_llama_directory_with_its_own_tokenizer(tmp_path):
+    """A Llama model (no sliding_window in its config) saved with a Hugging Face tokenizer: the
+    window goes to register(); eager cannot apply it and is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "llama"
+    tok = ByteTokenizer().to_hf()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    assert not isinstance(load_tokenizer(str(src)), ByteTokenizer)
+    metrics, model = _run(tmp_path / "out", "--model_name_or_path", src, "--max_steps", 3, "--window_size", 16)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert all(math.isfinite(v) for _, v in metrics["train_losses"])
+    assert metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]
+    assert main(["--output_dir", str(tmp_path / "eager"), "--model_name_or_path", str(src), "--max_steps", "1",
+                 "--attn_implementation", "eager", "--window_size", "16", *TINY]) == 2
 
 
 def test_two_processes_zero2_gloo(tmp_path, zero0_run):
