@@ -41,8 +41,10 @@ def _window(value: str) -> str:
     return value
 
 
-def build_parser(prog: str = "sft-kernels train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags; ``add_help=False`` to use it as ``parents=[...]`` of a subcommand parser."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=add_help)
     g = p.add_argument_group("model and data")
     g.add_argument("--model_name_or_path", default=None,
                    help="local Hugging Face model directory (default: the embedded small model, random init)")

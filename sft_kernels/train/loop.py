@@ -293,7 +293,7 @@ def run(args):
         "parameters": n_params,
         "world_size": world,
         "device": device.type,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
         "versions": _versions(),
     }
     if rank == 0:
