@@ -65,7 +65,7 @@ def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argp
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--num_train_epochs", type=_positive_int, default=4)
+    g.add_argument("--num_train_epochs", type=_positive_int, default=6)
     g.add_argument("--lr_scheduler_type", default="cosine",
                    choices=["linear", "cosine", "constant", "constant_with_warmup"],
                    help="schedule over num_train_epochs (a --max_steps cap does not shorten it)")
