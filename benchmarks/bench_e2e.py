@@ -76,7 +76,10 @@ def setup(impl, shape, device):
         register()  # the window comes from config.sliding_window
     dtype = getattr(torch, shape["dtype"])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config(shape), attn_implementation=impl, dtype=dtype).to(device)
+    from sft_kernels.train.model import dtype_kwargs
+
+    model = AutoModelForCausalLM.from_config(make_config(shape), attn_implementation=impl,
+                                             **dtype_kwargs(dtype)).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     g = torch.Generator().manual_seed(1)

@@ -105,6 +105,15 @@ def _apply_window(config, window: WindowOpt, attn_implementation: str) -> Option
     return window
 
 
+def dtype_kwargs(dtype: torch.dtype) -> Dict[str, torch.dtype]:
+    """``from_pretrained``/``from_config`` dtype keyword: ``dtype`` from transformers 4.56,
+    ``torch_dtype`` before (4.48-4.55)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def build_model(args, tokenizer):
     """The ``*ForCausalLM`` (fp32 parameters; DeepSpeed casts for fp16/bf16), with the chosen
     attention implementation and window, gradient checkpointing and ``qkv_groups``."""
@@ -129,10 +138,10 @@ def build_model(args, tokenizer):
         register(window_size=extra_window)
     torch.manual_seed(args.seed)
     if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32,
-                                                     attn_implementation=impl, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, attn_implementation=impl,
+                                                     local_files_only=True, **dtype_kwargs(torch.float32))
     else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, **dtype_kwargs(torch.float32))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if args.qkv_groups > 1:
@@ -221,7 +230,7 @@ def save_hf_checkpoint(model: nn.Module, tokenizer, output_dir: str, zero_stage:
     _densify_patched(model, state)
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.use_cache = True
-    config.dtype = "float32"
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", "float32")  # what the export holds
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     result = plain.load_state_dict(state, strict=False, assign=True)
