@@ -46,6 +46,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11", "matplotlib"],
         "deepspeed": ["deepspeed>=0.15"],
         "hf": ["transformers>=4.48"],
+        "train": ["deepspeed>=0.15", "transformers>=4.48", "tqdm"],
     },
     entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:main"]},
     ext_modules=ext_modules,

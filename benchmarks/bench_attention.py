@@ -338,8 +338,8 @@ def main(argv=None):
     records = run(args)
     if not records:
         return 0
-    out_dir = common.result_dir(args.out, args.device)
     env = records[0]["env"]
+    out_dir = common.result_dir(args.out, args.device, env)
     tg = targets(records, args.device)
     measured = [r for r in records if "ms" in r]
     skipped = [dict(impl=r["impl"], shape=r["shape"], reason=r["skipped"]) for r in records if "skipped" in r]

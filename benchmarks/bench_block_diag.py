@@ -418,8 +418,8 @@ def run(args_list: Optional[List[str]] = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("bench_block_diag: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    out = common.result_dir(args.out, device)
     env = common.environment(device)
+    out = common.result_dir(args.out, device, env)
     t0 = time.perf_counter()
     records, skipped = measure(sweep(device, args.quick), device, env)
     tg = targets(records, device)

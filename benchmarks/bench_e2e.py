@@ -183,8 +183,8 @@ def main(argv=None, shape_list=None):
     records, skipped = run(args, shape_list)
     if args.measure_memory:
         return 0
-    out_dir = common.result_dir(args.out, args.device)
     env = records[0]["env"] if records else common.environment(args.device)
+    out_dir = common.result_dir(args.out, args.device, env)
     common.write_json(dict(env=env, records=records, skipped=skipped), os.path.join(out_dir, "e2e.json"))
     table = summarize(records)
     m = MODEL[args.device]

@@ -134,11 +134,13 @@ def cpu_peak_bytes(script: str, args: List[str], timeout: float = 600) -> Option
     return None
 
 
-def result_dir(out: Optional[str], device: str) -> str:
-    """``out``, or ``benchmarks/results/<device>/<date>-<commit>/``."""
+def result_dir(out: Optional[str], device: str, env: Optional[Dict[str, str]] = None) -> str:
+    """``out``, or ``benchmarks/results/<device>/<date>-<commit>/`` with the commit the
+    run measured (``env``, read when the run started)."""
     if out is None:
+        env = env or environment(device)
         name = "cpu" if device == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
-        run = f"{datetime.date.today().isoformat()}-{git_commit()}"
+        run = f"{env['date']}-{env['commit']}"
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name, run)
     os.makedirs(out, exist_ok=True)
     return out

@@ -49,12 +49,23 @@ echo "pytest exit code $?" | tee -a "$LOG"
 tail -n 5 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 step "benchmarks"
-for b in benchmarks/bench_attention.py benchmarks/bench_block_diag.py; do
+for b in benchmarks/bench_attention.py benchmarks/bench_block_diag.py benchmarks/bench_e2e.py; do
   [ -f "$b" ] || continue
   name=$(basename "$b" .py)
   timeout 200 $PY "$b" --device cuda --quick --out "$OUT" >"$OUT/$name.log" 2>&1
   echo "$name exit code $?" | tee -a "$LOG"
 done
+
+if $PY -c "import deepspeed" >/dev/null 2>&1; then
+  step "DeepSpeed: build through SFTKernelsBuilder().load(), then one short training run"
+  timeout 150 $PY -c "from sft_kernels.integrations.deepspeed import SFTKernelsBuilder; SFTKernelsBuilder().load(verbose=True)" \
+    >"$OUT/ds_builder.log" 2>&1; echo "SFTKernelsBuilder load exit code $?" | tee -a "$LOG"
+  timeout 150 $PY -m sft_kernels.train --max_steps 20 --dtype bf16 --output_dir "$OUT/sft_output" --no_progress \
+    >"$OUT/train.log" 2>&1; echo "train exit code $?" | tee -a "$LOG"
+  tail -n 4 "$OUT/train.log" | tee -a "$LOG"
+else
+  echo "deepspeed not importable: carry its wheel in .whl/ (pip download --no-deps deepspeed hjson -d .whl)" | tee -a "$LOG"
+fi
 
 step "done"
 for md in "$OUT"/*.md; do

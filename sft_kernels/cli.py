@@ -25,7 +25,7 @@ def _cmd_demo(args) -> int:
     return run_demo(quick=not args.full)
 
 
-BENCHES = {"attention": "bench_attention.py", "block_diag": "bench_block_diag.py"}
+BENCHES = {"attention": "bench_attention.py", "block_diag": "bench_block_diag.py", "e2e": "bench_e2e.py"}
 
 
 def run_benchmarks(ops, quick: bool, out, device) -> int:

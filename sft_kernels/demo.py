@@ -4,12 +4,15 @@
 2. every op, on every backend that runs here, against its float64 dense reference
    (on a machine without a GPU the Triton kernels run through Triton's interpreter in a
    child process, since ``TRITON_INTERPRET`` must be set before they are defined);
-3. the quick benchmarks, written to ``bench_out/`` with their tables printed.
+3. the quick benchmarks, written to ``bench_out/`` with their tables printed;
+4. a short ``sft-kernels train`` on the embedded model and shipped dataset, which prints
+   the evaluation perplexity before and after.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,5 +81,12 @@ def run_demo(quick: bool = True) -> int:
     from .cli import run_benchmarks
 
     rc = run_benchmarks(["attention", "block_diag"], quick=quick, out="bench_out", device=None)
+    print("\nShort supervised fine-tuning run (sft-kernels train, embedded model, shipped dataset):", flush=True)
+    from .train import main as train_main
+
+    out = os.path.join("bench_out", "sft_output")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (an existing output_dir would resume)
+    epochs = ["--num_train_epochs", "2"] if quick else []
+    rc = max(rc, train_main(["--output_dir", out, *epochs]))
     print(f"\ndemo finished in {time.time() - t0:.0f} s; results in bench_out/")
     return rc
