@@ -124,6 +124,15 @@ def resolve_window(window_size: WindowArg, causal: bool, seqlen_k: int) -> Tuple
     return parse_window(window_size, causal).resolve(seqlen_k)
 
 
+def packed_sequences(cu_seqlens_q, cu_seqlens_k, spec: WindowSpec):
+    """Yield ``(qs, qe, ks, ke, left, right)`` per packed sequence, its window resolved for
+    its own key length (reads cu_seqlens on the host)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        left, right = spec.resolve(ck[i + 1] - ck[i])
+        yield cq[i], cq[i + 1], ck[i], ck[i + 1], left, right
+
+
 def band_mask(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None, rows=None):
     """Dense boolean mask (seqlen_q, seqlen_k): True where query i may attend key j.
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...window import WindowArg, band_mask, parse_window
+from ...window import WindowArg, band_mask, packed_sequences, parse_window
 
 
 def _attend_dense(q, k, v, left, right, scale, upcast, rows=None, seqlen_q=None):
@@ -86,16 +86,12 @@ def sliding_window_attention_reference(
         return torch.stack(outs), torch.stack(lses)
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    cq = cu_seqlens_q.tolist()
-    ck = cu_seqlens_k.tolist()
     out = torch.zeros_like(q)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
-    for b in range(len(cq) - 1):
-        qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
+    for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
         if qe == qs:
             continue
-        left, right = spec.resolve(ke - ks)
         o, l = _attend_dense(q[qs:qe], k[ks:ke], v[ks:ke], left, right, scale, upcast)
         out[qs:qe] = o
         lse[:, qs:qe] = l
