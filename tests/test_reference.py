@@ -12,6 +12,7 @@ from sft_kernels import (
     sliding_window_attention_reference,
     sliding_window_to_window_size,
 )
+from sft_kernels.ops.sliding_window_attention.reference import reference_mask, reference_window
 from sft_kernels.window import band_mask, keys_seen
 
 
@@ -34,39 +35,73 @@ MASKS_L5 = {
 }
 
 
+# The implementations' window rule (window.py) and the reference's own (reference.py)
+# are pinned separately against the same hand-written masks.
+RULES = {
+    "window.py": (resolve_window, band_mask),
+    "reference": (reference_window, lambda lq, lk, left, right: reference_mask(lq, lk, left, right)),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("name", list(MASKS_L5))
-def test_mask_l5(name):
+def test_mask_l5(name, rule):
     window, causal, expected = MASKS_L5[name]
-    left, right = resolve_window(window, causal, 5)
-    assert torch.equal(band_mask(5, 5, left, right), _m(expected))
+    resolve, mask = RULES[rule]
+    left, right = resolve(window, causal, 5)
+    assert torch.equal(mask(5, 5, left, right), _m(expected))
 
 
-def test_bottom_right_alignment():
+@pytest.mark.parametrize("rule", list(RULES))
+def test_bottom_right_alignment(rule):
+    mask = RULES[rule][1]
     # 2 queries, 5 keys, causal: the queries are the last two positions.
-    assert torch.equal(band_mask(2, 5, -1, 0), _m([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    assert torch.equal(mask(2, 5, -1, 0), _m([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
     # 5 queries, 2 keys, causal: the first three queries see nothing.
-    assert torch.equal(
-        band_mask(5, 2, -1, 0), _m([[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
-    )
+    assert torch.equal(mask(5, 2, -1, 0), _m([[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]))
     # window (1, 0) with 3 queries over 5 keys
-    assert torch.equal(band_mask(3, 5, 1, 0), _m([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]))
+    assert torch.equal(mask(3, 5, 1, 0), _m([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]))
+    # two-sided (1, 1) with 2 queries over 4 keys: the queries sit at positions 2 and 3
+    assert torch.equal(mask(2, 4, 1, 1), _m([[0, 1, 1, 1], [0, 0, 1, 1]]))
+
+
+# floor(sqrt(L)) keys, at lengths where rounding would give one more (15 -> 3, not 4)
+SQRT_KEYS = {1: 1, 3: 1, 4: 2, 8: 2, 10: 3, 15: 3, 16: 4, 35: 5, 99: 9, 250: 15, 1023: 31, 1024: 32, 4095: 63}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_sqrt_floors(rule):
+    resolve = RULES[rule][0]
+    for length, keys in SQRT_KEYS.items():
+        assert resolve("sqrt", True, length) == (keys - 1, 0), length
+        assert resolve("sqrt", False, length) == (keys // 2, (keys - 1) // 2), length
 
 
 def test_window_rules():
     assert sliding_window_to_window_size(4096) == (4095, 0)
     assert sliding_window_to_window_size(1) == (0, 0)
     assert sliding_window_to_window_size(None) == (-1, 0)
-    assert resolve_window("sqrt", True, 10) == (2, 0)  # floor(sqrt(10)) = 3 keys
-    assert resolve_window("sqrt", True, 16) == (3, 0)
-    assert resolve_window("sqrt", True, 15) == (2, 0)
-    assert resolve_window("sqrt", True, 1) == (0, 0)
-    assert resolve_window("sqrt", True, 0) == (0, 0)  # at least one key
-    assert resolve_window(4096, True, 100) == (99, 0)  # fixed K clamps to L
-    assert resolve_window(4096, True, 5000) == (4095, 0)
-    assert resolve_window(5, False, 100) == (2, 2)
-    assert resolve_window((3, 7), True, 100) == (3, 0)  # causal forces right = 0
-    assert resolve_window(None, False, 9) == (-1, -1)
     assert parse_window((-1, -1), False).is_full
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_window_forms(rule):
+    resolve = RULES[rule][0]
+    assert resolve("sqrt", True, 10) == (2, 0)  # floor(sqrt(10)) = 3 keys
+    assert resolve("sqrt", True, 16) == (3, 0)
+    assert resolve("sqrt", True, 15) == (2, 0)
+    assert resolve("sqrt", True, 1) == (0, 0)
+    assert resolve("sqrt", True, 0) == (0, 0)  # at least one key
+    assert resolve(4096, True, 100) == (99, 0)  # fixed K clamps to L
+    assert resolve(4096, True, 5000) == (4095, 0)
+    assert resolve(4096, False, 7) == (3, 3)  # clamped to 7 keys, centred
+    assert resolve(5, False, 100) == (2, 2)
+    assert resolve(4, False, 100) == (2, 1)  # even: the extra key on the left
+    assert resolve(1, False, 100) == (0, 0)
+    assert resolve((3, 7), True, 100) == (3, 0)  # causal forces right = 0
+    assert resolve((3, 7), False, 100) == (3, 7)
+    assert resolve(None, False, 9) == (-1, -1)
+    assert resolve(None, True, 9) == (-1, 0)
 
 
 @pytest.mark.parametrize(
