@@ -170,8 +170,6 @@ def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, *rest = inputs
     out, lse = output
@@ -181,11 +179,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse):
+    # one gradient slot per input of swa_forward: q, k, v, then the non-differentiable
+    # cu_seqlens and the scalars saved in ctx.args
+    no_grad = (None,) * (2 + len(ctx.args))
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if dout is None:
-        return (None,) * 14
+        return (None, None, None) + no_grad
     dq, dk, dv = _swa_backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + no_grad
 
 
 _swa_forward.register_autograd(_backward, setup_context=_setup_context)
