@@ -111,7 +111,7 @@ def _fwd_padded(q, k, v, left, right, scale):
     return out, lse.view(b, hq, lq)
 
 
-def _bwd_padded(do, q, k, v, out, lse, left, right, scale):
+def _bwd_padded(do, q, k, v, lse, left, right, scale):
     """Gradients of :func:`_fwd_padded`; scores recomputed per chunk.
 
     Memory besides dq, dk, dv: one chunk's scores (dk/dv accumulate in fp32 buffers only
@@ -134,8 +134,6 @@ def _bwd_padded(do, q, k, v, out, lse, left, right, scale):
         c = qe - qs
         qc = _q_chunk(q, qs, qe, hkv, cdt)
         doc = _q_chunk(do, qs, qe, hkv, cdt)
-        # delta = rowsum(dO * O): the softmax-gradient correction, one value per query row
-        delta = (doc * _q_chunk(out, qs, qe, hkv, cdt)).sum(-1, keepdim=True)
         kr, vr = _kv_range(k, lo, hi, cdt), _kv_range(v, lo, hi, cdt)
         s = torch.matmul(qc, kr.transpose(-1, -2)).mul_(scale)
         if needs_mask:
@@ -143,7 +141,11 @@ def _bwd_padded(do, q, k, v, out, lse, left, right, scale):
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
         p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()
         dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).transpose(1, 2)  # sums the G query heads
-        ds = p.mul_(torch.matmul(doc, vr.transpose(-1, -2)).sub_(delta))
+        dp = torch.matmul(doc, vr.transpose(-1, -2))
+        # delta = rowsum(P * dP) (= rowsum(dO * O)), from the compute-precision P rather than the
+        # saved output: exact for a row that sees one key (dq = 0), and no fp16/bf16 rounding of O
+        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)
+        ds = p.mul_(dp.sub_(delta))
         dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr).mul_(scale), b, hkv, g, c)
         dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale).transpose(1, 2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
@@ -169,15 +171,16 @@ def attention_fwd(
 
 
 def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, cu_seqlens_k):
+    """Gradients (dq, dk, dv). ``out`` is not needed: delta is recomputed from P and dP."""
     if cu_seqlens_q is None:
         left, right = spec.resolve(k.shape[1])
-        return _bwd_padded(do, q, k, v, out, lse, left, right, scale)
+        return _bwd_padded(do, q, k, v, lse, left, right, scale)
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
         if qe == qs or ke == ks:
             continue
         g = _bwd_padded(
-            do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], out[None, qs:qe], lse[None, :, qs:qe],
+            do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], lse[None, :, qs:qe],
             left, right, scale,
         )
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = g[0][0], g[1][0], g[2][0]
