@@ -135,9 +135,12 @@ def emu_binary(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode,seed", [("deferred", "1"), ("immediate", "2")])
-def test_kernels_emulated_on_cpu(emu_binary, mode, seed):
-    env = dict(os.environ, EMU_CP_ASYNC=mode, EMU_SEED=seed)
+# cp.async modes x schedulers (see csrc/tests/emu/emu.h): "interleave" keeps warps in near
+# lockstep, "runahead" lets one warp pass a whole barrier interval before the others start.
+@pytest.mark.parametrize("mode,seed,sched", [("deferred", "1", "interleave"), ("immediate", "2", "interleave"),
+                                             ("deferred", "3", "runahead"), ("immediate", "4", "runahead")])
+def test_kernels_emulated_on_cpu(emu_binary, mode, seed, sched):
+    env = dict(os.environ, EMU_CP_ASYNC=mode, EMU_SEED=seed, EMU_SCHED=sched)
     res = subprocess.run([emu_binary], capture_output=True, text=True, env=env, timeout=900)
     sys.stdout.write(res.stdout)
     assert res.returncode == 0, f"emulated kernels failed ({mode}):\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"

@@ -498,6 +498,11 @@ inline std::vector<AttnCase> attention_cases(bool big) {
   cs.push_back({"strided_heads_d64", 1, 80, 80, 2, 1, 64, 0, 20, 0, 0, true, {}, {}, 16, bf});
   cs.push_back({"varlen_sqrt_causal_d64", 0, 0, 0, 2, 1, 64, 2, -1, -1, 0, true, {70, 0, 129, 5}, {70, 0, 129, 5}, 0, bf});
   cs.push_back({"varlen_keys_bidir_d128", 0, 0, 0, 2, 2, 128, 1, -1, -1, 24, false, {40, 100}, {60, 100}, 0, h});
+  // >= 3 key tiles per query tile (forward, dQ) and >= 3 query tiles per key tile (dK/dV):
+  // the double buffers are reused, so a prefetch that overtakes a barrier overwrites a
+  // stage another warp still reads (EMU_SCHED=runahead shows it)
+  cs.push_back({"full_L200_three_tiles_d64", 1, 200, 200, 2, 2, 64, 0, -1, -1, 0, false, {}, {}, 0, h});
+  cs.push_back({"causal_L230_three_tiles_d128_gqa", 1, 230, 230, 4, 2, 128, 0, -1, 0, 0, true, {}, {}, 0, bf});
   if (big) {
     cs.push_back({"long_causal_w256_d128", 2, 1025, 1025, 8, 2, 128, 0, 255, 0, 0, true, {}, {}, 0, bf});
     cs.push_back({"long_sqrt_bidir_d64", 1, 2048, 2048, 4, 4, 64, 2, -1, -1, 0, false, {}, {}, 0, h});

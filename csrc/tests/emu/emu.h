@@ -8,10 +8,17 @@
 //     deferred, the default) or at once (=immediate); a kernel that reads shared memory
 //     before waiting, or overwrites a stage another warp still reads, gives different
 //     results in the two modes.
-// The scheduler runs fibers in a random order each round (EMU_SEED), so warps drift
-// apart and races between them show up. Dynamic shared memory is filled with 0xFF
-// (a NaN in fp16, bf16 and fp32) at every CTA start, so reads of unwritten shared
-// memory poison the results.
+// Two schedulers (EMU_SCHED, seeded by EMU_SEED):
+//   - interleave (default): every round resumes each fiber once, in a random order, so
+//     the warps of a CTA advance in near lockstep, one collective at a time: catches a
+//     warp reading what another warp writes in the same barrier interval;
+//   - runahead: warps run one at a time, in a random order, each until all its threads
+//     wait at a __syncthreads (or finish) before the next warp starts: one warp passes a
+//     whole barrier interval (and the next __syncthreads' preamble) while the others have
+//     not begun it. This is what shows a write-after-read race on a double buffer (a
+//     prefetch issued before the barrier that says every warp is done with that buffer).
+// Dynamic shared memory is filled with 0xFF (a NaN in fp16, bf16 and fp32) at every CTA
+// start, so reads of unwritten shared memory poison the results.
 //
 // Include exactly once, in the test translation unit, after the kernels.
 #pragma once
@@ -35,6 +42,7 @@ struct Fiber {
   std::vector<char> stack;
   unsigned tid = 0;
   bool done = false;
+  long barrier_gen = -1;  // the CTA barrier generation this thread waits at, -1 when running
   std::vector<Copy> pending;
 };
 
@@ -67,6 +75,7 @@ struct State {
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   bool deferred = true;
+  bool runahead = false;
   std::mt19937 rng{12345};
   long launches = 0;
 };
@@ -96,15 +105,17 @@ void syncthreads() {
   s.cta_arrived++;
   const long g = s.cta_gen;
   for (;;) {
-    if (s.cta_gen != g) return;
+    if (s.cta_gen != g) break;
     if (s.cta_arrived == s.live) {
       s.cta_arrived = 0;
       s.cta_gen++;
       s.events++;
-      return;
+      break;
     }
+    me().barrier_gen = g;
     yield();
   }
+  me().barrier_gen = -1;
 }
 
 template <typename F>
@@ -255,6 +266,40 @@ static void fiber_entry() {
   fatal("finished fiber resumed");
 }
 
+// Resume thread t until it next waits (a no-op for a finished thread).
+inline void resume(unsigned t) {
+  State& s = st();
+  if (s.fibers[t].done) return;
+  s.cur = static_cast<int>(t);
+  swapcontext(&s.sched, &s.fibers[t].ctx);
+}
+
+// A thread parked at a __syncthreads that has not yet opened.
+inline bool parked(const Fiber& f) { return f.done || (f.barrier_gen >= 0 && f.barrier_gen == st().cta_gen); }
+
+// One round of the runahead scheduler: each warp in a random order runs alone until all
+// its threads are parked at a barrier (or done); the last warp to arrive opens it.
+inline void run_warps_ahead(unsigned n) {
+  State& s = st();
+  std::vector<unsigned> warps(n / 32);
+  for (unsigned w = 0; w < warps.size(); ++w) warps[w] = w;
+  std::shuffle(warps.begin(), warps.end(), s.rng);
+  std::vector<unsigned> lanes(32);
+  for (unsigned w : warps) {
+    for (int stuck = 0; stuck <= 4;) {
+      bool all_parked = true;
+      for (unsigned l = 0; l < 32; ++l) all_parked = all_parked && parked(s.fibers[w * 32 + l]);
+      if (all_parked) break;
+      const long before = s.events;
+      for (unsigned l = 0; l < 32; ++l) lanes[l] = w * 32 + l;
+      std::shuffle(lanes.begin(), lanes.end(), s.rng);
+      for (unsigned t : lanes)
+        if (!parked(s.fibers[t])) resume(t);
+      stuck = s.events == before ? stuck + 1 : 0;  // no progress: leave it to the deadlock check
+    }
+  }
+}
+
 void launch_impl(void (*body)(void*), void* ctx, dim3 grid, dim3 block, size_t smem) {
   State& s = st();
   if (block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x == 0) fatal("launch: 1-D blocks of whole warps only");
@@ -263,6 +308,10 @@ void launch_impl(void (*body)(void*), void* ctx, dim3 grid, dim3 block, size_t s
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) fatal("launch: empty grid (cudaErrorInvalidConfiguration)");
   if (grid.y > 65535 || grid.z > 65535) fatal("launch: grid.y / grid.z over 65535");
   if (const char* m = std::getenv("EMU_CP_ASYNC")) s.deferred = std::strcmp(m, "immediate") != 0;
+  if (const char* m = std::getenv("EMU_SCHED")) {
+    if (std::strcmp(m, "runahead") != 0 && std::strcmp(m, "interleave") != 0) fatal("EMU_SCHED must be interleave or runahead");
+    s.runahead = std::strcmp(m, "runahead") == 0;
+  }
   if (s.launches++ == 0)
     if (const char* seed = std::getenv("EMU_SEED")) s.rng.seed(std::strtoul(seed, nullptr, 10));
   s.body = body;
@@ -284,6 +333,7 @@ void launch_impl(void (*body)(void*), void* ctx, dim3 grid, dim3 block, size_t s
           Fiber& f = s.fibers[t];
           f.tid = t;
           f.done = false;
+          f.barrier_gen = -1;
           f.pending.clear();
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -296,11 +346,11 @@ void launch_impl(void (*body)(void*), void* ctx, dim3 grid, dim3 block, size_t s
         long last_events = -1;
         int idle_rounds = 0;
         while (s.live > 0) {
-          std::shuffle(order.begin(), order.end(), s.rng);
-          for (unsigned t : order) {
-            if (s.fibers[t].done) continue;
-            s.cur = static_cast<int>(t);
-            swapcontext(&s.sched, &s.fibers[t].ctx);
+          if (s.runahead) {
+            run_warps_ahead(n);
+          } else {
+            std::shuffle(order.begin(), order.end(), s.rng);
+            for (unsigned t : order) resume(t);
           }
           if (s.events == last_events) {
             if (++idle_rounds > 4) fatal("deadlock: threads wait at barriers / collectives that never complete");
