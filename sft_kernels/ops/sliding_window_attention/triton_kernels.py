@@ -487,10 +487,14 @@ def head_dim_class(head_dim: int) -> int:
 
 
 def config_list(kind: str, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples tried for ``kind``."""
-    if _interpreting():
-        return [_INTERPRET_CONFIG]
-    return _pinned(kind) or _CONFIGS[kind][head_dim_class(head_dim)]
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples tried for ``kind``.
+
+    A pinned config wins, also under the interpreter (where the tests use it to run the
+    GPU's tile sizes on CPU tensors)."""
+    pinned = _pinned(kind)
+    if pinned:
+        return pinned
+    return [_INTERPRET_CONFIG] if _interpreting() else _CONFIGS[kind][head_dim_class(head_dim)]
 
 
 def _autotuned(kernel, kind: str):
