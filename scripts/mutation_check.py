@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""Mutation check: does the test suite catch realistic bugs?
+
+Each mutation below is a bug someone could plausibly write (a window edge off by one,
+a wrong GQA head mapping, rounding instead of flooring, ...). For each, this script
+copies the working tree to a temporary directory, applies that one change, runs the
+tests that should catch it there, and records whether they failed. Every listed
+mutation must be caught; the script exits 1 if one survives, or if a mutation no longer
+applies (its code moved: update the list).
+
+    python scripts/mutation_check.py              # all mutations (about 20-30 min on 2 cores)
+    python scripts/mutation_check.py --list       # names only
+    python scripts/mutation_check.py sqrt gqa     # those whose name contains a word given
+
+Run it before resolving a change to the ops or the tests, and whenever tests change; it is
+too slow for every CI run. The tests run with a fixed hypothesis seed, so a mutation is
+caught by the suite's fixed cases or by a reproducible draw, not by luck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATT = "sft_kernels/ops/sliding_window_attention"
+BD = "sft_kernels/ops/block_diag"
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: List[str]
+    select: Optional[str] = None  # pytest -k expression
+    note: str = ""
+    count: int = 1  # occurrences of `old` the mutation replaces (all of them)
+
+
+MUTATIONS = [
+    # ------------------------------------------------------------------ window rules
+    Mutation(
+        "sqrt_rounds_window_py", "sft_kernels/window.py",
+        "    return math.isqrt(max(int(n), 0))",
+        "    return int(round(math.sqrt(max(int(n), 0))))",
+        ["tests/test_attention.py"], "torch_path and sqrt",
+        "floor(sqrt L) -> round(sqrt L) in the shared rule (L = 15: 4 keys instead of 3)",
+    ),
+    Mutation(
+        "sqrt_rounds_triton", f"{ATT}/triton_kernels.py",
+        "    r = tl.sqrt(n.to(tl.float32)).to(tl.int32)\n    r = tl.where(r * r > n, r - 1, r)\n"
+        "    r = tl.where((r + 1) * (r + 1) <= n, r + 1, r)\n",
+        "    r = (tl.sqrt(n.to(tl.float32)) + 0.5).to(tl.int32)\n",
+        ["tests/test_attention.py"], "triton and sqrt",
+        "the Triton _isqrt rounds",
+    ),
+    Mutation(
+        "packed_window_from_query_length_torch", "sft_kernels/window.py",
+        "        left, right = spec.resolve(ck[i + 1] - ck[i])",
+        "        left, right = spec.resolve(cq[i + 1] - cq[i])",
+        ["tests/test_attention.py"], "(varlen or packed) and not triton",
+        "a packed sequence's int / sqrt window resolved from its query length",
+    ),
+    Mutation(
+        "packed_window_from_query_length_triton", f"{ATT}/triton_kernels.py",
+        "    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)",
+        "    left, right = _resolve_window(left, right, keys, seqlen_q, WINDOW_MODE, CAUSAL)",
+        ["tests/test_attention.py"], "triton and (varlen or packed)",
+        "as above, in the Triton kernels (all three resolve the window)", count=3,
+    ),
+    Mutation(
+        "causal_keeps_right", "sft_kernels/window.py",
+        "        if causal:\n            right = 0\n",
+        "",
+        ["tests/test_attention.py", "tests/test_reference.py"], None,
+        "causal=True no longer forces right = 0 for an explicit (left, right)",
+    ),
+    Mutation(
+        "int_window_centre_swapped", "sft_kernels/window.py",
+        "    return w // 2, (w - 1) // 2",
+        "    return (w - 1) // 2, w // 2",
+        ["tests/test_attention.py"], "torch_path",
+        "an even non-causal int window puts its extra key on the right",
+    ),
+    Mutation(
+        "left_edge_off_by_one_torch", f"{ATT}/torch_impl.py",
+        "        keep &= j >= i - left",
+        "        keep &= j > i - left",
+        ["tests/test_attention.py"], "torch_path",
+        "the PyTorch path's band drops its leftmost key",
+    ),
+    Mutation(
+        "right_edge_off_by_one_triton", f"{ATT}/triton_kernels.py",
+        "    keep = keep & ((right < 0) | (cols <= pos + right))",
+        "    keep = keep & ((right < 0) | (cols < pos + right))",
+        ["tests/test_attention.py"], "triton",
+        "the Triton band mask drops its rightmost key",
+    ),
+    Mutation(
+        "unmasked_partial_tile_triton", f"{ATT}/triton_kernels.py",
+        "    full_hi = tl.maximum((upper // BLOCK_N) * BLOCK_N, full_lo)",
+        "    full_hi = tl.maximum(tl.cdiv(upper, BLOCK_N) * BLOCK_N, full_lo)",
+        ["tests/test_attention.py"], "triton",
+        "the forward / dQ treat the band's last, partial key tile as mask-free",
+    ),
+    Mutation(
+        "top_left_alignment_torch", f"{ATT}/torch_impl.py",
+        "    off = lk - lq\n    rows = _rows_per_chunk(lq, lk, left, right, b * hq)\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
+        "    off = 0\n    rows = _rows_per_chunk(lq, lk, left, right, b * hq)\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
+        ["tests/test_attention.py"], "torch_path",
+        "the forward masks with top-left alignment when seqlen_q != seqlen_k",
+    ),
+    # ------------------------------------------------------------------ heads, rows, gradients
+    Mutation(
+        "gqa_head_mapping_triton", f"{ATT}/triton_kernels.py",
+        "    off_hk = off_h // group\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)\n    start_m = pid_m * BLOCK_M\n    if start_m >= seqlen_q:\n        return\n    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)\n    off = seqlen_k - seqlen_q\n\n    offs_m = start_m + tl.arange(0, BLOCK_M)\n    offs_n = tl.arange(0, BLOCK_N)\n    offs_d = tl.arange(0, BLOCK_D)\n    b64 = off_b.to(tl.int64)\n    q_base",
+        "    off_hk = off_h % (num_heads // group)\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)\n    start_m = pid_m * BLOCK_M\n    if start_m >= seqlen_q:\n        return\n    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)\n    off = seqlen_k - seqlen_q\n\n    offs_m = start_m + tl.arange(0, BLOCK_M)\n    offs_n = tl.arange(0, BLOCK_N)\n    offs_d = tl.arange(0, BLOCK_D)\n    b64 = off_b.to(tl.int64)\n    q_base",
+        ["tests/test_attention.py"], "triton",
+        "the forward maps query head h to kv head h % heads_kv instead of h // group",
+    ),
+    Mutation(
+        "gqa_head_mapping_torch", f"{ATT}/torch_impl.py",
+        "    return x[:, qs:qe].to(dtype).view(b, c, hkv, h // hkv, d).permute(0, 2, 3, 1, 4)",
+        "    return x[:, qs:qe].to(dtype).view(b, c, h // hkv, hkv, d).permute(0, 3, 2, 1, 4)",
+        ["tests/test_attention.py"], "torch_path",
+        "the PyTorch path groups query heads h % heads_kv with a kv head",
+    ),
+    Mutation(
+        "empty_row_lse_zero_torch", f"{ATT}/torch_impl.py",
+        "        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
+        "        if hi <= lo:\n            lse[:, :, :, qs:qe] = 0.0\n            continue  # no key in reach: zeros, lse -inf",
+        ["tests/test_attention.py"], "torch_path",
+        "LSE 0 instead of -inf where a whole query chunk sees no key (Lq - Lk > 128)",
+    ),
+    Mutation(
+        "empty_row_lse_zero_triton", f"{ATT}/triton_kernels.py",
+        '    lse = tl.where(empty, float("-inf"), (m_i',
+        "    lse = tl.where(empty, 0.0, (m_i",
+        ["tests/test_attention.py"], "triton",
+        "the Triton forward writes LSE 0 for rows that see no key",
+    ),
+    Mutation(
+        "dk_dv_swapped_triton", f"{ATT}/triton_kernels.py",
+        "    return dq, dk, dv\n\n\n# ----------------------------------------------------------------------------- GPU compile check",
+        "    return dq, dv, dk\n\n\n# ----------------------------------------------------------------------------- GPU compile check",
+        ["tests/test_attention.py"], "triton",
+        "the Triton backward returns dV as dK and dK as dV",
+    ),
+    Mutation(
+        "dk_dv_swapped_torch", f"{ATT}/torch_impl.py",
+        "    return dq, dk.to(k.dtype), dv.to(v.dtype)",
+        "    return dq, dv.to(k.dtype), dk.to(v.dtype)",
+        ["tests/test_attention.py"], "torch_path",
+        "the PyTorch backward swaps dK and dV",
+    ),
+    Mutation(
+        "no_delta_triton", f"{ATT}/triton_kernels.py",
+        "        dsT = pT * (dpT - delta[None, :])",
+        "        dsT = pT * dpT",
+        ["tests/test_attention.py"], "triton",
+        "dK forgets the softmax correction delta = rowsum(dO * O)",
+    ),
+    Mutation(
+        "gqa_dkdv_first_head_only", f"{ATT}/triton_kernels.py",
+        "    for g in range(0, group):",
+        "    for g in range(0, 1):",
+        ["tests/test_attention.py"], "triton",
+        "dK / dV of a kv head sum only its first query head",
+    ),
+    Mutation(
+        "dq_scale_missing_torch", f"{ATT}/torch_impl.py",
+        "        dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr).mul_(scale), b, hkv, g, c)",
+        "        dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr), b, hkv, g, c)",
+        ["tests/test_attention.py"], "torch_path",
+        "dQ misses the softmax scale",
+    ),
+    # ------------------------------------------------------------------ block-diagonal matmul
+    Mutation(
+        "bias_grad_wrong_dim", f"{BD}/torch_impl.py",
+        "        return grad.sum(0, dtype=torch.float32).to(grad.dtype)\n    return grad.sum(0)",
+        "        return grad.sum(0, dtype=torch.float32).to(grad.dtype)\n    return grad.sum(0) / grad.shape[0]",
+        ["tests/test_block_diag.py", "tests/test_block_diagonal_linear.py"], None,
+        "the bias gradient averages over tokens instead of summing (fp32/fp64)",
+    ),
+    Mutation(
+        "bias_grad_half_dropped", f"{BD}/torch_impl.py",
+        "        return grad.sum(0, dtype=torch.float32).to(grad.dtype)",
+        "        return grad[1:].sum(0, dtype=torch.float32).to(grad.dtype)",
+        ["tests/test_block_diag.py"], None,
+        "the fp16/bf16 bias gradient skips the first token",
+    ),
+    # ------------------------------------------------------------------ Hugging Face window mapping
+    Mutation(
+        "hf_window_plus_one", "sft_kernels/modules/sft_attention.py",
+        "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
+        "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:\n"
+        "    w = _hf_layer_window(attention_module, config)\n    return None if w is None else w + 1\n\n\n"
+        "def _hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
+        ["tests/test_transformers_integration.py", "tests/test_sft_attention.py"], None,
+        "a model's sliding_window=W read as W + 1 keys",
+    ),
+    # ------------------------------------------------------------------ CUDA: barrier placement
+    Mutation(
+        "cuda_fwd_prefetch_before_barrier", "csrc/swa_kernels.cuh",
+        "    cp_async_wait_all();\n    __syncthreads();  // tile `it` landed; every warp is done with the other buffer\n"
+        "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n",
+        "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n"
+        "    __syncthreads();  // tile `it` landed; every warp is done with the other buffer\n",
+        ["tests/test_cuda_build.py"], "emulated",
+        "the forward prefetches the next K/V tile into the buffer other warps may still read",
+    ),
+    Mutation(
+        "cuda_dkdv_prefetch_before_barrier", "csrc/swa_kernels.cuh",
+        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) issue(it + 1, buf ^ 1);\n",
+        "    if (it + 1 < total) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n    __syncthreads();\n",
+        ["tests/test_cuda_build.py"], "emulated",
+        "the dK/dV kernel prefetches the next Q/dO tile before the barrier",
+    ),
+    Mutation(
+        "cuda_dq_prefetch_before_barrier", "csrc/swa_kernels.cuh",
+        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n",
+        "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n    __syncthreads();\n",
+        ["tests/test_cuda_build.py"], "emulated",
+        "the dQ kernel prefetches the next K/V tile before the barrier",
+    ),
+]
+
+
+def _tree_files() -> List[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [p for p in out.splitlines() if os.path.isfile(os.path.join(ROOT, p))]
+
+
+def _copy_tree(dst: str, files: List[str]) -> None:
+    for rel in files:
+        target = os.path.join(dst, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), target)
+
+
+def _pytest(tree: str, m: Optional[Mutation], timeout: int):
+    tests = m.tests if m else sorted({t for mu in MUTATIONS for t in mu.tests})
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
+           "-m", "not slow and not gpu", *tests]
+    if m and m.select:
+        cmd += ["-k", m.select]
+    env = dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1")
+    start = time.time()
+    try:
+        res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        return res.returncode, res.stdout[-3000:] + res.stderr[-2000:], time.time() - start
+    except subprocess.TimeoutExpired:
+        return None, "timed out", time.time() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("only", nargs="*", help="run the mutations whose name contains one of these words")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=int, default=3600, help="per mutation, seconds (default 3600)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    args = ap.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or any(w in m.name for w in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:42s} {m.note}")
+        return 0
+    files = _tree_files()
+    rows, failed = [], False
+    with tempfile.TemporaryDirectory(prefix="sftk-mut-") as tmp:
+        if not args.no_baseline:
+            base = os.path.join(tmp, "baseline")
+            _copy_tree(base, files)
+            print("baseline (no mutation) ...", flush=True)
+            rc, log, secs = _pytest(base, None if not args.only else _merged(chosen), args.timeout)
+            if rc != 0:
+                print(f"the unmutated tree fails its tests (rc {rc}); fix that first:\n{log}")
+                return 1
+            print(f"baseline passes ({secs:.0f} s)", flush=True)
+        for m in chosen:
+            tree = os.path.join(tmp, m.name)
+            _copy_tree(tree, files)
+            path = os.path.join(tree, m.path)
+            src = open(path).read()
+            if src.count(m.old) != m.count:
+                rows.append((m, "STALE", 0.0))
+                failed = True
+                print(f"{m.name}: STALE (the code it mutates occurs {src.count(m.old)} times in {m.path}, "
+                      f"expected {m.count})", flush=True)
+                shutil.rmtree(tree)
+                continue
+            open(path, "w").write(src.replace(m.old, m.new))
+            rc, log, secs = _pytest(tree, m, args.timeout)
+            if rc is None:
+                verdict = "caught (timeout)"
+            elif rc == 5:
+                verdict, failed = "NO TESTS", True
+            elif rc == 0:
+                verdict, failed = "SURVIVED", True
+            else:
+                verdict = "caught"
+            rows.append((m, verdict, secs))
+            print(f"{m.name}: {verdict} ({secs:.0f} s)", flush=True)
+            if verdict in ("SURVIVED", "NO TESTS"):
+                print(log)
+            shutil.rmtree(tree)
+    print("\n| mutation | what | result | s |\n|---|---|---|---|")
+    for m, verdict, secs in rows:
+        print(f"| {m.name} | {m.note} | {verdict} | {secs:.0f} |")
+    caught = sum(1 for _, v, _ in rows if v.startswith("caught"))
+    print(f"\n{caught} of {len(rows)} mutations caught")
+    return 1 if failed else 0
+
+
+def _merged(ms: List[Mutation]) -> Mutation:
+    """The tests of the chosen mutations as one run, for the baseline."""
+    return Mutation("baseline", "", "", "", sorted({t for m in ms for t in m.tests}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
