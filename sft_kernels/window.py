@@ -27,10 +27,11 @@ form: ``(W - 1, 0)`` for causal models.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Tuple, Union
 
-WindowArg = Union[None, int, str, Tuple[int, int]]
+WindowArg = Union[None, int, str, Tuple[int, int]]  # or integer-like: see parse_window
 
 # Kernel-side encoding of the window (a constexpr of the Triton kernels):
 MODE_EXPLICIT = 0  # (left, right) given directly; -1 = unbounded
@@ -87,10 +88,29 @@ def sliding_window_to_window_size(sliding_window: int | None) -> Tuple[int, int]
     return (sliding_window - 1, 0)
 
 
+def _int_like(value, what: str) -> int:
+    """``operator.index`` of ``value``: a Python int, a numpy integer, a 0-d integer tensor.
+
+    Bools and floats are refused (``True`` is not a window, ``4.0`` is a typo or a bug).
+    """
+    dtype = str(getattr(value, "dtype", ""))
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or dtype in ("torch.bool", "bool"):
+        raise TypeError(f"{what} must be an int, got a bool ({value!r})")
+    if getattr(value, "ndim", 0) != 0:
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {value!r}") from None
+
+
 def parse_window(window_size: WindowArg, causal: bool) -> WindowSpec:
     """Validate a user ``window_size`` and turn it into a :class:`WindowSpec`.
 
-    Raises ``ValueError``/``TypeError`` naming ``window_size`` for anything else.
+    Integer-like values are accepted wherever an int is (``operator.index``: numpy integers,
+    0-d integer tensors; a pair may be a 2-element integer tensor or array, as
+    FlashAttention's tests pass ``torch.randint(0, seqlen_k, (2,))``). Raises
+    ``ValueError``/``TypeError`` naming ``window_size`` for anything else.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -100,23 +120,23 @@ def parse_window(window_size: WindowArg, causal: bool) -> WindowSpec:
         if window_size != "sqrt":
             raise ValueError(f'window_size must be (left, right), an int >= 1 or "sqrt", got {window_size!r}')
         return WindowSpec(MODE_SQRT, causal=causal)
-    if isinstance(window_size, bool):
-        raise TypeError("window_size must be (left, right), an int >= 1 or \"sqrt\", got a bool")
-    if isinstance(window_size, int):
-        if window_size < 1:
-            raise ValueError(f"window_size as an int is a number of keys including self and must be >= 1, got {window_size}")
-        return WindowSpec(MODE_KEYS, keys=window_size, causal=causal)
-    if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
-        left, right = window_size
+    if getattr(window_size, "ndim", None) == 1 or isinstance(window_size, (tuple, list)):
+        if len(window_size) != 2:
+            raise TypeError(f'window_size must be (left, right), an int >= 1 or "sqrt", got {window_size!r}')
+        left, right = (_int_like(val, f"window_size {name}") for name, val in zip(("left", "right"), window_size))
         for name, val in (("left", left), ("right", right)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"window_size {name} must be an int, got {val!r}")
             if val < -1:
                 raise ValueError(f"window_size {name} must be >= -1 (-1 means unbounded), got {val}")
         if causal:
             right = 0
-        return WindowSpec(MODE_EXPLICIT, left=int(left), right=int(right), causal=causal)
-    raise TypeError(f'window_size must be (left, right), an int >= 1 or "sqrt", got {window_size!r}')
+        return WindowSpec(MODE_EXPLICIT, left=left, right=right, causal=causal)
+    try:
+        keys = _int_like(window_size, "window_size")
+    except TypeError:
+        raise TypeError(f'window_size must be (left, right), an int >= 1 or "sqrt", got {window_size!r}') from None
+    if keys < 1:
+        raise ValueError(f"window_size as an int is a number of keys including self and must be >= 1, got {keys}")
+    return WindowSpec(MODE_KEYS, keys=keys, causal=causal)
 
 
 def resolve_window(window_size: WindowArg, causal: bool, seqlen_k: int) -> Tuple[int, int]:

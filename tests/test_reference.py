@@ -207,3 +207,60 @@ def test_block_diag_reference_layout():
     assert block_diag_matmul_reference(xb, [w1, w2]).shape == (2, 3, 3)
     with pytest.raises(ValueError, match="features"):
         block_diag_matmul_reference(torch.ones(1, 4), [w1, w2])
+
+
+# FlashAttention-2 code passes windows as numpy integers, 0-d tensors or a 2-element tensor
+# (its tests use torch.randint(0, seqlen_k, (2,))); they mean the same as Python ints.
+def _integer_likes():
+    import numpy as np
+
+    return {
+        "numpy_int64": (np.int64(5), 5),
+        "numpy_int32_pair": ((np.int32(3), np.int32(2)), (3, 2)),
+        "tensor_0d": (torch.tensor(7), 7),
+        "tensor_pair": (torch.tensor([4, 1]), (4, 1)),
+        "tensor_pair_int32": (torch.tensor([2, -1], dtype=torch.int32), (2, -1)),
+        "numpy_pair": (np.array([6, 0]), (6, 0)),
+        "tuple_of_0d_tensors": ((torch.tensor(3), torch.tensor(-1)), (3, -1)),
+    }
+
+
+@pytest.mark.parametrize("name", ["numpy_int64", "numpy_int32_pair", "tensor_0d", "tensor_pair", "tensor_pair_int32",
+                                  "numpy_pair", "tuple_of_0d_tensors"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_integer_like_windows_mean_their_int(name, causal):
+    from sft_kernels import sliding_window_attention
+
+    given, plain = _integer_likes()[name]
+    assert parse_window(given, causal) == parse_window(plain, causal)
+    spec = parse_window(given, causal)
+    assert all(type(x) is int for x in (spec.left, spec.right, spec.keys))  # plain ints reach the custom op
+    q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64) for _ in range(3))
+    got = sliding_window_attention(q, k, v, given, causal)
+    want, _ = sliding_window_attention_reference(q, k, v, plain, causal)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    ref_given, _ = sliding_window_attention_reference(q, k, v, given, causal)  # the reference takes them too
+    assert torch.equal(ref_given, want)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.tensor(4.0), torch.tensor([2.0, 0.0]), torch.tensor(True), torch.tensor([3, 1, 0]), torch.tensor([[3, 1]]),
+     (torch.tensor(True), 0), (2, 0.5), torch.tensor([5])],
+    ids=["float_0d", "float_pair", "bool_0d", "three_entries", "2d", "bool_entry", "float_entry", "one_entry_1d"],
+)
+def test_float_and_bool_windows_still_refused(bad):
+    with pytest.raises(TypeError, match="window_size"):
+        parse_window(bad, True)
+
+
+def test_numpy_bool_and_float_refused():
+    import numpy as np
+
+    for bad in (np.bool_(True), np.float32(4.0), (np.float64(2.0), 0)):
+        with pytest.raises(TypeError, match="window_size"):
+            parse_window(bad, False)
+    with pytest.raises(ValueError, match="window_size left must be >= -1"):
+        parse_window(torch.tensor([-2, 0]), False)
+    with pytest.raises(ValueError, match="window_size as an int"):
+        parse_window(np.int64(0), True)

@@ -221,7 +221,9 @@ def sliding_window_attention(
             that side; an int ``W`` = W keys including self (causal ``(W-1, 0)``, else
             centred ``(W//2, (W-1)//2)``; W clamped to the key length); ``"sqrt"`` = ``W =
             floor(sqrt(seqlen_k))`` per sequence. ``sliding_window=4096`` in a Hugging Face
-            config is ``window_size=4096`` with ``causal=True``.
+            config is ``window_size=4096`` with ``causal=True``. Integer-like values are
+            accepted as ints (numpy integers, 0-d integer tensors; the pair as a 2-element
+            integer tensor, as FlashAttention-2 accepts); floats and bools are refused.
         causal: forces ``right = 0``. With seqlen_q=2, seqlen_k=5, ``causal=True``::
 
                 k0 k1 k2 k3 k4

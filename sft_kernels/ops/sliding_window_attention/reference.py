@@ -22,7 +22,7 @@ import torch
 def _int_like(value, what: str) -> int:
     if isinstance(value, bool) or isinstance(value, float):
         raise TypeError(f"{what} must be an int, got {value!r}")
-    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point()):
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point()):
         raise TypeError(f"{what} must be an integer scalar, got {value!r}")
     try:
         return operator.index(value)
@@ -54,7 +54,7 @@ def reference_window(window_size, causal: bool, seqlen_k: int) -> Tuple[int, int
         if window_size != "sqrt":
             raise ValueError(f"window_size must be (left, right), an int or 'sqrt', got {window_size!r}")
         return _keys_window(max(_floor_sqrt(seqlen_k), 1), causal)
-    elif isinstance(window_size, (tuple, list)) or (isinstance(window_size, torch.Tensor) and window_size.dim() == 1):
+    elif isinstance(window_size, (tuple, list)) or getattr(window_size, "ndim", None) == 1:  # or a 1-D tensor / array
         if len(window_size) != 2:
             raise TypeError(f"window_size as a pair must have 2 entries, got {window_size!r}")
         left, right = (_int_like(x, "window_size entry") for x in window_size)
