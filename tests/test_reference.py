@@ -264,3 +264,55 @@ def test_numpy_bool_and_float_refused():
         parse_window(torch.tensor([-2, 0]), False)
     with pytest.raises(ValueError, match="window_size as an int"):
         parse_window(np.int64(0), True)
+
+
+def test_reference_softcap_hand_values():
+    # one query, three keys with scores 0, 25, 30 (scale 1): softcap 10 maps them to
+    # 10 tanh(s / 10) = 0, 9.87, 9.95 before the softmax, so the 30 no longer takes 99%
+    q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor([0.0, 25.0, 30.0], dtype=torch.float64).view(1, 3, 1, 1)
+    v = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1)
+    out, lse = sliding_window_attention_reference(q, k, v, softmax_scale=1.0, softcap=10.0)
+    capped = 10.0 * torch.tanh(torch.tensor([0.0, 25.0, 30.0], dtype=torch.float64) / 10.0)
+    p = torch.softmax(capped, 0)
+    assert torch.allclose(out.flatten(), (p * v.flatten()).sum().view(1), rtol=0, atol=1e-14)
+    assert torch.allclose(lse.flatten(), torch.logsumexp(capped, 0).view(1), rtol=0, atol=1e-14)
+    plain, _ = sliding_window_attention_reference(q, k, v, softmax_scale=1.0)
+    assert (plain - out).abs().item() > 0.5  # the cap changes the answer
+
+
+def test_reference_sinks_hand_values():
+    # q = 0: every key scores 0. Two heads with sinks log(1) = 0 and log(3): row i (causal)
+    # sees i + 1 keys, so P(key) = 1 / (i + 1 + e^sink) and the sink keeps the rest.
+    q = torch.zeros(1, 3, 2, 1, dtype=torch.float64)
+    k = torch.randn(1, 3, 2, 1, dtype=torch.float64)
+    v = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 2, 1)
+    sinks = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64)
+    out, lse = sliding_window_attention_reference(q, k, v, causal=True, sinks=sinks)
+    csum = torch.tensor([1.0, 3.0, 7.0], dtype=torch.float64)
+    for h, e_sink in enumerate((1.0, 3.0)):
+        n = torch.arange(1, 4, dtype=torch.float64)
+        assert torch.allclose(out[0, :, h, 0], csum / (n + e_sink), rtol=0, atol=1e-14)
+        assert torch.allclose(lse[0, h], torch.log(n + e_sink), rtol=0, atol=1e-14)
+
+
+def test_reference_sinks_empty_rows_and_gradient():
+    # 5 queries over 2 keys, causal: rows 0-2 see no key; with a sink they output 0 and
+    # their lse is the sink's logit (the sink takes all the mass), finite
+    q = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 1, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 1, 4, dtype=torch.float64, requires_grad=True)
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    out, lse = sliding_window_attention_reference(q, k, v, causal=True, sinks=sinks, softcap=3.0)
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+    assert torch.allclose(lse[0, :, :3], sinks.detach()[:, None].expand(2, 3))
+    # d loss / d sink_h = -sum over rows of P_sink * (dO . O): check against finite differences
+    do = torch.randn_like(out)
+    (g,) = torch.autograd.grad((out * do).sum(), sinks)
+    p_sink = torch.exp(sinks.detach()[None, :, None] - lse.detach())  # (1, H, L)
+    delta = (do * out.detach()).sum(-1).transpose(1, 2)  # (1, H, L)
+    assert torch.allclose(g, -(p_sink * delta).sum((0, 2)), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: sliding_window_attention_reference(q, k, v, (1, 0), True, sinks=s, softcap=2.0)[0],
+        (q, k, v, sinks),
+    )

@@ -89,7 +89,7 @@ def reference_mask(seqlen_q: int, seqlen_k: int, left: int, right: int, rows=Non
     return (key >= lowest) & (key <= highest)
 
 
-def _attend_dense(q, k, v, left, right, scale, upcast, rows=None, seqlen_q=None):
+def _attend_dense(q, k, v, left, right, scale, upcast, rows=None, seqlen_q=None, softcap=0.0, sinks=None):
     """One sequence. q (Lq, Hq, D), k/v (Lk, Hkv, D) -> out (Lq, Hq, D), lse (Hq, Lq).
 
     ``rows=(start, stop)`` with ``seqlen_q``: q holds only those rows of a longer query
@@ -104,11 +104,20 @@ def _attend_dense(q, k, v, left, right, scale, upcast, rows=None, seqlen_q=None)
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     mask = reference_mask(seqlen_q or lq, lk, left, right, rows=rows, device=q.device)
-    has_key = mask.any(-1)  # rows with no visible key give zeros, never NaN
-    s = s.masked_fill(~mask, float("-inf")).masked_fill(~has_key[:, None], 0.0)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        # one extra logit per head in every row's denominator, a "key" whose value is 0
+        sink = sinks.to(s.dtype).view(hq, 1, 1).expand(hq, s.shape[1], 1)
+        s = torch.cat([s, sink], dim=-1)
+    has_key = torch.isfinite(s).any(-1)  # rows with nothing to attend give zeros, never NaN
+    s = s.masked_fill(~has_key[..., None], 0.0)
     lse = torch.logsumexp(s, dim=-1).masked_fill(~has_key, float("-inf"))
-    p = torch.softmax(s, dim=-1) * has_key[:, None]
+    p = torch.softmax(s, dim=-1) * has_key[..., None]
+    if sinks is not None:
+        p = p[..., :-1]
     out = torch.einsum("hqk,khd->qhd", p.to(v.dtype), v)
     return out.to(dtype), lse.float() if lse.dtype != torch.float64 else lse
 
@@ -124,6 +133,8 @@ def sliding_window_attention_reference(
     cu_seqlens_k: Optional[torch.Tensor] = None,
     upcast: bool = True,
     query_range: Optional[Tuple[int, int]] = None,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense sliding-window attention. Returns ``(out, lse)``.
 
@@ -141,11 +152,16 @@ def sliding_window_attention_reference(
             "plain PyTorch in low precision" baseline of the tests).
         query_range: ``(start, stop)`` computes only those query rows (non-packed input),
             so a long sequence can be checked a chunk at a time.
+        softcap: ``c > 0`` replaces each score ``s`` (after the softmax scale) by
+            ``c * tanh(s / c)`` before the softmax (Gemma 2); 0 = off.
+        sinks: ``(heads_q,)`` logits, one per query head, each joining every row's softmax
+            denominator as a key whose value is zero (GPT-OSS); differentiable.
 
     Returns:
         out with q's shape and dtype; lse float32 (float64 for float64 input) of shape
-        ``(batch, heads_q, seqlen_q)`` or ``(heads_q, total_q)`` when packed; ``-inf`` on
-        rows that see no key (whose output is zero).
+        ``(batch, heads_q, seqlen_q)`` or ``(heads_q, total_q)`` when packed: the log of
+        the softmax denominator, sink included. A row that sees no key has output zero and
+        lse ``-inf`` (with sinks: the sink's logit, the sink taking all the mass).
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens_q is None:
@@ -155,7 +171,7 @@ def sliding_window_attention_reference(
         left, right = reference_window(window_size, causal, k.shape[1])
         outs, lses = [], []
         for b in range(q.shape[0]):
-            o, lse = _attend_dense(q[b], k[b], v[b], left, right, scale, upcast, query_range, seqlen_q)
+            o, lse = _attend_dense(q[b], k[b], v[b], left, right, scale, upcast, query_range, seqlen_q, softcap, sinks)
             outs.append(o)
             lses.append(lse)
         if not outs:  # batch 0
@@ -173,7 +189,7 @@ def sliding_window_attention_reference(
         if qe == qs:
             continue
         left, right = reference_window(window_size, causal, ke - ks)  # this sequence's key length
-        o, l = _attend_dense(q[qs:qe], k[ks:ke], v[ks:ke], left, right, scale, upcast)
+        o, l = _attend_dense(q[qs:qe], k[ks:ke], v[ks:ke], left, right, scale, upcast, softcap=softcap, sinks=sinks)
         out[qs:qe] = o
         lse[:, qs:qe] = l
     return out, lse
