@@ -141,6 +141,7 @@ def emu_binary(tmp_path_factory):
                                              ("deferred", "3", "runahead"), ("immediate", "4", "runahead")])
 def test_kernels_emulated_on_cpu(emu_binary, mode, seed, sched):
     env = dict(os.environ, EMU_CP_ASYNC=mode, EMU_SEED=seed, EMU_SCHED=sched)
+    # the timeout is a hang guard (a deadlock aborts on its own): ~10 s per run on 2 idle cores
     res = subprocess.run([emu_binary], capture_output=True, text=True, env=env, timeout=900)
     sys.stdout.write(res.stdout)
     assert res.returncode == 0, f"emulated kernels failed ({mode}):\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
