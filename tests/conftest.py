@@ -1,6 +1,7 @@
 """Test switches.
 
 ``--triton-device``: where the Triton kernels run in tests.
+``-m slow``: also run the tests marked ``slow`` (skipped otherwise).
   ``auto`` (default): on the GPU when there is one, else through Triton's interpreter
   (``TRITON_INTERPRET=1``) on CPU tensors at small shapes; ``interpret``: always the
   interpreter; ``none``: skip the Triton kernel tests.
@@ -33,7 +34,13 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_triton = pytest.mark.skip(reason="--triton-device=none")
+    # `slow` tests (thorough property runs) are opt-in: they run when -m selects them
+    markexpr = config.getoption("-m") or ""
+    run_slow = "slow" in markexpr and "not slow" not in markexpr
+    skip_slow = pytest.mark.skip(reason="slow: select with -m slow")
     for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "interpret" in item.keywords and config._sft_triton_mode == "none":
