@@ -698,6 +698,7 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
                 )
                 specs.append(dict(
                     name=f"_bd_gemm_kernel[{variant},{_TL[dtype]},cfg{ci}]",
+                    first_choice=ci == 0 and dtype == torch.bfloat16 and variant != "fwd_bias",
                     fn=_bd_gemm_kernel,
                     signature=signature,
                     constexprs=constexprs,
@@ -724,6 +725,7 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
                 )
                 specs.append(dict(
                     name=f"_bd_dw_kernel[{variant},{_TL[dtype]},cfg{ci}]",
+                    first_choice=ci == 0 and dtype == torch.bfloat16 and variant == "direct",
                     fn=_bd_dw_kernel,
                     signature=signature,
                     constexprs=constexprs,
