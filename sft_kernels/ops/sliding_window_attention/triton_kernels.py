@@ -166,7 +166,8 @@ def _fwd_inner(
     """Online softmax over the key tiles [lo, hi). ``k_src``/``v_src``: tensor descriptors
     (USE_TMA) or the sequence's row-0 pointers."""
     d_ok = offs_d[None, :] < HEAD_DIM
-    kv_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # in-tile offsets: small, int32
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # in-tile offsets: small, int32
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -176,8 +177,8 @@ def _fwd_inner(
         else:
             kv_ok = (cols[:, None] < seqlen_k) & d_ok
             row0 = start_n.to(tl.int64)  # row x stride in 64 bits: it passes 2**31 on long sequences
-            k = tl.load(k_src + row0 * stride_kn + kv_offs, mask=kv_ok, other=0.0)
-            v = tl.load(v_src + row0 * stride_vn + kv_offs, mask=kv_ok, other=0.0)
+            k = tl.load(k_src + row0 * stride_kn + k_offs, mask=kv_ok, other=0.0)
+            v = tl.load(v_src + row0 * stride_vn + v_offs, mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)

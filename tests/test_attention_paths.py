@@ -1,11 +1,14 @@
-"""The tensor-descriptor (TMA) forward of the attention kernels against float64.
+"""The attention kernels' load paths against float64: the tensor-descriptor (TMA) forward
+and q, k, v of different layouts.
 
 On a GPU the forward takes the descriptor path on sm_90 only; the interpreter emulates
 descriptors, so ``SFT_KERNELS_SWA_TMA=1`` runs that path here on CPU tensors: padded
 head_dim (80 in a 128-wide tile: columns past head_dim must read as zero and never be
 stored), rows past the sequence (zero-filled loads, clipped stores), packed sequences
 (descriptors built per sequence), GQA and empty rows. The gradients come from the
-pointer backward, fed the descriptor forward's output and LSE.
+pointer backward, fed the descriptor forward's output and LSE. Separately, q, k and v
+with three different row strides (k out of a fused KV buffer, v a column slice), on both
+forward paths.
 """
 
 import pytest
@@ -83,3 +86,24 @@ def test_tma_needs_aligned_bases_and_strides(monkeypatch):
     assert not tk._tma_ok(x, x)
     monkeypatch.setenv("SFT_KERNELS_SWA_TMA", "auto")
     assert not tk._tma_ok(x, x)  # CPU tensors: only with =1 (the interpreter)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer", "tma"])
+def test_q_k_v_with_different_row_strides(tma, monkeypatch, triton_device):
+    monkeypatch.setenv("SFT_KERNELS_SWA_TMA", tma)
+    b, L, hq, hkv, d = 2, 50, 4, 2, 32
+    q = torch.randn(b, L, hq, d, device=triton_device)  # row stride 128
+    kv = torch.randn(b, L, 2, hkv, d, device=triton_device)
+    k = kv[:, :, 0]  # row stride 128 (fused KV)
+    v = torch.randn(b, L, hkv, d + 8, device=triton_device)[..., :d]  # row stride 80, head stride 40
+    q, k, v = (t.requires_grad_() for t in (q.clone(), k.detach(), v.detach()))
+    assert len({q.stride(1), k.stride(1), v.stride(1)}) == 2 and k.stride(1) != v.stride(1)
+    out = sliding_window_attention(q, k, v, (9, 0), True, backend="triton")
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = sliding_window_attention_reference(q64, k64, v64, (9, 0), True)
+    assert_rel(out.cpu(), ref, TOL[torch.float32], "out")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for gname, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), do.cpu().double())):
+        assert_rel(g.cpu(), r, TOL[torch.float32], gname)
