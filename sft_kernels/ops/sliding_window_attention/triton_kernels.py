@@ -506,21 +506,22 @@ def _swa_bwd_dq_kernel(
 # subset; also under the interpreter, to run the GPU tile sizes on CPU).
 _CONFIGS = {
     # Chosen by compiling candidates without a GPU (scripts/sweep_triton_configs.py: TTGIR
-    # layouts, ptxas -v): every entry compiles for sm_90a and sm_80, fp16 and bf16, under
-    # Triton 3.6 and 3.8, with no spill, no replicated MMA (warps doing the same wgmma)
-    # and no serialised wgmma (ptxas C7512/C7515), pipelined (num_stages >= 2) except the
-    # D=256 dK/dV fallback; each also fits sm_80's 163 KiB of shared memory. The table of
+    # layouts, ptxas -v): every entry compiles for sm_90a and (unless Hopper-only, below)
+    # sm_80, fp16 and bf16, under Triton 3.6 and 3.8, with no spill, no replicated MMA
+    # (warps doing the same wgmma) and no serialised wgmma (ptxas C7512/C7515), pipelined
+    # (num_stages >= 2) except the D=256 dK/dV fallback, in sm_80's 163 KiB of shared
+    # memory. The table of
     # registers, CTAs/SM and wgmma shapes per first choice is in the README. Rules seen in
     # the sweep: 4 warps on 128 rows hold 128 x D fp32 accumulators in 128 threads and
     # spill at D >= 128; 8 warps on 64 rows split N and narrow the wgmma (n = BN / 2); the
     # tensor-descriptor forward needs 20-50 fewer registers than the pointer one. Speed on
-    # hardware is unmeasured: the autotuner picks among these on the GPU.
+    # hardware is unmeasured: the autotuner picks among these on the GPU. An entry ending in
+    # (90,) is Hopper-only (it spills a few bytes in sm_80's mma.sync build).
     "fwd": {
         64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
         128: [(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-        256: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
+        256: [(128, 32, 8, 2, (90,)), (64, 32, 8, 2), (128, 32, 8, 3, (90,))],
     },
-    # (an entry ending in (90,) is Hopper-only: it spills a few bytes on sm_80's mma.sync)
     "dkdv": {
         64: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)],
         128: [(32, 128, 8, 2, (90,)), (32, 64, 8, 2), (16, 128, 8, 2, (90,)), (16, 64, 8, 2)],
