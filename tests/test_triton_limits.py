@@ -163,7 +163,7 @@ def test_grids_of_70000_sequences_x_32_heads(monkeypatch):
     grids = []
     rec = _GridRecorder(grids, {"BLOCK_M": 64, "BLOCK_N": 64})
     for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
-        monkeypatch.setattr(tk, name, lambda head_dim, rec=rec: rec)
+        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, rec=rec: rec)
     monkeypatch.setattr(tk, "_bwd_preprocess_kernel", _GridRecorder(grids, {}))
     batch, heads, kv_heads = 70_000, 32, 8
     cu = torch.arange(batch + 1, dtype=torch.int32) * 2  # 2 tokens each
