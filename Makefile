@@ -3,13 +3,20 @@
 #               references on the local device, benchmarks them
 #   make test   creates .venv, installs the package with its test extras (dev, hf,
 #               deepspeed), runs pytest
+#   make compile-check-triton36
+#               the GPU compile check (tests/test_gpu_compile.py) again under Triton 3.6,
+#               the GPU machine's version, from a second venv that holds only triton 3.6
+#               and numpy < 2.4 and takes everything else from .venv
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench info clean
+T36 := .venv-triton36
+T36_STAMP := $(T36)/.installed-triton-3.6.0
+
+.PHONY: install demo test bench info clean compile-check-triton36
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,5 +41,19 @@ bench: $(STAMP)
 info: $(STAMP)
 	$(BIN)/sft-kernels info
 
+# .venv's site-packages go on the second venv's path after its own (a .pth that calls
+# site.addsitedir, so the editable install's own .pth is read too): triton 3.6 and numpy
+# < 2.4 come from the second venv, torch and the package from .venv
+$(T36_STAMP): $(STAMP)
+	test -x $(T36)/bin/python || $(PYTHON) -m venv $(T36)
+	$(T36)/bin/python -m pip install -q --no-deps --force-reinstall "triton==3.6.0" "numpy<2.4"
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+	  > "$$($(T36)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_sft_main_venv.pth"
+	$(T36)/bin/python -c "import triton, torch, sft_kernels; assert triton.__version__ == '3.6.0', triton.__version__"
+	touch $(T36_STAMP)
+
+compile-check-triton36: $(T36_STAMP)
+	$(T36)/bin/python -m pytest tests/test_gpu_compile.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(T36) build *.egg-info

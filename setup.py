@@ -2,7 +2,7 @@
 
 ``pip install -e .`` installs the Python package (Triton and PyTorch paths).
 ``SFT_KERNELS_BUILD_CUDA=1 pip install -e .`` also builds the CUDA C++ extension ahead of
-time; ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0") and
+time; ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0+PTX") and
 ``MAX_JOBS`` the parallel compile jobs.
 """
 

@@ -13,7 +13,12 @@ causal triangle, its own useful work); backward is 2.5x forward. Bytes (gbps): t
 minimum traffic, q, k, v, o for the forward plus q, k, v, o, dO read and dQ, dK, dV
 written for the backward.
 
-    python benchmarks/bench_attention.py [--quick] [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_attention.py [--quick | --headline | --toy] [--providers a,b] [--device cpu|cuda] [--out DIR]
+
+``--headline``: the target shapes only (GPU: bf16, batch 2, 16 heads, head_dim 128, causal
+window 4096, L = 16k and 32k, fwd and fwd+bwd), what ``scripts/gpu_check.sh`` times first.
+``--toy``: tiny shapes that exercise every step of the script on CPU in seconds (the GPU
+check's ``--dry-run``).
 """
 
 from __future__ import annotations
@@ -102,16 +107,87 @@ def make_call(impl, cfg, q, k, v):
         block = create_block_mask(window_mask, None, None, L, L, device=str(q.device))
         flex = torch.compile(flex_attention, dynamic=False)
         return lambda: flex(*map(_sdpa_layout, (q, k, v)), block_mask=block).transpose(1, 2)
-    if impl == "cudnn":
-        try:
-            import cudnn  # noqa: F401
-        except ImportError:
-            raise RuntimeError("nvidia-cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)")
-        raise RuntimeError("cudnn provider: band through the cuDNN frontend graph API is not wired up yet")
     raise ValueError(impl)
 
 
+def _cudnn_fn(cfg, q, k, v, do):
+    """cuDNN's SDPA with a causal band of ``w`` keys through the ``nvidia-cudnn-frontend``
+    graph API: forward (stats kept for training) and, for fwd+bwd, the backward graph.
+
+    The band is cuDNN's ``diagonal_band_left_bound = w`` with ``right_bound = 0`` (top-left
+    aligned, L_q = L_k): key j is kept for query i when i - w < j <= i, the same w keys
+    including self as ``window_size=w, causal=True`` here.
+    """
+    try:
+        import cudnn
+    except ImportError as exc:
+        raise RuntimeError(f"nvidia-cudnn-frontend is not importable ({exc}); pip install nvidia-cudnn-frontend")
+    if not q.is_cuda:
+        raise RuntimeError("cuDNN runs on CUDA tensors only")
+    L, w = cfg["seqlen"], resolve(cfg["window"], cfg["seqlen"])
+    b, _, h, d = q.shape
+    dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[q.dtype]
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    train = cfg["mode"] != "fwd"
+    # cuDNN's dims are (b, h, s, d); the (b, s, h, d) tensors are passed as such views
+    qt, kt, vt = (x.detach().transpose(1, 2) for x in (q, k, v))
+    o = torch.empty_like(q).transpose(1, 2)
+    stats = torch.empty(b, h, L, 1, dtype=torch.float32, device=q.device)
+    band = dict(diagonal_band_left_bound=w, diagonal_band_right_bound=0,
+                diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT)
+
+    def graph():
+        return cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
+                             compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+
+    def finish(g):
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        return torch.empty(g.get_workspace_size(), device=q.device, dtype=torch.uint8)
+
+    fg = graph()
+    tq, tk, tv = (fg.tensor_like(x) for x in (qt, kt, vt))
+    to, ts = fg.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=train, attn_scale=d ** -0.5, **band)
+    to.set_output(True).set_dim(list(o.shape)).set_stride(list(o.stride()))
+    if train:
+        ts.set_output(True).set_data_type(cudnn.data_type.FLOAT)
+    fws = finish(fg)
+    fpack = {tq: qt, tk: kt, tv: vt, to: o}
+    if train:
+        fpack[ts] = stats
+
+    def fwd():
+        fg.execute(fpack, fws, handle=handle)
+        return o
+
+    if not train:
+        return fwd
+    bg = graph()
+    dot = do.transpose(1, 2)
+    dq, dk, dv = (torch.empty_like(x) for x in (qt, kt, vt))
+    bq, bk, bv, bo, bdo, bs = (bg.tensor_like(x) for x in (qt, kt, vt, o, dot, stats))
+    gq, gk, gv = bg.sdpa_backward(name="sdpa_backward", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bs,
+                                  attn_scale=d ** -0.5, **band)
+    for t, ref in ((gq, dq), (gk, dk), (gv, dv)):
+        t.set_output(True).set_dim(list(ref.shape)).set_stride(list(ref.stride()))
+    bws = finish(bg)
+    bpack = {bq: qt, bk: kt, bv: vt, bo: o, bdo: dot, bs: stats, gq: dq, gk: dk, gv: dv}
+
+    def fwd_bwd():
+        fg.execute(fpack, fws, handle=handle)
+        bg.execute(bpack, bws, handle=handle)
+        return dq, dk, dv
+
+    return fwd_bwd
+
+
 def make_fn(impl, cfg, q, k, v, do):
+    if impl == "cudnn":
+        return _cudnn_fn(cfg, q, k, v, do)
     call = make_call(impl, cfg, q, k, v)
     if cfg["mode"] == "fwd":
         return call
@@ -129,6 +205,26 @@ def providers(device):
 
 
 # ----------------------------------------------------------------------------- sweeps
+HEADLINE = dict(batch=2, heads=16, head_dim=128, dtype="bfloat16", window=4096)
+
+
+def headline(device):
+    """The target shapes (issue 3): GPU bf16 d128 causal window 4096 at L = 16k, 32k."""
+    if device != "cuda":
+        raise SystemExit("bench_attention: --headline is a GPU run; use --toy on CPU")
+    for L in (16384, 32768):
+        for mode in ("fwd", "fwd+bwd"):
+            yield dict(HEADLINE, seqlen=L, mode=mode)
+
+
+def toy(device):
+    """Tiny shapes: every code path of the benchmark (records, tables, plots) in seconds."""
+    for L in (64, 128):
+        for mode in ("fwd", "fwd+bwd"):
+            yield dict(batch=1, heads=2, head_dim=16, dtype="float32" if device == "cpu" else "bfloat16",
+                       seqlen=L, window=32, mode=mode)
+
+
 def sweep(device, quick):
     if device == "cuda":
         base = dict(batch=2, heads=16, dtype="bfloat16")
@@ -163,6 +259,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (the README's demo)")
+    parser.add_argument("--headline", action="store_true", help="the target shapes only (GPU)")
+    parser.add_argument("--toy", action="store_true", help="tiny shapes (plumbing check, CPU)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of the providers")
     parser.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     parser.add_argument("--measure-memory", nargs=1, help=argparse.SUPPRESS)
@@ -184,8 +283,16 @@ def run(args):
     device = args.device
     env = common.environment(device)
     impls = providers(device)
+    if args.providers:
+        wanted = args.providers.split(",")
+        impls = [i for i in impls if i in wanted] + [i for i in wanted if i not in impls and i == "cudnn"]
     records, baseline_ms = [], {}
-    configs = list(sweep(device, args.quick))
+    if args.headline:
+        configs = list(headline(device))
+    elif args.toy:
+        configs = list(toy(device))
+    else:
+        configs = list(sweep(device, args.quick))
     for n, cfg in enumerate(configs):
         q, k, v, do = setup(cfg, device)
         for impl in impls:
@@ -201,11 +308,12 @@ def run(args):
                     rec["ms"] = common.time_ms(fn, device)
                     # CPU: filled for the target shape by measure_cpu_memory (child processes)
                     rec["peak_mem_bytes"] = common.cuda_peak_bytes(fn) if device == "cuda" else None
-                except (RuntimeError, torch.OutOfMemoryError) as exc:
-                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                except Exception as exc:  # noqa: BLE001 - a provider that cannot run is recorded as skipped
+                    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
             if reason is not None:
                 rec["skipped"] = reason
                 records.append(rec)
+                common.append_partial(args.out, "attention", rec)
                 continue
             if impl == "sdpa_causal":
                 baseline_ms[base_key] = rec["ms"]
@@ -215,6 +323,7 @@ def run(args):
             rec["gbps"] = io_bytes(cfg) / rec["ms"] / 1e6
             rec["flops_basis"] = "causal" if impl == "sdpa_causal" else "band"
             records.append(rec)
+            common.append_partial(args.out, "attention", rec)
             common.progress(f"[{n + 1}/{len(configs)}] L={cfg['seqlen']} w={cfg['window']} D={cfg['head_dim']} "
                             f"{cfg['mode']:8s} {impl:15s} {rec['ms']:9.2f} ms  {rec['tflops']:7.2f} TFLOP/s")
         del q, k, v, do

@@ -1,6 +1,11 @@
 """Benchmark: block-diagonal merged matmul against what a user would otherwise write.
 
-    python benchmarks/bench_block_diag.py [--quick] [--out DIR] [--device cpu|cuda] [--plot-only JSON]
+    python benchmarks/bench_block_diag.py [--quick | --headline | --toy] [--providers a,b] [--out DIR]
+        [--device cpu|cuda] [--plot-only JSON]
+
+``--headline``: the target shapes of issue 4 only (GPU: T=16384, width 4096, g = 4, 8, 16,
+64, bf16, plus g=16 fp16), what ``scripts/gpu_check.sh`` times; ``--toy``: tiny shapes that
+run every step on CPU in seconds (the GPU check's ``--dry-run``).
 
 Providers (same process, same inputs):
 
@@ -71,13 +76,26 @@ def split_sizes(width: int, g: int, kind: str) -> List[int]:
     return sizes
 
 
-def sweep(device: str, quick: bool) -> List[dict]:
+def sweep(device: str, quick: bool, headline: bool = False, toy: bool = False) -> List[dict]:
     """The shape list: dicts with tokens, width, g, kind, dtype, modes."""
     shapes = []
 
     def add(tokens, width, g, kind, dtype, modes=("fwd", "fwd_bwd")):
         shapes.append(dict(tokens=tokens, width=width, g=g, kind=kind, dtype=dtype, modes=tuple(modes)))
 
+    if toy:
+        for g in (2, 4):
+            add(64, 64, g, "equal", "fp32")
+        add(64, 96, 3, "unequal", "fp32")
+        return shapes
+    if headline:
+        if device != "cuda":
+            raise SystemExit("bench_block_diag: --headline is a GPU run; use --toy on CPU")
+        for g in (4, 8, 16, 64):
+            add(16384, 4096, g, "equal", "bf16")
+        add(16384, 4096, 16, "equal", "fp16", modes=("fwd",))
+        add(16384, 4096, 4, "unequal", "bf16")
+        return shapes
     if device == "cuda":
         tokens_list = [4096, 16384] if quick else [1024, 4096, 16384, 65536]
         widths = [4096] if quick else [1024, 4096, 8192]
@@ -241,7 +259,7 @@ def _callable(problem: Problem, build, mode: str):
 # ----------------------------------------------------------------------------- run
 
 
-def measure(shapes: List[dict], device: str, env: dict):
+def measure(shapes: List[dict], device: str, env: dict, only: Optional[List[str]] = None, out: Optional[str] = None):
     records, skipped = [], []
     for s in shapes:
         dtype = _DT[s["dtype"]]
@@ -252,6 +270,8 @@ def measure(shapes: List[dict], device: str, env: dict):
         for mode in s["modes"]:
             rows = []
             for name, build in providers.items():
+                if only and name not in only:
+                    continue
                 if device == "cpu" and name == "dense" and mode == "fwd_bwd" and s["width"] > 2048:
                     continue  # several seconds per call on a laptop-class CPU; forward shows the point
                 try:
@@ -261,12 +281,14 @@ def measure(shapes: List[dict], device: str, env: dict):
                     peak = common.cuda_peak_bytes(fn) if device == "cuda" else None
                 except Exception as e:  # noqa: BLE001 - recorded, not fatal
                     skipped.append(dict(impl=name, shape=shape, dtype=s["dtype"], mode=mode,
-                                        reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                                        reason=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"))
+                    common.append_partial(out, "block_diag", dict(skipped[-1], skipped=True))
                     continue
                 flops = prob.useful_flops * (1 if mode == "fwd" else 3)
                 rows.append(dict(op=OP, impl=name, device=device, dtype=s["dtype"], mode=mode, shape=shape, ms=ms,
                                  tflops=flops / (ms * 1e-3) / 1e12, gbps=prob.bytes(mode) / (ms * 1e-3) / 1e9,
                                  peak_mem_bytes=peak, env=env))
+                common.append_partial(out, "block_diag", rows[-1])
                 common.progress(f"  {mode:7s} T={s['tokens']:6d} w={s['width']:5d} g={s['g']:3d} {s['kind']:7s} "
                                 f"{s['dtype']:4s} {name:12s} {ms:9.3f} ms")
             if device == "cuda" and mode == "fwd":
@@ -402,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_block_diag", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sweep (CPU: about a minute)")
+    p.add_argument("--headline", action="store_true", help="the target shapes only (GPU)")
+    p.add_argument("--toy", action="store_true", help="tiny shapes (plumbing check, CPU)")
+    p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--plot-only", default=None, metavar="JSON", help="only redraw the plots from a stored JSON")
@@ -421,7 +446,8 @@ def run(args_list: Optional[List[str]] = None) -> int:
     env = common.environment(device)
     out = common.result_dir(args.out, device, env)
     t0 = time.perf_counter()
-    records, skipped = measure(sweep(device, args.quick), device, env)
+    only = args.providers.split(",") if args.providers else None
+    records, skipped = measure(sweep(device, args.quick, args.headline, args.toy), device, env, only, out)
     tg = targets(records, device)
     path = os.path.join(out, "block_diag.json")
     with open(path, "w") as f:

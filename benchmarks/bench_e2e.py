@@ -18,7 +18,10 @@ tokens_per_s, peak_mem_bytes (GPU: ``max_memory_allocated`` above the model and 
 state during a step; CPU: the resident-set growth of one step in a fresh child process,
 after one warm-up step), ``speedup_vs = {"baseline": "sdpa", "ratio": sdpa ms / this ms}``.
 
-    python benchmarks/bench_e2e.py [--quick] [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_e2e.py [--quick | --lengths 8192,16384 | --toy] [--device cpu|cuda] [--out DIR]
+
+``--lengths`` picks the sequence lengths (``scripts/gpu_check.sh`` times one); ``--toy`` is a
+tiny model at L = 128 that runs every step of the script on CPU in seconds.
 
 CPU: hidden 256, 2 layers, 4 heads of 64 (2 KV heads), window 256, fp32, L = 1k..8k.
 GPU: hidden 1024, 4 layers, 16 heads of 64 (4 KV heads), window 4096, bf16, L = 2k..32k.
@@ -96,9 +99,13 @@ def setup(impl, shape, device):
     return step
 
 
-def shapes(device, quick):
-    m = MODEL[device]
-    for L in LENGTHS[(device, quick)]:
+TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+           head_dim=32, window=32, dtype="float32")
+
+
+def shapes(device, quick, lengths=None, toy=False):
+    m = TOY if toy else MODEL[device]
+    for L in lengths or ([128] if toy else LENGTHS[(device, quick)]):
         yield dict(batch=1, seqlen=L, window=m["window"], hidden=m["hidden_size"], intermediate=m["intermediate_size"],
                    layers=m["num_hidden_layers"], heads=m["num_attention_heads"], kv_heads=m["num_key_value_heads"],
                    head_dim=m["head_dim"], dtype=m["dtype"])
@@ -108,6 +115,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer lengths")
+    parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
+    parser.add_argument("--toy", action="store_true", help="tiny model at L=128 (plumbing check, CPU)")
     parser.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/<date>-<commit>)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     parser.add_argument("--measure-memory", nargs=1, help=argparse.SUPPRESS)
@@ -132,7 +141,8 @@ def run(args, shape_list=None):
 
     env["transformers"] = transformers.__version__
     records, skipped = [], []
-    shape_list = list(shape_list if shape_list is not None else shapes(device, args.quick))
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    shape_list = list(shape_list if shape_list is not None else shapes(device, args.quick, lengths, args.toy))
     for n, shape in enumerate(shape_list):
         for impl in IMPLS:
             rec = dict(op=OP, impl=impl, device=device, dtype=shape["dtype"], shape=dict(shape), env=env)
@@ -147,7 +157,7 @@ def run(args, shape_list=None):
                 else:
                     rec["peak_mem_bytes"] = None
                 del step
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a provider that cannot run is recorded as skipped
                 skipped.append(dict(impl=impl, shape=shape, reason=f"{type(exc).__name__}: "
                                                                   f"{str(exc).splitlines()[0][:200]}"))
                 if device == "cuda":
@@ -155,6 +165,7 @@ def run(args, shape_list=None):
                 continue
             rec["tokens_per_s"] = shape["batch"] * shape["seqlen"] / (rec["ms"] / 1e3)
             records.append(rec)
+            common.append_partial(args.out, "e2e", rec)
             mem = rec.get("peak_mem_bytes")
             common.progress(f"[{n + 1}/{len(shape_list)}] L={shape['seqlen']:6d} w={shape['window']} {impl:20s} "
                             f"{rec['ms']:10.1f} ms  {rec['tokens_per_s']:9.0f} tok/s  "
@@ -187,7 +198,7 @@ def main(argv=None, shape_list=None):
     out_dir = common.result_dir(args.out, args.device, env)
     common.write_json(dict(env=env, records=records, skipped=skipped), os.path.join(out_dir, "e2e.json"))
     table = summarize(records)
-    m = MODEL[args.device]
+    m = TOY if args.toy else MODEL[args.device]
     with open(os.path.join(out_dir, "e2e.md"), "w") as f:
         f.write(f"# end-to-end training step, {env['device_name']}, commit {env['commit']}, {env['date']}\n\n")
         f.write(f"torch {env['torch']}, transformers {env.get('transformers')}, {env['cpu_threads']} CPU threads. "

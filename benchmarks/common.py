@@ -159,5 +159,15 @@ def markdown_table(records: List[dict], columns: List[str], fmt: Dict[str, Calla
     return "\n".join(lines)
 
 
+def append_partial(out: Optional[str], name: str, record: dict) -> None:
+    """Append one record to ``<out>/<name>.partial.jsonl`` as soon as it is measured, so a
+    run cut off by a time limit (``scripts/gpu_check.sh``) still leaves its numbers."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.partial.jsonl"), "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

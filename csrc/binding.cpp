@@ -78,15 +78,19 @@ void fill_attention(sftk::SwaParams& p, const Tensor& q, const Tensor& k, const 
                     "share head_dim");
   TORCH_CHECK_VALUE(group >= 1 && num_heads % group == 0, "sft_kernels CUDA backend: group ", group,
                     " must divide num_heads ", num_heads);
-  TORCH_CHECK_VALUE(window_mode >= 0 && window_mode <= 2, "sft_kernels CUDA backend: window_mode must be 0, 1 or 2, "
-                    "got ", window_mode);
+  TORCH_CHECK_VALUE(window_mode == sftk::kModeExplicit || window_mode == sftk::kModeKeys ||
+                        window_mode == sftk::kModeSqrt,
+                    "sft_kernels CUDA backend: window_mode must be ", sftk::kModeExplicit, " (explicit), ",
+                    sftk::kModeKeys, " (keys) or ", sftk::kModeSqrt, " (sqrt), got ", window_mode);
   const int64_t big = int64_t(1) << 30;
   TORCH_CHECK_VALUE(left >= -1 && left < big && right >= -1 && right < big && keys >= 0 && keys < big,
                     "sft_kernels CUDA backend: window bounds must be in [-1, 2^30), got left=", left,
                     " right=", right, " keys=", keys);
   TORCH_CHECK_VALUE(seqlen_q < big && seqlen_k < big, "sft_kernels CUDA backend: sequences longer than 2^30");
-  TORCH_CHECK_VALUE(batch * num_heads <= 65535, "sft_kernels CUDA backend: batch * heads = ", batch * num_heads,
-                    " exceeds the grid limit 65535");
+  // heads are grid.y; sequences go on grid.z, 65,535 per launch (any batch size)
+  TORCH_CHECK_VALUE(num_heads <= sftk::kMaxGridYZ, "sft_kernels CUDA backend: ", num_heads,
+                    " query heads exceed the grid limit ", sftk::kMaxGridYZ);
+  TORCH_CHECK_VALUE(batch <= (int64_t(1) << 30), "sft_kernels CUDA backend: batch ", batch, " too large");
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -221,8 +225,9 @@ void bd_gemm(const Tensor& a, const Tensor& w, const optional<Tensor>& bias, Ten
   p.lda = a.stride(0);
   p.ldo = out.stride(0);
   p.trans_w = trans_w;
-  TORCH_CHECK_VALUE((p.tokens + sftk::kBdBlockM - 1) / sftk::kBdBlockM <= 65535,
-                    "sft_kernels CUDA backend: more than ", int64_t(65535) * sftk::kBdBlockM, " tokens per call");
+  // token tiles are grid.x (up to 2^31 - 1), column tiles grid.y
+  TORCH_CHECK_VALUE(total_tiles_n <= sftk::kMaxGridYZ, "sft_kernels CUDA backend: ", total_tiles_n,
+                    " column tiles exceed the grid limit ", sftk::kMaxGridYZ);
   check_launch(sftk::bd_gemm(p, reinterpret_cast<cudaStream_t>(stream)), "block_diag gemm");
 }
 
@@ -276,4 +281,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("BD_BLOCK_N") = sftk::kBdBlockN;
   m.attr("BD_BLOCK_K") = sftk::kBdBlockK;
   m.attr("BD_META_COLS") = sftk::kBdMetaCols;
+  m.attr("WINDOW_MODE_EXPLICIT") = sftk::kModeExplicit;
+  m.attr("WINDOW_MODE_KEYS") = sftk::kModeKeys;
+  m.attr("WINDOW_MODE_SQRT") = sftk::kModeSqrt;
 }

@@ -4,8 +4,8 @@
 // (each warp 64 x 32), stepping K by 32 through two shared-memory stages filled by
 // cp.async (16-byte chunks where the rows are 16-byte aligned, element copies for
 // odd sizes and ragged edges). Tiles of every block are enumerated by one grid:
-//   forward / dX: blockIdx.x = column tile over all blocks (block found by a binary
-//                 search of the block table), blockIdx.y = token tile;
+//   forward / dX: blockIdx.x = token tile (up to 2^31 - 1 of them), blockIdx.y = column
+//                 tile over all blocks (block found by a binary search of the block table);
 //   dW:           blockIdx.x = (m, n) tile over all blocks, blockIdx.y = token split.
 // The zero blocks of the merged weight are never read. Semantics match
 // sft_kernels/ops/block_diag/triton_kernels.py; block tables are built by
@@ -78,12 +78,12 @@ __global__ void __launch_bounds__(kThreads) bd_gemm_kernel(const BdGemmParams p)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;
-  const int tile = blockIdx.x;
+  const int tile = blockIdx.y;
   const int gi = find_group(p.meta, p.num_groups, tile);
   const int* meta = p.meta + gi * kBdMetaCols;
   const int a_off = meta[0], col_off = meta[1], K = meta[2], N = meta[3], w_off = meta[4], ld_w = meta[5];
   const int n0 = (tile - meta[6]) * BN;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int rows_valid = static_cast<int>(min(static_cast<int64_t>(BM), p.tokens - t0));
 
   const T* a = static_cast<const T*>(p.a) + t0 * p.lda + a_off;
@@ -218,8 +218,8 @@ __global__ void __launch_bounds__(kThreads) bd_dw_kernel(const BdDwParams p) {
 cudaError_t bd_gemm(const BdGemmParams& p, cudaStream_t stream) {
   if (p.tokens <= 0 || p.total_tiles_n <= 0 || p.num_groups <= 0) return cudaSuccess;
   const int64_t t_tiles = (p.tokens + bd::BM - 1) / bd::BM;
-  if (t_tiles > 65535) return cudaErrorInvalidValue;  // grid.y limit: 8.4M tokens per call
-  dim3 grid(p.total_tiles_n, static_cast<unsigned>(t_tiles));
+  if (p.total_tiles_n > kMaxGridYZ || t_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  dim3 grid(static_cast<unsigned>(t_tiles), p.total_tiles_n);
   const bool bf16 = p.dtype == DType::kBFloat16;
   auto kernel = p.trans_w ? (bf16 ? bd::bd_gemm_kernel<__nv_bfloat16, true> : bd::bd_gemm_kernel<__half, true>)
                           : (bf16 ? bd::bd_gemm_kernel<__nv_bfloat16, false> : bd::bd_gemm_kernel<__half, false>);
@@ -229,7 +229,7 @@ cudaError_t bd_gemm(const BdGemmParams& p, cudaStream_t stream) {
 
 cudaError_t bd_dw(const BdDwParams& p, cudaStream_t stream) {
   if (p.total_tiles <= 0 || p.num_groups <= 0 || p.split <= 0) return cudaSuccess;
-  if (p.split > 65535) return cudaErrorInvalidValue;
+  if (p.split > kMaxGridYZ) return cudaErrorInvalidValue;
   dim3 grid(p.total_tiles, p.split);
   auto kernel = p.dtype == DType::kBFloat16 ? bd::bd_dw_kernel<__nv_bfloat16> : bd::bd_dw_kernel<__half>;
   SFTK_LAUNCH(kernel, grid, bd::kThreads, 0, stream, p);

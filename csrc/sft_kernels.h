@@ -15,6 +15,16 @@ namespace sftk {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// Window modes: the same numbers as MODE_EXPLICIT / MODE_KEYS / MODE_SQRT in
+// sft_kernels/window.py (the binding exports these, and tests/test_cuda_build.py checks
+// that they match).
+constexpr int kModeExplicit = 0;  // (left, right) given, -1 = unbounded
+constexpr int kModeKeys = 1;      // `keys` keys including self, clamped to the key length
+constexpr int kModeSqrt = 2;      // floor(sqrt(seqlen_k)) keys
+
+// Grid axes y and z hold at most this many blocks; x up to 2^31 - 1.
+constexpr int kMaxGridYZ = 65535;
+
 // ----------------------------------------------------------------------------- attention
 // Mirrors the Triton kernels' arguments (sft_kernels/ops/sliding_window_attention/
 // triton_kernels.py). Layouts: (batch, seqlen, heads, head_dim) with strides
@@ -23,10 +33,14 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // 16-byte aligned and every row stride a multiple of 8 elements. LSE / delta are fp32
 // (batch, heads, seqlen) or (heads, total) with strides (lse_b, lse_h), unit row stride.
 //
-// Window: window_mode 0 uses (left, right) (-1 = unbounded, causal already applied);
-// 1 = `keys` keys clamped to each sequence's key length; 2 = floor(sqrt(seqlen_k)) keys;
-// modes 1 and 2 turn W keys into (W-1, 0) if causal else (W/2, (W-1)/2). Queries are
-// aligned to the bottom-right when seqlen_q != seqlen_k.
+// Window: kModeExplicit uses (left, right) (-1 = unbounded, causal already applied);
+// kModeKeys = `keys` keys clamped to each sequence's key length; kModeSqrt =
+// floor(sqrt(seqlen_k)) keys; the last two turn W keys into (W-1, 0) if causal else
+// (W/2, (W-1)/2). Queries are aligned to the bottom-right when seqlen_q != seqlen_k.
+//
+// Grids are (tiles, heads, sequences): blockIdx.y is the head, blockIdx.z the sequence
+// minus batch_start; the entry points launch once per 65,535 sequences (any batch size;
+// num_heads must be <= 65,535). Row offsets are 64-bit.
 struct SwaParams {
   DType dtype = DType::kFloat16;
   int head_dim = 0;
@@ -61,9 +75,10 @@ struct SwaParams {
   int num_kv_heads = 0;  // num_heads / group
   int group = 1;
   int left = -1, right = -1, keys = 0;
-  int window_mode = 0;
+  int window_mode = kModeExplicit;
   bool causal = false;
   float sm_scale = 1.0f;
+  int batch_start = 0;  // first sequence of the launch in flight (set by the entry points)
 };
 
 // Head dims with compiled kernels.

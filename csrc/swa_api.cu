@@ -8,7 +8,7 @@ namespace swa {
 template <typename T>
 __global__ void __launch_bounds__(256) swa_bwd_delta_kernel(const SwaParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int b = blockIdx.y / p.num_heads, h = blockIdx.y % p.num_heads;
+  const int b = p.batch_start + static_cast<int>(blockIdx.z), h = blockIdx.y;
   const Seq s = seq_info(p, b);
   const int row = blockIdx.x * 8 + warp;
   if (row >= s.len_q) return;
@@ -39,13 +39,18 @@ cudaError_t swa_forward(const SwaParams& p, cudaStream_t stream) {
 
 cudaError_t swa_backward(const SwaParams& p, cudaStream_t stream) {
   if (!swa_supports_head_dim(p.head_dim)) return cudaErrorInvalidValue;
-  if (p.batch * p.num_heads > 0 && p.seqlen_q > 0) {
-    dim3 grid(swa::cdiv(p.seqlen_q, 8), p.batch * p.num_heads);
+  if (p.num_heads > kMaxGridYZ) return cudaErrorInvalidValue;
+  if (p.batch > 0 && p.num_heads > 0 && p.seqlen_q > 0) {
     auto kernel = p.dtype == DType::kBFloat16 ? swa::swa_bwd_delta_kernel<__nv_bfloat16>
                                               : swa::swa_bwd_delta_kernel<__half>;
-    SFTK_LAUNCH(kernel, grid, 256, 0, stream, p);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+    SwaParams q = p;
+    for (int b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {  // grid (row blocks, heads, sequences)
+      q.batch_start = b0;
+      const int nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
+      SFTK_LAUNCH(kernel, dim3(swa::cdiv(p.seqlen_q, 8), p.num_heads, nb), 256, 0, stream, q);
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
   }
   return p.head_dim == 64 ? swa::bwd_d64(p, stream) : swa::bwd_d128(p, stream);
 }

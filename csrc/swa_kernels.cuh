@@ -55,12 +55,12 @@ __device__ __forceinline__ Seq seq_info(const SwaParams& p, int b) {
 
 // (left, right) of one sequence, -1 = unbounded (window.py / _resolve_window).
 __device__ __forceinline__ void resolve_window(const SwaParams& p, int len_k, int& left, int& right) {
-  if (p.window_mode == 0) {
+  if (p.window_mode == kModeExplicit) {
     left = p.left;
     right = p.right;
     return;
   }
-  int w = p.window_mode == 1 ? min(p.keys, len_k) : isqrt_exact(len_k);
+  int w = p.window_mode == kModeKeys ? min(p.keys, len_k) : isqrt_exact(len_k);  // else kModeSqrt
   w = max(w, 1);
   if (p.causal) {
     left = w - 1;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaParams p) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.y / p.num_heads, h = blockIdx.y % p.num_heads, hk = h / p.group;
+  const int b = p.batch_start + static_cast<int>(blockIdx.z), h = blockIdx.y, hk = h / p.group;
   const Seq s = seq_info(p, b);
   const int start_m = blockIdx.x * BM;
   if (start_m >= s.len_q) return;
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.y / p.num_kv_heads, hk = blockIdx.y % p.num_kv_heads;
+  const int b = p.batch_start + static_cast<int>(blockIdx.z), hk = blockIdx.y;
   const Seq s = seq_info(p, b);
   const int start_n = blockIdx.x * BN;
   if (start_n >= s.len_k) return;
@@ -315,6 +315,12 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams 
   const Phases ph = query_phases(start_n, off, left, right, s.len_q, BM, BN);
   const int n_mt = ph.hi > ph.lo ? cdiv(ph.hi - ph.lo, BM) : 0;
   const int total = n_mt * p.group;  // (query head in the group, query tile) pairs
+  static_assert(BM <= kThreads, "one thread per query row of the LSE / delta prefetch");
+  // Q and dO tiles go to shared memory by cp.async; the tile's LSE and delta (one float
+  // per row) are loaded into registers when the tile is issued and stored to shared
+  // memory at the end of the iteration before the one that reads them, so their latency
+  // hides behind a whole tile of MMAs instead of stalling the issue.
+  float pre_l = -INFINITY, pre_d = 0.f;
   auto issue = [&](int it, int buf) {
     const int h = hk * p.group + it / n_mt;
     const int start_m = ph.lo + (it % n_mt) * BM;
@@ -326,16 +332,24 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams 
         sdO + buf * BM * LD, LD,
         static_cast<const T*>(p.dout) + b * p.stride_dob + h * p.stride_doh + row0 * p.stride_dom, p.stride_dom,
         s.len_q - start_m, D, true, tid);
-    const float* lse = p.lse + b * p.stride_lb + h * p.stride_lh + row0;
-    const float* dl = p.delta + b * p.stride_lb + h * p.stride_lh + row0;
-    for (int i = tid; i < BM; i += kThreads) {
-      const bool ok = start_m + i < s.len_q;
-      const float l = ok ? lse[i] : -INFINITY;
-      sL[buf * BM + i] = l == -INFINITY ? INFINITY : l * kLog2e;  // p = 0 on empty / padded rows
-      sDl[buf * BM + i] = ok ? dl[i] : 0.f;
+    if (tid < BM && start_m + tid < s.len_q) {
+      pre_l = p.lse[b * p.stride_lb + h * p.stride_lh + row0 + tid];
+      pre_d = p.delta[b * p.stride_lb + h * p.stride_lh + row0 + tid];
+    } else {
+      pre_l = -INFINITY;  // padded rows: p = 0 below
+      pre_d = 0.f;
     }
   };
-  if (total > 0) issue(0, 0);
+  auto stash = [&](int buf) {  // the prefetched LSE / delta of the tile in `buf`
+    if (tid < BM) {
+      sL[buf * BM + tid] = pre_l == -INFINITY ? INFINITY : pre_l * kLog2e;  // p = 0 on empty / padded rows
+      sDl[buf * BM + tid] = pre_d;
+    }
+  };
+  if (total > 0) {
+    issue(0, 0);
+    stash(0);
+  }
   cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -435,6 +449,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams 
         Dtype<T>::mma(dk[2 * dn2 + 1], a, bb[2], bb[3]);
       }
     }
+    // the other buffer was last read in iteration it - 1, before this iteration's barrier
+    if (it + 1 < total) stash(buf ^ 1);
   }
   cp_async_wait_all();
 
@@ -475,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaParams p)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.y / p.num_heads, h = blockIdx.y % p.num_heads, hk = h / p.group;
+  const int b = p.batch_start + static_cast<int>(blockIdx.z), h = blockIdx.y, hk = h / p.group;
   const Seq s = seq_info(p, b);
   const int start_m = blockIdx.x * BM;
   if (start_m >= s.len_q) return;
@@ -598,26 +614,38 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaParams p)
 // ============================================================================== launchers
 template <typename Kernel>
 inline cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const SwaParams& p, cudaStream_t stream) {
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   cudaError_t err = set_max_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   SFTK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
   return cudaGetLastError();
 }
 
+// One launch per 65,535 sequences (grid.z), heads on grid.y.
+template <typename Kernel>
+inline cudaError_t launch_batches(Kernel kernel, int tiles, int heads, size_t smem, SwaParams p, cudaStream_t stream) {
+  if (heads > kMaxGridYZ) return cudaErrorInvalidValue;
+  for (int b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
+    p.batch_start = b0;
+    const int nb = p.batch - b0 < kMaxGridYZ ? p.batch - b0 : kMaxGridYZ;
+    cudaError_t err = launch(kernel, dim3(tiles, heads, nb), smem, p, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int D>
 cudaError_t run_fwd(const SwaParams& p, cudaStream_t stream) {
-  dim3 grid(cdiv(p.seqlen_q, kFwdBM), p.batch * p.num_heads);
-  return launch(swa_fwd_kernel<T, D>, grid, fwd_smem_bytes<D>(), p, stream);
+  return launch_batches(swa_fwd_kernel<T, D>, cdiv(p.seqlen_q, kFwdBM), p.num_heads, fwd_smem_bytes<D>(), p, stream);
 }
 
 template <typename T, int D>
 cudaError_t run_bwd(const SwaParams& p, cudaStream_t stream) {  // after the delta pre-pass
-  dim3 grid_kv(cdiv(p.seqlen_k, kDkdvBN), p.batch * p.num_kv_heads);
-  cudaError_t err = launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, dkdv_smem_bytes<D>(), p, stream);
+  cudaError_t err = launch_batches(swa_bwd_dkdv_kernel<T, D>, cdiv(p.seqlen_k, kDkdvBN), p.num_kv_heads,
+                                   dkdv_smem_bytes<D>(), p, stream);
   if (err != cudaSuccess) return err;
-  dim3 grid_q(cdiv(p.seqlen_q, kDqBM), p.batch * p.num_heads);
-  return launch(swa_bwd_dq_kernel<T, D>, grid_q, dq_smem_bytes<D>(), p, stream);
+  return launch_batches(swa_bwd_dq_kernel<T, D>, cdiv(p.seqlen_q, kDqBM), p.num_heads, dq_smem_bytes<D>(), p,
+                        stream);
 }
 
 // Per-head_dim entry points, one translation unit each (swa_fwd_d64.cu, ...).

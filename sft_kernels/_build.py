@@ -11,7 +11,8 @@ Two builds give one module API (csrc/binding.cpp, ``TORCH_EXTENSION_NAME``):
 ``SFT_KERNELS_JIT=1``) a just-in-time build, so that importing the package never starts a
 multi-minute compile by surprise.
 
-Environment: ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0;9.0"``: sm_80 and sm_90 cubins),
+Environment: ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0;9.0+PTX"``: sm_80 and sm_90 cubins and
+compute_90 PTX, so GPUs newer than the list still get kernels, JIT-compiled by the driver),
 ``MAX_JOBS`` (parallel nvcc jobs, read by torch's ninja driver), ``SFT_KERNELS_JIT``.
 """
 
@@ -30,7 +31,8 @@ from typing import Dict, List, Optional
 
 JIT_NAME = "sft_kernels_C"
 AOT_NAME = "sft_kernels._C"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+# sm_80 and sm_90 machine code, plus compute_90 PTX that the driver compiles for newer GPUs
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # -O3 and fast math as in setup.py; -lineinfo keeps profiles readable at no runtime cost.
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 CXX_FLAGS = ["-O3"]  # the language standard is torch's (C++20 for torch 2.14 headers)

@@ -133,6 +133,46 @@ def test_attention_strided_inputs(poisoned):
     _compare(torch.bfloat16, out, lse, dq, dk, dv, *_ref_all(q, k, v, (40, 0), True, do, softmax_scale=0.125))
 
 
+def test_attention_misaligned_contiguous_view(poisoned):
+    """A contiguous view starting 2 bytes into its storage: cp.async needs 16-byte aligned
+    rows, so the launcher copies it (``.contiguous()`` alone would return it unchanged)."""
+    base = torch.randn(1 * 160 * 2 * 64 + 1, device="cuda", dtype=torch.float16)
+    q = base[1:].view(1, 160, 2, 64)
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    k, v = (torch.randn(1, 160, 2, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+    spec = parse_window((30, 0), True)
+    out, lse = swa_cuda.swa_fwd_cuda(q, k, v, spec, 0.125)
+    do = torch.randn_like(out)
+    dq, dk, dv = swa_cuda.swa_bwd_cuda(do, q, k, v, out, lse, spec, 0.125)
+    _compare(torch.float16, out, lse, dq, dk, dv, *_ref_all(q, k, v, (30, 0), True, do, softmax_scale=0.125))
+
+
+def test_attention_more_than_65535_sequence_head_pairs(poisoned):
+    """70,000 packed sequences x 4 heads: heads on grid.y, sequences on grid.z in launches of
+    65,535 (the old binding refused batch x heads > 65,535). Checked on sequences on both
+    sides of the launch boundary."""
+    batch, lens = 70_000, torch.zeros(70_000, dtype=torch.int64)
+    real = {0: 40, 65_534: 33, 65_535: 70, 69_999: 17}  # non-empty sequences
+    for i, n in real.items():
+        lens[i] = n
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).cuda()
+    total = int(lens.sum())
+    q = torch.randn(total, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    spec = parse_window((15, 0), True)
+    out, lse = swa_cuda.swa_fwd_cuda(q, k, v, spec, 0.125, cu, cu, 70, 70)
+    do = torch.randn_like(out)
+    dq, dk, dv = swa_cuda.swa_bwd_cuda(do, q, k, v, out, lse, spec, 0.125, cu, cu, 70, 70)
+    starts = cu.cpu().tolist()
+    for i in real:
+        a, b = starts[i], starts[i + 1]
+        sl = lambda t: t[a:b][None]  # noqa: E731
+        res = _ref_all(sl(q), sl(k), sl(v), (15, 0), True, sl(do), softmax_scale=0.125)
+        _compare(torch.bfloat16, sl(out), lse[:, a:b][None], sl(dq), sl(dk), sl(dv), *res)
+    assert batch > 65535 and batch * 4 > 65535
+
+
 def test_attention_backward_deterministic():
     q, k, v, window, causal = _attn_inputs(ATTN["causal_w16_gqa"], torch.bfloat16)
     spec = parse_window(window, causal)

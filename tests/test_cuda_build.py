@@ -109,6 +109,39 @@ def test_launchers_match_binding(jit_build, monkeypatch):
         bd.gemm_backward_dw(torch.randn(8, 12, dtype=torch.bfloat16), x, [4, 8], [5, 7], split=1)
 
 
+def test_window_modes_match_window_py(jit_build):
+    """The binding exports csrc/'s named window modes; they must be window.py's."""
+    from sft_kernels import window
+
+    mod, _ = jit_build
+    assert (mod.WINDOW_MODE_EXPLICIT, mod.WINDOW_MODE_KEYS, mod.WINDOW_MODE_SQRT) == (
+        window.MODE_EXPLICIT, window.MODE_KEYS, window.MODE_SQRT)
+
+
+def test_default_arch_list_embeds_ptx_for_the_newest():
+    """sm_80 and sm_90 machine code plus compute_90 PTX: a newer GPU still gets kernels."""
+    flags = _build.gencode_flags(_build.DEFAULT_ARCH_LIST)
+    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
+
+
+def test_rows_ready_copies_misaligned_contiguous_views():
+    """cp.async needs a 16-byte aligned base: a contiguous view at an odd storage offset is
+    copied to a fresh allocation (``.contiguous()`` would return the same view)."""
+    from sft_kernels.ops.sliding_window_attention import cuda_backend as swa
+
+    base = torch.randn(4 * 2 * 64 + 1, dtype=torch.float16)
+    view = base[1:].view(1, 4, 2, 64)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    ready = swa._rows_ready(view)
+    assert ready.data_ptr() % 16 == 0 and ready.data_ptr() != view.data_ptr()
+    assert torch.equal(ready, view)
+    strided = torch.randn(1, 4, 3, 64, dtype=torch.float16)[:, :, :2]  # head stride 64, row stride 192: fine
+    assert swa._rows_ready(strided).data_ptr() == strided.data_ptr()
+    odd = torch.randn(1, 4, 2, 68, dtype=torch.float16)[..., :64]  # row stride 136: not a multiple of 8
+    assert swa._rows_ready(odd).stride() == (512, 128, 64, 1)
+
+
 def test_unsupported_inputs_raise():
     from sft_kernels.ops.block_diag import cuda_backend as bd
     from sft_kernels.ops.sliding_window_attention import cuda_backend as swa

@@ -98,7 +98,8 @@ def test_builder_uses_the_one_build_definition(builder):
 @pytest.mark.parametrize(
     "arch_list, expected",
     [
-        (None, ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]),
+        (None, ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]),  # _build.DEFAULT_ARCH_LIST: +PTX on sm_90
         ("9.0", ["-gencode=arch=compute_90,code=sm_90"]),
         ("8.0;9.0+PTX", ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                          "-gencode=arch=compute_90,code=compute_90"]),

@@ -14,9 +14,6 @@ The kernels here are at module level on purpose: under ``TRITON_INTERPRET=1`` th
 compiled in a worker process that re-imports this module.
 """
 
-import importlib
-import pkgutil
-
 import pytest
 import triton
 import triton.language as tl
@@ -24,9 +21,14 @@ import triton.language as tl
 from sft_kernels.testing.compile_check import (
     SMEM_LIMIT,
     CompileError,
+    analyse_dots,
     check_specs,
     compile_kernel,
+    ctas_per_sm,
+    op_specs,
+    perf_warnings,
     run_specs,
+    spec_failures,
 )
 
 ARCHS = (90, 80)
@@ -37,47 +39,7 @@ ARCHS = (90, 80)
 # --------------------------------------------------------------------------------------
 
 
-def _collect_op_specs():
-    """(specs, problems): every ``compile_specs()`` under ``sft_kernels.ops.*triton*``."""
-    import sft_kernels.ops as ops
-
-    specs, problems, seen_fns = [], [], set()
-
-    def onerror(name):
-        problems.append(f"cannot import package {name}")
-
-    for info in pkgutil.walk_packages(ops.__path__, ops.__name__ + ".", onerror=onerror):
-        leaf = info.name.rsplit(".", 1)[-1]
-        if not leaf.startswith("triton"):
-            continue
-        try:
-            mod = importlib.import_module(info.name)
-        except Exception as e:  # noqa: BLE001 - a broken kernel module is a failure
-            problems.append(f"cannot import {info.name}: {type(e).__name__}: {e}")
-            continue
-        fn = getattr(mod, "compile_specs", None)
-        if fn is None or id(fn) in seen_fns:
-            continue
-        seen_fns.add(id(fn))
-        try:
-            got = list(fn())
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{info.name}.compile_specs() raised {type(e).__name__}: {e}")
-            continue
-        for s in got:
-            missing = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} - set(s)
-            if missing:
-                problems.append(f"{info.name}: spec {s.get('name', '?')} lacks {sorted(missing)}")
-            else:
-                specs.append(s)
-    names = [s["name"] for s in specs]
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        problems.append(f"duplicate spec names: {dups}")
-    return specs, problems
-
-
-_OP_SPECS, _OP_PROBLEMS = _collect_op_specs()
+_OP_SPECS, _OP_PROBLEMS = op_specs()
 _CASES = [(s["name"], a) for s in _OP_SPECS for a in ARCHS if a in tuple(s.get("archs", ARCHS))]
 
 
@@ -149,6 +111,20 @@ def _selftest_spill(x_ptr, y_ptr, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, x / s)
 
 
+@triton.jit
+def _selftest_chained(a_ptr, b_ptr, c_ptr, o_ptr, M: tl.constexpr, D: tl.constexpr):
+    # S = A B, then O = S C: the first dot feeds the second, so Triton puts every warp on
+    # its M axis (warpsPerCTA [num_warps, 1]); 8 warps on 64 rows compute it twice
+    rm = tl.arange(0, M)
+    rd = tl.arange(0, D)
+    a = tl.load(a_ptr + rm[:, None] * D + rd[None, :])
+    b = tl.load(b_ptr + rd[:, None] * D + rd[None, :])
+    c = tl.load(c_ptr + rd[:, None] * D + rd[None, :])
+    s = tl.dot(a, b)
+    o = tl.dot(s.to(tl.float16), c)
+    tl.store(o_ptr + rm[:, None] * D + rd[None, :], o)
+
+
 _MM_SIG = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "K": "i32", "stride_am": "i32",
            "stride_bk": "i32", "stride_cm": "i32", "scale": "fp32"}
 
@@ -171,6 +147,10 @@ _SELFTEST_SPECS = [
      "constexprs": {"BLOCK": 8192}, "num_warps": 1, "num_stages": 1},
     {"name": "bad_arange", "fn": _selftest_bad_arange, "signature": {"x_ptr": "*fp32"},
      "constexprs": {"BLOCK": 48}, "num_warps": 4, "num_stages": 1},
+    {"name": "chained_w8", "fn": _selftest_chained, "constexprs": {"M": 64, "D": 64}, "num_warps": 8, "num_stages": 1,
+     "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "o_ptr": "*fp32"}, "expect_mma": True},
+    {"name": "chained_w4", "fn": _selftest_chained, "constexprs": {"M": 64, "D": 64}, "num_warps": 4, "num_stages": 1,
+     "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "o_ptr": "*fp32"}, "expect_mma": True},
     # an elementwise kernel declared matmul-heavy fails the wgmma / mma check
     {"name": "not_a_matmul", "fn": _selftest_bad_arange, "signature": {"x_ptr": "*fp32"},
      "constexprs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 1, "expect_mma": True},
@@ -238,3 +218,50 @@ def test_check_specs_and_compile_kernel():
     # a malformed spec is refused before anything is compiled
     with pytest.raises(CompileError, match="BLOCK"):
         compile_kernel(_selftest_bad_arange, {"x_ptr": "*fp32"}, {}, arch=80)
+
+
+def test_redundant_mma_layout_is_failure(selftest_results):
+    """8 warps on a 64-row chained dot replicate its wgmma (the layout the old backward
+    configs had); 4 warps do not. Read from the TTGIR layouts, checked on sm_90."""
+    bad, good = selftest_results[("chained_w8", 90)], selftest_results[("chained_w4", 90)]
+    assert bad.error is None and good.error is None, (bad.error, good.error)
+    assert bad.report.uses_wgmma and good.report.uses_wgmma
+    assert bad.report.redundancy == 1.5, bad.report.dots  # the first of two equal dots done twice
+    assert any(d["warps_per_cta"] == [8, 1] and d["mnk"][0] == 64 for d in bad.report.dots), bad.report.dots
+    assert any("redundant MMA layout" in f for f in bad.failures), bad.failures
+    assert good.report.redundancy == 1.0 and not good.failures, (good.report.dots, good.failures)
+
+
+def test_analyse_dots_weights_by_work():
+    ttgir = """#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 64, 16]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2], instrShape = [16, 32, 16]}>
+    %1 = ttng.warp_group_dot %a, %b, %c {isAsync = true} : !ttg.memdesc<64x128xf16, #s> * !ttg.memdesc<128x64xf16, #s> -> tensor<64x64xf32, #mma>
+    %2 = ttng.warp_group_dot %d, %e, %f {isAsync = true} : tensor<64x64xf16, #ttg.dot_op<{opIdx = 0, parent = #mma1}>> * !ttg.memdesc<64x128xf16, #s> -> tensor<64x128xf32, #mma1>
+"""
+    dots, red = analyse_dots(ttgir)
+    assert [d["mnk"] for d in dots] == [[64, 64, 128], [64, 128, 64]]
+    assert [d["redundancy"] for d in dots] == [2.0, 1.0]
+    assert red == (2 * 64 * 64 * 128 + 64 * 128 * 64) / (64 * 64 * 128 + 64 * 128 * 64)
+
+
+def test_serialised_wgmma_warning_is_failure():
+    """ptxas C7515 / C7512 (wgmma serialised) fail a spec, as spills do."""
+    log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+           "stage in the function 'k'\nptxas info    : Used 133 registers, used 1 barriers\n")
+    warnings = perf_warnings(log)
+    assert len(warnings) == 1 and "C7515" in warnings[0]
+    from sft_kernels.testing.compile_check import CompileReport
+
+    rep = CompileReport(name="k", arch=90, registers=133, spill_stores=0, spill_loads=0, shared_bytes=1024,
+                        uses_wgmma=True, uses_mma=True, ptx_len=1, perf_warnings=warnings)
+    fails = spec_failures({"name": "k", "expect_mma": True}, 90, rep, None)
+    assert len(fails) == 1 and "performance warning" in fails[0] and "C7515" in fails[0]
+
+
+def test_ctas_per_sm():
+    # 255 registers x 256 threads fill the register file once; 128 x 128 threads four times
+    assert ctas_per_sm(90, 255, 8, 1024) == 1
+    assert ctas_per_sm(90, 128, 4, 1024) == 4
+    assert ctas_per_sm(90, 64, 4, 100 * 1024) == 2  # shared memory: 2 x (100 + 1) KiB of 228 KiB
+    assert ctas_per_sm(80, 64, 4, 100 * 1024) == 1  # 164 KiB on sm_80

@@ -125,12 +125,12 @@ struct AttnCase {
 };
 
 inline void resolve(const AttnCase& c, int len_k, int& L, int& R) {
-  if (c.mode == 0) {
+  if (c.mode == sftk::kModeExplicit) {
     L = c.left;
     R = c.right;
     return;
   }
-  int w = c.mode == 1 ? std::min(c.keys, len_k) : static_cast<int>(std::floor(std::sqrt(static_cast<double>(len_k))));
+  int w = c.mode == sftk::kModeKeys ? std::min(c.keys, len_k) : static_cast<int>(std::floor(std::sqrt(static_cast<double>(len_k))));
   w = std::max(w, 1);
   if (c.causal) {
     L = w - 1;
@@ -481,31 +481,32 @@ inline int run_block_diag(const BdCase& c, Report& rep, std::mt19937& rng) {
 // ============================================================================== cases
 // `big` adds the longer shapes only a GPU runs quickly.
 inline std::vector<AttnCase> attention_cases(bool big) {
+  constexpr int E = sftk::kModeExplicit, K = sftk::kModeKeys, S = sftk::kModeSqrt;  // window modes
   std::vector<AttnCase> cs;
   for (DType dt : {DType::kFloat16, DType::kBFloat16}) {
-    cs.push_back({"causal_w16_d64_gqa", 1, 130, 130, 4, 2, 64, 0, 15, 0, 0, true, {}, {}, 0, dt});
-    cs.push_back({"two_sided_3_17_d128", 1, 97, 97, 2, 1, 128, 0, 3, 17, 0, false, {}, {}, 0, dt});
+    cs.push_back({"causal_w16_d64_gqa", 1, 130, 130, 4, 2, 64, E, 15, 0, 0, true, {}, {}, 0, dt});
+    cs.push_back({"two_sided_3_17_d128", 1, 97, 97, 2, 1, 128, E, 3, 17, 0, false, {}, {}, 0, dt});
   }
   DType h = DType::kFloat16, bf = DType::kBFloat16;
-  cs.push_back({"full_d64", 2, 97, 97, 2, 2, 64, 0, -1, -1, 0, false, {}, {}, 0, h});
-  cs.push_back({"causal_unbounded_d64", 1, 97, 97, 2, 2, 64, 0, -1, 0, 0, true, {}, {}, 0, bf});
-  cs.push_back({"diag_only_d64", 1, 70, 70, 2, 2, 64, 0, 0, 0, 0, false, {}, {}, 0, h});
-  cs.push_back({"left_only_unbounded_right_d64", 1, 97, 97, 1, 1, 64, 0, 9, -1, 0, false, {}, {}, 0, bf});
-  cs.push_back({"int_window_bidir_d64", 1, 97, 97, 2, 2, 64, 1, -1, -1, 9, false, {}, {}, 0, h});
-  cs.push_back({"q_shorter_causal_d64", 2, 33, 97, 2, 2, 64, 0, 16, 0, 0, true, {}, {}, 0, h});
-  cs.push_back({"q_longer_causal_empty_rows_d64", 1, 97, 33, 2, 2, 64, 0, -1, 0, 0, true, {}, {}, 0, bf});
-  cs.push_back({"q_longer_window_d128_mqa", 1, 90, 45, 2, 1, 128, 0, 5, 3, 0, false, {}, {}, 0, h});
-  cs.push_back({"strided_heads_d64", 1, 80, 80, 2, 1, 64, 0, 20, 0, 0, true, {}, {}, 16, bf});
-  cs.push_back({"varlen_sqrt_causal_d64", 0, 0, 0, 2, 1, 64, 2, -1, -1, 0, true, {70, 0, 129, 5}, {70, 0, 129, 5}, 0, bf});
-  cs.push_back({"varlen_keys_bidir_d128", 0, 0, 0, 2, 2, 128, 1, -1, -1, 24, false, {40, 100}, {60, 100}, 0, h});
+  cs.push_back({"full_d64", 2, 97, 97, 2, 2, 64, E, -1, -1, 0, false, {}, {}, 0, h});
+  cs.push_back({"causal_unbounded_d64", 1, 97, 97, 2, 2, 64, E, -1, 0, 0, true, {}, {}, 0, bf});
+  cs.push_back({"diag_only_d64", 1, 70, 70, 2, 2, 64, E, 0, 0, 0, false, {}, {}, 0, h});
+  cs.push_back({"left_only_unbounded_right_d64", 1, 97, 97, 1, 1, 64, E, 9, -1, 0, false, {}, {}, 0, bf});
+  cs.push_back({"int_window_bidir_d64", 1, 97, 97, 2, 2, 64, K, -1, -1, 9, false, {}, {}, 0, h});
+  cs.push_back({"q_shorter_causal_d64", 2, 33, 97, 2, 2, 64, E, 16, 0, 0, true, {}, {}, 0, h});
+  cs.push_back({"q_longer_causal_empty_rows_d64", 1, 97, 33, 2, 2, 64, E, -1, 0, 0, true, {}, {}, 0, bf});
+  cs.push_back({"q_longer_window_d128_mqa", 1, 90, 45, 2, 1, 128, E, 5, 3, 0, false, {}, {}, 0, h});
+  cs.push_back({"strided_heads_d64", 1, 80, 80, 2, 1, 64, E, 20, 0, 0, true, {}, {}, 16, bf});
+  cs.push_back({"varlen_sqrt_causal_d64", 0, 0, 0, 2, 1, 64, S, -1, -1, 0, true, {70, 0, 129, 5}, {70, 0, 129, 5}, 0, bf});
+  cs.push_back({"varlen_keys_bidir_d128", 0, 0, 0, 2, 2, 128, K, -1, -1, 24, false, {40, 100}, {60, 100}, 0, h});
   // >= 3 key tiles per query tile (forward, dQ) and >= 3 query tiles per key tile (dK/dV):
   // the double buffers are reused, so a prefetch that overtakes a barrier overwrites a
   // stage another warp still reads (EMU_SCHED=runahead shows it)
-  cs.push_back({"full_L200_three_tiles_d64", 1, 200, 200, 2, 2, 64, 0, -1, -1, 0, false, {}, {}, 0, h});
-  cs.push_back({"causal_L230_three_tiles_d128_gqa", 1, 230, 230, 4, 2, 128, 0, -1, 0, 0, true, {}, {}, 0, bf});
+  cs.push_back({"full_L200_three_tiles_d64", 1, 200, 200, 2, 2, 64, E, -1, -1, 0, false, {}, {}, 0, h});
+  cs.push_back({"causal_L230_three_tiles_d128_gqa", 1, 230, 230, 4, 2, 128, E, -1, 0, 0, true, {}, {}, 0, bf});
   if (big) {
-    cs.push_back({"long_causal_w256_d128", 2, 1025, 1025, 8, 2, 128, 0, 255, 0, 0, true, {}, {}, 0, bf});
-    cs.push_back({"long_sqrt_bidir_d64", 1, 2048, 2048, 4, 4, 64, 2, -1, -1, 0, false, {}, {}, 0, h});
+    cs.push_back({"long_causal_w256_d128", 2, 1025, 1025, 8, 2, 128, E, 255, 0, 0, true, {}, {}, 0, bf});
+    cs.push_back({"long_sqrt_bidir_d64", 1, 2048, 2048, 4, 4, 64, S, -1, -1, 0, false, {}, {}, 0, h});
   }
   return cs;
 }

@@ -81,6 +81,17 @@ class CompileReport:
     stack_bytes: int = 0
     compile_seconds: float = 0.0
     ptxas_log: str = field(default="", repr=False)
+    # what the tensor cores are asked to do, read from TTGIR and PTX (see analyse_dots)
+    dots: list = field(default_factory=list)  # per tt.dot / warp_group_dot: shape, layout, redundancy
+    redundancy: float = 1.0  # MMA work issued / MMA work of the tile shapes (1.0 = none replicated)
+    mma_shapes: dict = field(default_factory=dict)  # PTX instruction shape -> static count
+    perf_warnings: list = field(default_factory=list)  # ptxas "Potential Performance Loss" lines
+    async_copies: int = 0  # cp.async instructions in the PTX (pointer loads pipelined to smem)
+    tma_copies: int = 0  # cp.async.bulk.tensor instructions (TMA)
+
+    @property
+    def ctas_per_sm(self) -> int:
+        return ctas_per_sm(self.arch, self.registers, self.num_warps, self.shared_bytes)
 
 
 @dataclass
@@ -243,6 +254,78 @@ def gpu_name(arch: int) -> str:
     return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
 
+# Per-SM resources by compute capability: registers, shared memory (bytes, of which 1 KiB
+# is reserved per resident block), resident blocks, resident warps.
+SM_RESOURCES = {90: (65536, 233472, 32, 64), 80: (65536, 167936, 32, 64)}
+
+
+def occupancy(registers: int, num_warps: int, shared_bytes: int, regs_per_sm: int = 65536,
+              smem_per_sm: int = 233472, max_warps: int = 64, max_blocks: int = 32) -> int:
+    """Blocks of a kernel one SM holds at once (the occupancy calculator's rule).
+
+    Registers are allocated per warp in units of 256 (8 per thread), shared memory per
+    block plus the 1 KiB the runtime reserves for each resident block. The launchers of
+    persistent kernels size their grids with this, from the compiled kernel's figures.
+    """
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    warps = max(num_warps, 1)
+    by_regs = (regs_per_sm // regs_per_warp) // warps
+    by_smem = smem_per_sm // (shared_bytes + 1024)
+    return max(0, min(by_regs, by_smem, max_blocks, max_warps // warps))
+
+
+def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """:func:`occupancy` on the per-SM limits of compute capability ``arch``."""
+    regs_sm, smem_sm, max_blocks, max_warps = SM_RESOURCES.get(arch, SM_RESOURCES[80])
+    return occupancy(registers, num_warps, shared_bytes, regs_sm, smem_sm, max_warps, max_blocks)
+
+
+_RE_MMA_ATTR = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[([\d, ]+)\]"
+                          r".*?instrShape = \[([\d, ]+)\]", re.M)
+_RE_DOT = re.compile(r"= (ttng\.warp_group_dot|tt\.dot) .*?: (?:!ttg\.memdesc|tensor)<(\d+)x(\d+)x\w+.*?"
+                     r"-> tensor<(\d+)x(\d+)x\w+, #(\w+)>")
+_RE_PTX_MMA = re.compile(r"\b(?:wgmma\.mma_async\.sync\.aligned|mma\.sync\.aligned)\.(m\d+n\d+k\d+)")
+
+
+def analyse_dots(ttgir: str) -> tuple[list, float]:
+    """Every dot of a TTGIR module with its MMA layout, and the kernel's MMA redundancy.
+
+    An MMA layout places ``warpsPerCTA`` warps over the output tile, each warp covering
+    ``16 x instrShape[1]`` (Hopper: a warpgroup of 4 warps issues one m64nNk16 wgmma;
+    Ampere: ``16 x 8`` mma.sync). Where the warps cover more rows or columns than the tile
+    has, warps compute the same products: Triton puts every warp on the M axis of a dot
+    whose result feeds another dot (``warpsPerCTA = [num_warps, 1]``), so 8 warps on a
+    64-row dot do its work twice. ``redundancy`` weights each dot by its M x N x K.
+    """
+    layouts = {}
+    for m in _RE_MMA_ATTR.finditer(ttgir):
+        layouts[m.group(1)] = (int(m.group(2)), [int(x) for x in m.group(3).split(",")],
+                               [int(x) for x in m.group(4).split(",")])
+    dots, useful, issued = [], 0, 0
+    for m in _RE_DOT.finditer(ttgir):
+        op, _am, k, rows, cols, lay = m.groups()
+        k, rows, cols = int(k), int(rows), int(cols)
+        if lay not in layouts:
+            continue  # an FMA dot (no MMA layout)
+        version, warps, instr = layouts[lay]
+        cover_m = warps[0] * 16
+        cover_n = warps[1] * (instr[1] if len(instr) > 1 else 8)
+        red = max(1.0, cover_m / rows) * max(1.0, cover_n / cols)
+        dots.append({"op": "wgmma" if op.startswith("ttng") else "mma", "mnk": [rows, cols, k],
+                     "warps_per_cta": warps, "instr_shape": instr, "mma_version": version,
+                     "redundancy": red})
+        useful += rows * cols * k
+        issued += rows * cols * k * red
+    return dots, (issued / useful if useful else 1.0)
+
+
+def mma_shapes(ptx: str) -> dict:
+    out = {}
+    for shape in _RE_PTX_MMA.findall(ptx):
+        out[shape] = out.get(shape, 0) + 1
+    return out
+
+
 _RE_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _RE_PROPS = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -264,6 +347,13 @@ def parse_ptxas_log(log: str) -> dict:
         "spill_loads": sum(p[2] for p in props),
         "static_smem": max(smem, default=0),
     }
+
+
+def perf_warnings(log: str) -> list:
+    """ptxas's performance warnings, e.g. C7515 / C7512: wgmma serialised (each wgmma then
+    waits for the previous one, losing the tensor-core pipeline)."""
+    return [line.strip() for line in log.splitlines()
+            if "Potential Performance Loss" in line or re.search(r"\(C75(?:12|15)\)", line)]
 
 
 def run_ptxas(ptx: str, arch: int, enable_fp_fusion: bool = True, ptx_options: str = "") -> tuple[dict, str]:
@@ -394,6 +484,10 @@ def _compile_here(jitfn, name, signature, constexprs, arch, num_warps, num_stage
     fp_fusion = opts.get("enable_fp_fusion", True)
     ptx_options = (md.get("ptx_options") if isinstance(md, dict) else getattr(md, "ptx_options", None)) or ""
     stats, log = run_ptxas(ptx, arch, fp_fusion, ptx_options)
+    ttgir = compiled.asm.get("ttgir", "")
+    if isinstance(ttgir, bytes):
+        ttgir = ttgir.decode()
+    dots, redundancy = analyse_dots(ttgir)
     return CompileReport(
         name=name or jitfn.__name__,
         arch=arch,
@@ -409,6 +503,12 @@ def _compile_here(jitfn, name, signature, constexprs, arch, num_warps, num_stage
         stack_bytes=stats["stack_bytes"],
         compile_seconds=time.perf_counter() - t0,
         ptxas_log=log,
+        dots=dots,
+        redundancy=redundancy,
+        mma_shapes=mma_shapes(ptx),
+        perf_warnings=perf_warnings(log),
+        async_copies=len(re.findall(r"\bcp\.async\.c[ag]\.shared", ptx)),
+        tma_copies=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
     )
 
 
@@ -537,7 +637,15 @@ def spec_failures(spec: dict, arch: int, report: Optional[CompileReport], error:
     if limit is not None and report.shared_bytes > limit:
         out.append(f"{tag}: shared memory {report.shared_bytes} B over the {limit} B limit "
                    f"(num_stages={report.num_stages})")
+    for w in report.perf_warnings:
+        out.append(f"{tag}: ptxas performance warning: {w}")
     if spec.get("expect_mma"):
+        bad = [d for d in report.dots if d["redundancy"] > 1.0]
+        if bad:
+            desc = "; ".join(f"{d['op']} {d['mnk'][0]}x{d['mnk'][1]}x{d['mnk'][2]} on warpsPerCTA={d['warps_per_cta']}"
+                             f" ({d['redundancy']:.2f}x)" for d in bad)
+            out.append(f"{tag}: redundant MMA layout, {report.redundancy:.2f}x the tile's MMA work "
+                       f"(num_warps={report.num_warps}): {desc}")
         if arch >= 90 and not report.uses_wgmma:
             out.append(f"{tag}: expected wgmma in the Hopper build, found "
                        f"{'mma.sync only' if report.uses_mma else 'no tensor-core MMA'}")
@@ -640,11 +748,107 @@ def expand_configs(base: dict, configs: Iterable, name_fmt: Optional[str] = None
     return out
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m sft_kernels.testing.compile_check JOB.pkl OUT.pkl (internal)")
-    # run the worker from the importable module, not from __main__, so that pickled
-    # classes resolve to one module
-    from sft_kernels.testing.compile_check import _worker_main as _main
+# --------------------------------------------------------------------------------------
+# The op modules' specs, and the per-config report
+# --------------------------------------------------------------------------------------
 
-    _main(sys.argv[1], sys.argv[2])
+
+def op_specs():
+    """(specs, problems): every ``compile_specs()`` of the ``sft_kernels.ops.*.triton*``
+    modules; ``problems`` lists modules that do not import or specs that are malformed."""
+    import importlib
+    import pkgutil
+
+    import sft_kernels.ops as ops
+
+    specs, problems, seen_fns = [], [], set()
+
+    def onerror(name):
+        problems.append(f"cannot import package {name}")
+
+    for info in pkgutil.walk_packages(ops.__path__, ops.__name__ + ".", onerror=onerror):
+        leaf = info.name.rsplit(".", 1)[-1]
+        if not leaf.startswith("triton"):
+            continue
+        try:
+            mod = importlib.import_module(info.name)
+        except Exception as e:  # noqa: BLE001 - a broken kernel module is a failure
+            problems.append(f"cannot import {info.name}: {type(e).__name__}: {e}")
+            continue
+        fn = getattr(mod, "compile_specs", None)
+        if fn is None or id(fn) in seen_fns:
+            continue
+        seen_fns.add(id(fn))
+        try:
+            got = list(fn())
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{info.name}.compile_specs() raised {type(e).__name__}: {e}")
+            continue
+        for s in got:
+            missing = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} - set(s)
+            if missing:
+                problems.append(f"{info.name}: spec {s.get('name', '?')} lacks {sorted(missing)}")
+            else:
+                specs.append(s)
+    names = [s["name"] for s in specs]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        problems.append(f"duplicate spec names: {dups}")
+    return specs, problems
+
+
+def report_table(results: Sequence[SpecResult]) -> str:
+    """Markdown: registers, spills, shared memory, CTAs/SM, MMA shapes, redundancy and
+    ptxas performance warnings per (kernel config, architecture)."""
+    lines = ["| kernel config | arch | regs | spill B | smem KiB | CTAs/SM | MMA instructions (static count) "
+             "| redundancy | serialised | async copies |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rep = r.report
+        if rep is None:
+            lines.append(f"| {r.name} | {gpu_name(r.arch)} | compile failed | | | | | | | |")
+            continue
+        shapes = ", ".join(f"{k} x{v}" for k, v in sorted(rep.mma_shapes.items()))
+        copies = f"{rep.tma_copies} TMA" if rep.tma_copies else str(rep.async_copies)
+        lines.append(f"| {r.name} | {gpu_name(r.arch)} | {rep.registers} | {rep.spill_stores + rep.spill_loads} "
+                     f"| {rep.shared_bytes / 1024:.0f} | {rep.ctas_per_sm} | {shapes} | {rep.redundancy:.2f} "
+                     f"| {'yes' if rep.perf_warnings else 'no'} | {copies} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m sft_kernels.testing.compile_check [--first] [--archs 90,80] [--filter S]``:
+    compile the op specs and print :func:`report_table` and every failure."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sft_kernels.testing.compile_check", description=main.__doc__)
+    ap.add_argument("--first", action="store_true", help="only each autotune list's first choice")
+    ap.add_argument("--archs", default="90,80")
+    ap.add_argument("--filter", default="", help="only specs whose name contains this")
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    specs, problems = op_specs()
+    specs = [s for s in specs if args.filter in s["name"] and (s.get("first_choice") or not args.first)]
+    mode = "subprocess" if (args.workers or 1) > 1 else "auto"
+    results = run_specs(specs, tuple(int(a) for a in args.archs.split(",")), mode=mode, workers=args.workers)
+    import triton
+
+    print(f"triton {triton.__version__}, {len(specs)} specs")
+    print(report_table(results))
+    failures = problems + [f for r in results for f in r.failures]
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1].endswith(".pkl"):
+        # run the worker from the importable module, not from __main__, so that pickled
+        # classes resolve to one module
+        from sft_kernels.testing.compile_check import _worker_main as _main
+
+        _main(sys.argv[1], sys.argv[2])
+    else:
+        from sft_kernels.testing.compile_check import main as _report
+
+        sys.exit(_report())

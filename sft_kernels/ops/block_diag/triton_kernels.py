@@ -13,11 +13,22 @@ Notation (per block i of g): ``n_i`` input features, ``m_i`` output features, bl
   fill the GPU: each chunk writes an fp32 partial, and the partials are summed after
   (deterministic; no atomics).
 
-Both grids are persistent: ``min(#tiles, #SMs x resident programs per SM)`` programs
-walk the tiles of every block in order (block, token tile, column tile), reading the
-block table (a small int32 device tensor built once on the host from the static split
-sizes and cached) as they go. Inputs are read in place through their strides, and the
-zero blocks are never touched. Accumulation is fp32; outputs have the input dtype.
+Both grids are persistent: ``min(#tiles, #SMs x resident programs per SM)`` programs,
+the residency read from the compiled kernel's registers and shared memory. Each program
+walks its tiles (round-robin over all blocks) in ONE flattened loop over k-steps, so the
+software pipeline runs across tile boundaries: the next tile's first operand loads are
+in flight during the current tile's last MMAs and its epilogue. Tiles are numbered
+token tile major, column tile minor over every block (GEMM) or split major over every
+block's (m, n) tiles (dW); a small int32 table per column tile (built once on the host
+from the static split sizes and cached) names its block. Inputs are read in place
+through their strides, and the zero blocks are never touched. Accumulation is fp32;
+outputs have the input dtype.
+
+Every block size a multiple of 16 keeps all offsets 16-element aligned, so operand
+loads are 16-byte vectors that pipeline through cp.async. Other sizes are padded: x
+(or dy) and W are copied once into a layout with every block padded to a multiple of
+16 with zeros, the aligned kernel runs, and the real columns are gathered back (an
+extra pass over the activations, for the odd shapes only).
 
 Autotuning is done here, not with ``triton.autotune``: a small config list, keyed on
 shape buckets (dtype, largest block rounded up to a power of two, token count rounded
@@ -25,8 +36,7 @@ up to a power of two and clamped to [1024, 65536]), benchmarked once per key wit
 ``triton.testing.do_bench``; ``SFT_KERNELS_BD_CONFIG`` pins one (see ``_pinned``).
 Under the interpreter (``TRITON_INTERPRET=1``) a single small config runs and dot
 operands are upcast to fp32 (``UPCAST_DOT``), since the interpreter's bf16/fp16
-``tl.dot`` is wrong. The tile sizes below are starting points from Triton's Hopper
-matmul tutorial; they have not been swept on a GPU for this kernel yet.
+``tl.dot`` is wrong.
 """
 
 from __future__ import annotations
@@ -51,77 +61,88 @@ def _bd_gemm_kernel(
     BIAS,  # (sum N_i,) or a dummy when HAS_BIAS is False
     OUT,  # (T, sum N_i)
     META,  # int32 (G, 6): k_off, n_off, K_i, N_i, w_off, ld_w (= n_i, the row length of W_i)
+    COLS,  # int32 (C, 4) per column tile over all blocks: block, first column in the block, k-steps, 0
     T,
-    G,
+    C,  # column tiles over all blocks
     stride_at,
     stride_ak,
     stride_ot,
     stride_on,
     HAS_BIAS: tl.constexpr,
     TRANS_W: tl.constexpr,
-    ALIGNED: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    num_t_tiles = tl.cdiv(T, BLOCK_T)
-    tile = pid
-    tiles_before = 0
-    for g in range(G):
-        k_off = tl.load(META + g * 6 + 0)
-        n_off = tl.load(META + g * 6 + 1)
-        K_i = tl.load(META + g * 6 + 2)
-        N_i = tl.load(META + g * 6 + 3)
-        w_off = tl.load(META + g * 6 + 4)
-        ld_w = tl.load(META + g * 6 + 5)
-        if ALIGNED:  # every block size is a multiple of 16: lets loads vectorise and pipeline
-            k_off = tl.multiple_of(k_off, 16)
-            n_off = tl.multiple_of(n_off, 16)
-            K_i = tl.multiple_of(K_i, 16)
-            N_i = tl.multiple_of(N_i, 16)
-            w_off = tl.multiple_of(w_off, 16)
-            ld_w = tl.multiple_of(ld_w, 16)
-        n_tiles = tl.cdiv(N_i, BLOCK_N)
-        g_tiles = n_tiles * num_t_tiles
-        # Invariant: tile >= tiles_before here, so this walks exactly this block's tiles.
-        while tile < tiles_before + g_tiles:
-            local = tile - tiles_before
-            pid_t = local // n_tiles
-            pid_n = local % n_tiles
-            offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_k = tl.arange(0, BLOCK_K)
-            mask_t = offs_t < T
-            mask_n = offs_n < N_i
-            a_ptrs = A + offs_t[:, None].to(tl.int64) * stride_at + (k_off + offs_k)[None, :] * stride_ak
-            if TRANS_W:  # B_i = W_i: element (k, n) = W_i[k, n]
-                w_ptrs = W + w_off + offs_k[:, None] * ld_w + offs_n[None, :]
-                w_step = BLOCK_K * ld_w
-            else:  # B_i = W_i^T: element (k, n) = W_i[n, k]
-                w_ptrs = W + w_off + offs_n[None, :] * ld_w + offs_k[:, None]
-                w_step = BLOCK_K
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for kk in range(0, tl.cdiv(K_i, BLOCK_K)):
-                k_rem = K_i - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_t[:, None] & (offs_k[None, :] < k_rem), other=0.0)
-                b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_rem) & mask_n[None, :], other=0.0)
-                if UPCAST_DOT:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                a_ptrs += BLOCK_K * stride_ak
-                w_ptrs += w_step
-            if HAS_BIAS:
-                bias = tl.load(BIAS + n_off + offs_n, mask=mask_n, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-            o_ptrs = OUT + offs_t[:, None].to(tl.int64) * stride_ot + (n_off + offs_n)[None, :] * stride_on
-            tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_t[:, None] & mask_n[None, :])
+    total = tl.cdiv(T, BLOCK_T) * C
+    my_tiles = tl.cdiv(total - pid, nprog)  # tiles pid, pid + nprog, ... (the grid has <= total programs)
+    # k-steps over this program's tiles: the trip count of the one flattened loop below
+    n_iters = pid * 0
+    for j0 in range(0, my_tiles, COUNT_BLOCK):
+        j = j0 + tl.arange(0, COUNT_BLOCK)
+        steps = tl.load(COLS + ((pid + j * nprog) % C) * 4 + 2, mask=j < my_tiles, other=0)
+        n_iters += tl.sum(steps)
+
+    offs_tt = tl.arange(0, BLOCK_T)
+    offs_nn = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    tile = pid - nprog  # advanced at the first step
+    kk = pid * 0
+    k_steps = pid * 0
+    t0 = pid * 0
+    n0 = pid * 0
+    k_off = pid * 0
+    n_off = pid * 0
+    K_i = pid * 0
+    N_i = pid * 0
+    ld_w = pid * 0
+    w_off = (pid * 0).to(tl.int64)
+    a_row = (pid * 0).to(tl.int64)
+    for _ in range(0, n_iters):
+        if kk == 0:  # a new tile: find its block
             tile += nprog
-        tiles_before += g_tiles
+            c = tile % C
+            t0 = tl.multiple_of((tile // C) * BLOCK_T, BLOCK_T)
+            g = tl.load(COLS + c * 4)
+            n0 = tl.multiple_of(tl.load(COLS + c * 4 + 1), BLOCK_N)
+            k_steps = tl.load(COLS + c * 4 + 2)
+            k_off = tl.multiple_of(tl.load(META + g * 6 + 0), 16)  # every size a multiple of 16 (padded)
+            n_off = tl.multiple_of(tl.load(META + g * 6 + 1), 16)
+            K_i = tl.multiple_of(tl.load(META + g * 6 + 2), 16)
+            N_i = tl.multiple_of(tl.load(META + g * 6 + 3), 16)
+            w_off = tl.multiple_of(tl.load(META + g * 6 + 4), 16).to(tl.int64)
+            ld_w = tl.multiple_of(tl.load(META + g * 6 + 5), 16)
+            a_row = t0.to(tl.int64) * stride_at  # row x stride in 64 bits
+        k0 = kk * BLOCK_K
+        kr = k0 + offs_k
+        a_ptrs = A + a_row + offs_tt[:, None] * stride_at + (k_off + kr)[None, :] * stride_ak
+        cols = n0 + offs_nn
+        if TRANS_W:  # B_i = W_i: element (k, n) = W_i[k, n]
+            w_ptrs = W + w_off + kr[:, None] * ld_w + cols[None, :]
+        else:  # B_i = W_i^T: element (k, n) = W_i[n, k]
+            w_ptrs = W + w_off + cols[None, :] * ld_w + kr[:, None]
+        a = tl.load(a_ptrs, mask=((t0 + offs_tt) < T)[:, None] & (kr < K_i)[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=(kr < K_i)[:, None] & (cols < N_i)[None, :], other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        kk += 1
+        if kk == k_steps:  # epilogue of this tile
+            mask_n = cols < N_i
+            if HAS_BIAS:
+                bias = tl.load(BIAS + n_off + cols, mask=mask_n, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+            o_ptrs = OUT + t0.to(tl.int64) * stride_ot + offs_tt[:, None] * stride_ot + (n_off + cols)[None, :] * stride_on
+            tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=((t0 + offs_tt) < T)[:, None] & mask_n[None, :])
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            kk = kk * 0
 
 
 @triton.jit
@@ -130,8 +151,9 @@ def _bd_dw_kernel(
     X,  # (T, sum n_i), any strides
     DW,  # (SPLIT, sum m_i n_i): fp32 partials, or the weight-dtype gradient when SPLIT == 1
     META,  # int32 (G, 6): n_off (x column), m_off (dy column), n_i, m_i, w_off, n_i
+    TILES,  # int32 (MN, 4) per (m, n) tile over all blocks: block, first row m0, first column n0, 0
     T,
-    G,
+    MN,  # (m, n) tiles over all blocks
     T_CHUNK,  # tokens per split, a multiple of BLOCK_T
     SPLIT,
     stride_dyt,
@@ -139,90 +161,91 @@ def _bd_dw_kernel(
     stride_xt,
     stride_xk,
     stride_dws,
-    ALIGNED: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    tile = pid
-    tiles_before = 0
-    for g in range(G):
-        n_off = tl.load(META + g * 6 + 0)
-        m_off = tl.load(META + g * 6 + 1)
-        n_i = tl.load(META + g * 6 + 2)
-        m_i = tl.load(META + g * 6 + 3)
-        w_off = tl.load(META + g * 6 + 4)
-        if ALIGNED:
-            n_off = tl.multiple_of(n_off, 16)
-            m_off = tl.multiple_of(m_off, 16)
-            n_i = tl.multiple_of(n_i, 16)
-            m_i = tl.multiple_of(m_i, 16)
-            w_off = tl.multiple_of(w_off, 16)
-        m_tiles = tl.cdiv(m_i, BLOCK_M)
-        n_tiles = tl.cdiv(n_i, BLOCK_N)
-        mn_tiles = m_tiles * n_tiles
-        g_tiles = mn_tiles * SPLIT
-        while tile < tiles_before + g_tiles:
-            local = tile - tiles_before
-            split = local // mn_tiles
-            rest = local % mn_tiles
-            pid_m = rest // n_tiles
-            pid_n = rest % n_tiles
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_t = tl.arange(0, BLOCK_T)
-            mask_m = offs_m < m_i
-            mask_n = offs_n < n_i
+    total = MN * SPLIT
+    my_tiles = tl.cdiv(total - pid, nprog)
+    # k-steps (token tiles) over this program's tiles: the last split may be shorter
+    n_iters = pid * 0
+    for j0 in range(0, my_tiles, COUNT_BLOCK):
+        j = j0 + tl.arange(0, COUNT_BLOCK)
+        split = (pid + j * nprog) // MN
+        t_len = tl.minimum(T - split * T_CHUNK, T_CHUNK)
+        n_iters += tl.sum(tl.where(j < my_tiles, tl.cdiv(t_len, BLOCK_T), 0))
+
+    offs_mm = tl.arange(0, BLOCK_M)
+    offs_nn = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tile = pid - nprog
+    kk = pid * 0
+    k_steps = pid * 0
+    split = pid * 0
+    t_start = pid * 0
+    t_end = pid * 0
+    m0 = pid * 0
+    n0 = pid * 0
+    n_off = pid * 0
+    m_off = pid * 0
+    n_i = pid * 0
+    m_i = pid * 0
+    w_off = (pid * 0).to(tl.int64)
+    for _ in range(0, n_iters):
+        if kk == 0:
+            tile += nprog
+            split = tile // MN
+            mn = tile % MN
+            g = tl.load(TILES + mn * 4)
+            m0 = tl.multiple_of(tl.load(TILES + mn * 4 + 1), BLOCK_M)
+            n0 = tl.multiple_of(tl.load(TILES + mn * 4 + 2), BLOCK_N)
+            n_off = tl.multiple_of(tl.load(META + g * 6 + 0), 16)
+            m_off = tl.multiple_of(tl.load(META + g * 6 + 1), 16)
+            n_i = tl.multiple_of(tl.load(META + g * 6 + 2), 16)
+            m_i = tl.multiple_of(tl.load(META + g * 6 + 3), 16)
+            w_off = tl.multiple_of(tl.load(META + g * 6 + 4), 16).to(tl.int64)
             t_start = split * T_CHUNK
             t_end = tl.minimum(T, t_start + T_CHUNK)
+            k_steps = tl.cdiv(t_end - t_start, BLOCK_T)
+        t = t_start + kk * BLOCK_T
+        rows = m0 + offs_mm
+        cols = n0 + offs_nn
+        mask_t = (t + offs_t) < t_end
+        # dy_i^T tile (BLOCK_M, BLOCK_T), read through dy's strides (no transpose copy)
+        dy = tl.load(DY + t.to(tl.int64) * stride_dyt + offs_t[None, :] * stride_dyt + (m_off + rows)[:, None] * stride_dym,
+                     mask=(rows < m_i)[:, None] & mask_t[None, :], other=0.0)
+        x = tl.load(X + t.to(tl.int64) * stride_xt + offs_t[:, None] * stride_xt + (n_off + cols)[None, :] * stride_xk,
+                    mask=mask_t[:, None] & (cols < n_i)[None, :], other=0.0)
+        if UPCAST_DOT:
+            dy = dy.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(dy, x, acc, input_precision=INPUT_PRECISION)
+        kk += 1
+        if kk == k_steps:
+            dw_ptrs = DW + split.to(tl.int64) * stride_dws + w_off + rows[:, None] * n_i + cols[None, :]
+            tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=(rows < m_i)[:, None] & (cols < n_i)[None, :])
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for t0 in range(t_start, t_end, BLOCK_T):
-                t = t0 + offs_t
-                mask_t = t < t_end
-                # dy_i^T tile (BLOCK_M, BLOCK_T), read through dy's strides (no transpose copy)
-                dy = tl.load(
-                    DY + t[None, :].to(tl.int64) * stride_dyt + (m_off + offs_m)[:, None] * stride_dym,
-                    mask=mask_m[:, None] & mask_t[None, :],
-                    other=0.0,
-                )
-                x = tl.load(
-                    X + t[:, None].to(tl.int64) * stride_xt + (n_off + offs_n)[None, :] * stride_xk,
-                    mask=mask_t[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-                if UPCAST_DOT:
-                    dy = dy.to(tl.float32)
-                    x = x.to(tl.float32)
-                acc = tl.dot(dy, x, acc, input_precision=INPUT_PRECISION)
-            dw_ptrs = DW + split.to(tl.int64) * stride_dws + w_off + offs_m[:, None] * n_i + offs_n[None, :]
-            tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-            tile += nprog
-        tiles_before += g_tiles
+            kk = kk * 0
 
 
 # ----------------------------------------------------------------------------- configs
 
-# Config lists. "Aligned" configs serve blocks whose sizes are all multiples of 16
-# (the ALIGNED constexpr: offsets provably 16-element aligned, so loads vectorise and
-# pipeline through cp.async / TMA-free multi-buffering); the general path keeps smaller
-# tiles because its scalar, per-element-masked loads need many more registers. Every
-# entry compiles for sm_90a and sm_80 with no register spill (ptxas -v, Triton 3.8):
-# 128x256x64 (8 warps) spilled on sm_80 and 64x64x64 spilled on the general path, so
-# neither is listed.
+# Config lists (every block size is a multiple of 16 by the time a kernel runs: see the
+# padding below). Every entry compiles for sm_90a and sm_80, fp16 and bf16, under Triton
+# 3.6 and 3.8 with no register spill, no replicated MMA and no serialised wgmma
+# (tests/test_gpu_compile.py; registers and CTAs/SM per config in the README).
 # (BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages) for _bd_gemm_kernel.
 GEMM_CONFIGS: List[Dict[str, int]] = [
     dict(BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_T=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     dict(BLOCK_T=128, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=4),  # blocks of <= 32 outputs
-]
-GEMM_CONFIGS_GENERAL: List[Dict[str, int]] = [
-    dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
-    dict(BLOCK_T=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_T, num_warps, num_stages) for _bd_dw_kernel.
 DW_CONFIGS: List[Dict[str, int]] = [
@@ -231,10 +254,6 @@ DW_CONFIGS: List[Dict[str, int]] = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_T=128, num_warps=4, num_stages=4),  # small blocks
 ]
-# BLOCK_M stays 64: with 32 rows the Hopper build falls back from wgmma to mma.sync.
-DW_CONFIGS_GENERAL: List[Dict[str, int]] = [
-    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_T=32, num_warps=4, num_stages=2),
-]
 # One config each under the interpreter: small tiles so that tests at tokens <= 64 and
 # widths <= 96 still cross tile edges and walk several tiles per program.
 INTERPRET_GEMM_CONFIG = dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -242,6 +261,8 @@ INTERPRET_DW_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=32, num_warps=4, num_
 INTERPRET_PROGRAMS = 3  # persistent programs under the interpreter (each walks many tiles)
 
 _SMEM_BUDGET = 200 * 1024  # bytes; Hopper has 227 KiB per block, Ampere (sm_80) 163 KiB
+_ALIGN = 16  # block sizes are padded to a multiple of this
+_COUNT_BLOCK = 128  # tiles per step of the kernels' trip-count pre-pass
 
 
 def _smem_bytes(cfg: Dict[str, int], elsize: int, kind: str) -> int:
@@ -287,23 +308,37 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRET_PROGRAMS
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _num_sms(_device_index(device))
 
 
-def _resident(cfg: Dict[str, int], elsize: int, kind: str) -> int:
-    """Programs of this config one SM can hold: persistent grids launch SMs x this.
+_RESIDENT: Dict[tuple, int] = {}
 
-    An estimate, not a measurement: shared memory from the tile sizes, registers at
-    ~168 per thread (ptxas reported 118-176 for the 128-row configs on sm_90a). One
-    program of 4 warps per SM cannot keep enough loads in flight for the memory-bound
-    small-block shapes, which is why this is not simply 1.
-    """
-    by_smem = max(1, _SMEM_BUDGET // max(1, _smem_bytes(cfg, elsize, kind)))
-    by_regs = max(1, 65536 // (cfg["num_warps"] * 32 * 168))
-    return min(by_smem, by_regs)
+
+def _resident(kernel, key: tuple, device: torch.device, num_warps: int, args, kwargs) -> int:
+    """Programs of this compiled kernel one SM holds at once (persistent grids launch
+    SMs x this): the occupancy rule on the registers and shared memory ptxas gave the
+    build (``compile_check.ctas_per_sm``) against this GPU's per-SM limits. Cached per
+    config and specialisation key."""
+    if device.type != "cuda":
+        return 1
+    full = (id(kernel), device.index) + key
+    if full not in _RESIDENT:
+        from ...testing.compile_check import occupancy
+
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(_device_index(device))
+        _RESIDENT[full] = max(1, occupancy(
+            compiled.n_regs, num_warps, compiled.metadata.shared, props.regs_per_multiprocessor,
+            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor // 32))
+    return _RESIDENT[full]
 
 
 _TUNED: Dict[tuple, Dict[str, int]] = {}
@@ -384,53 +419,101 @@ def _meta(in_features: Tuple[int, ...], out_features: Tuple[int, ...], kind: str
     return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
+@functools.lru_cache(maxsize=256)
+def _col_tiles(ks: Tuple[int, ...], ns: Tuple[int, ...], block_n: int, block_k: int, device: torch.device):
+    """int32 (C, 4): per column tile over all blocks (block order), its block, its first
+    column inside the block and its k-steps cdiv(K_i, BLOCK_K)."""
+    rows = [(g, n0, triton.cdiv(k, block_k), 0) for g, (k, n) in enumerate(zip(ks, ns)) for n0 in range(0, n, block_n)]
+    return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _mn_tiles(ms: Tuple[int, ...], ns: Tuple[int, ...], block_m: int, block_n: int, device: torch.device):
+    """int32 (MN, 4): per (m, n) output tile of dW over all blocks, its block, m0, n0."""
+    rows = [(g, m0, n0, 0) for g, (m, n) in enumerate(zip(ms, ns))
+            for m0 in range(0, m, block_m) for n0 in range(0, n, block_n)]
+    return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
 def _aligned(sizes: Sequence[int]) -> bool:
     # Every size a multiple of 16 makes every offset in the block table one too.
-    return all(v % 16 == 0 for v in sizes)
+    return all(v % _ALIGN == 0 for v in sizes)
 
 
-def _tiles_gemm(T: int, cols: Sequence[int], cfg) -> int:
-    return triton.cdiv(T, cfg["BLOCK_T"]) * sum(triton.cdiv(c, cfg["BLOCK_N"]) for c in cols)
+# ----------------------------------------------------------------------------- padding
+# Block sizes that are not multiples of 16 run on a padded copy: every block's rows and
+# columns rounded up to a multiple of 16 and zero-filled, so the aligned kernels (16-byte
+# operand loads, cp.async pipeline) serve every shape; real columns are gathered back.
 
 
-def _tiles_dw(in_features, out_features, cfg, split: int) -> int:
-    return split * sum(
-        triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) for n, m in zip(in_features, out_features)
-    )
+def _pad(v: int) -> int:
+    return triton.cdiv(v, _ALIGN) * _ALIGN
+
+
+@functools.lru_cache(maxsize=256)
+def _pad_plan(in_features: Tuple[int, ...], out_features: Tuple[int, ...], device: torch.device):
+    """(padded in sizes, padded out sizes, input column map, output column map, weight
+    element map): position in the padded layout of every real column / weight element."""
+    in_p = tuple(_pad(n) for n in in_features)
+    out_p = tuple(_pad(m) for m in out_features)
+
+    def cols(sizes, padded):
+        idx, base = [], 0
+        for s, p in zip(sizes, padded):
+            idx.append(torch.arange(base, base + s))
+            base += p
+        return torch.cat(idx)
+
+    w_idx, base = [], 0
+    for n, m, n_p, m_p in zip(in_features, out_features, in_p, out_p):
+        w_idx.append((base + torch.arange(m)[:, None] * n_p + torch.arange(n)[None, :]).reshape(-1))
+        base += m_p * n_p
+    return (in_p, out_p, cols(in_features, in_p).to(device), cols(out_features, out_p).to(device),
+            torch.cat(w_idx).to(device), base)
+
+
+def _spread_cols(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    out = torch.zeros(t.shape[0], width, dtype=t.dtype, device=t.device)
+    return out.index_copy_(1, index, t)
+
+
+def _pad_weight(weight: torch.Tensor, w_index: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.zeros(numel, dtype=weight.dtype, device=weight.device).index_copy_(0, w_index, weight)
 
 
 # ----------------------------------------------------------------------------- launchers
 # The public launcher with the argument checks is ``op.py``; these take validated 2-D
 # tensors, the weight flat and contiguous.
+_MAX_ROW_STRIDE = (2**31 - 1) // 128  # in-tile row offsets (BLOCK x row stride) stay 32-bit
 
 
-def _launch_gemm(a, weight, bias, out, meta, cols, trans_w: bool, cfg, aligned: bool) -> None:
+def _rows_ok(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Unit column stride (copy otherwise: a column-strided read is uncoalesced anyway) and
+    a row stride whose in-tile multiples fit 32 bits (row offsets are 64-bit)."""
+    out = []
+    for t in ts:
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            t = t.contiguous()
+        if t.stride(0) > _MAX_ROW_STRIDE:
+            raise ValueError(f"block_diag_matmul: a row stride of {t.stride(0)} elements is over {_MAX_ROW_STRIDE}; "
+                             "make the input contiguous")
+        out.append(t)
+    return tuple(out)
+
+
+def _launch_gemm(a, weight, bias, out, meta, ks, cols, trans_w: bool, cfg) -> None:
     T = a.shape[0]
-    progs = _programs(a.device) * (_resident(cfg, a.element_size(), "gemm") if a.device.type == "cuda" else 1)
-    grid = (max(1, min(progs, _tiles_gemm(T, cols, cfg))),)
-    _bd_gemm_kernel[grid](
-        a,
-        weight,
-        bias if bias is not None else out,
-        out,
-        meta,
-        T,
-        meta.shape[0],
-        a.stride(0),
-        a.stride(1),
-        out.stride(0),
-        out.stride(1),
-        HAS_BIAS=bias is not None,
-        TRANS_W=trans_w,
-        ALIGNED=aligned,
-        UPCAST_DOT=_upcast(a.device),
-        INPUT_PRECISION=_precision(a.dtype),
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    table = _col_tiles(tuple(ks), tuple(cols), cfg["BLOCK_N"], cfg["BLOCK_K"], a.device)
+    C = table.shape[0]
+    args = (a, weight, bias if bias is not None else out, out, meta, table, T, C,
+            a.stride(0), a.stride(1), out.stride(0), out.stride(1))
+    kwargs = dict(HAS_BIAS=bias is not None, TRANS_W=trans_w, UPCAST_DOT=_upcast(a.device),
+                  INPUT_PRECISION=_precision(a.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"], COUNT_BLOCK=_COUNT_BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    res_key = (str(a.dtype), bias is not None, trans_w) + tuple(sorted(cfg.items()))
+    progs = _programs(a.device) * _resident(_bd_gemm_kernel, res_key, a.device, cfg["num_warps"], args, kwargs)
+    grid = (max(1, min(progs, triton.cdiv(T, cfg["BLOCK_T"]) * C)),)
+    _bd_gemm_kernel[grid](*args, **kwargs)
 
 
 def _gemm_key(T: int, ks: Sequence[int], cols: Sequence[int], dtype, trans_w: bool, has_bias: bool) -> tuple:
@@ -461,40 +544,46 @@ def _finish(buf, out, dtype):
     return out
 
 
+def _gemm(a, weight, bias, ks, cols, trans_w, out, dtype):
+    """``out (T, sum cols) = a @ B`` over aligned blocks (K sizes ``ks``)."""
+    T = a.shape[0]
+    y = _buffer(out, (T, sum(cols)), _staged_dtype(dtype, a.device), a.device)
+    if T == 0:
+        return y
+    (a,) = _rows_ok(a)
+    in_f, out_f = (cols, ks) if trans_w else (ks, cols)
+    meta = _meta(tuple(in_f), tuple(out_f), "dx" if trans_w else "fwd", a.device)
+    key = _gemm_key(T, ks, cols, dtype, trans_w, bias is not None)
+    cfg = _choose("gemm", key, a.device, a.element_size(), GEMM_CONFIGS,
+                  lambda c: _launch_gemm(a, weight, bias, y, meta, ks, cols, trans_w, c))
+    _launch_gemm(a, weight, bias, y, meta, ks, cols, trans_w, cfg)
+    return y
+
+
 def gemm_forward(x, weight, bias, in_features, out_features, out=None) -> torch.Tensor:
     """``y = x @ block_diag(W).T + bias`` for 2-D ``x (T, sum n_i)`` (into ``out`` if given)."""
     in_f, out_f = tuple(in_features), tuple(out_features)
-    T = x.shape[0]
-    y = _buffer(out, (T, sum(out_f)), _staged_dtype(x.dtype, x.device), x.device)
-    if T == 0:
-        return _finish(y, out, x.dtype)
-    meta = _meta(in_f, out_f, "fwd", x.device)
-    aligned = _aligned(in_f + out_f)
-    key = _gemm_key(T, in_f, out_f, x.dtype, False, bias is not None) + (aligned,)
-    cfg = _choose(
-        "gemm", key, x.device, x.element_size(), GEMM_CONFIGS if aligned else GEMM_CONFIGS_GENERAL,
-        lambda c: _launch_gemm(x, weight, bias, y, meta, out_f, False, c, aligned),
-    )
-    _launch_gemm(x, weight, bias, y, meta, out_f, False, cfg, aligned)
-    return _finish(y, out, x.dtype)
+    if _aligned(in_f + out_f):
+        return _finish(_gemm(x, weight, bias, in_f, out_f, False, out, x.dtype), out, x.dtype)
+    in_p, out_p, col_in, col_out, w_idx, w_numel = _pad_plan(in_f, out_f, x.device)
+    xp = _spread_cols(x, col_in, sum(in_p))
+    wp = _pad_weight(weight, w_idx, w_numel)
+    bp = None if bias is None else torch.zeros(sum(out_p), dtype=bias.dtype, device=bias.device).index_copy_(
+        0, col_out, bias)
+    yp = _gemm(xp, wp, bp, in_p, out_p, False, None, x.dtype)
+    return _finish(yp.index_select(1, col_out), out, x.dtype)
 
 
 def gemm_backward_dx(grad, weight, in_features, out_features, out=None) -> torch.Tensor:
     """``dx = dy @ block_diag(W)`` for 2-D ``dy (T, sum m_i)`` (into ``out`` if given)."""
     in_f, out_f = tuple(in_features), tuple(out_features)
-    T = grad.shape[0]
-    dx = _buffer(out, (T, sum(in_f)), _staged_dtype(grad.dtype, grad.device), grad.device)
-    if T == 0:
-        return _finish(dx, out, grad.dtype)
-    meta = _meta(in_f, out_f, "dx", grad.device)
-    aligned = _aligned(in_f + out_f)
-    key = _gemm_key(T, out_f, in_f, grad.dtype, True, False) + (aligned,)
-    cfg = _choose(
-        "gemm", key, grad.device, grad.element_size(), GEMM_CONFIGS if aligned else GEMM_CONFIGS_GENERAL,
-        lambda c: _launch_gemm(grad, weight, None, dx, meta, in_f, True, c, aligned),
-    )
-    _launch_gemm(grad, weight, None, dx, meta, in_f, True, cfg, aligned)
-    return _finish(dx, out, grad.dtype)
+    if _aligned(in_f + out_f):
+        return _finish(_gemm(grad, weight, None, out_f, in_f, True, out, grad.dtype), out, grad.dtype)
+    in_p, out_p, col_in, col_out, w_idx, w_numel = _pad_plan(in_f, out_f, grad.device)
+    gp = _spread_cols(grad, col_out, sum(out_p))
+    wp = _pad_weight(weight, w_idx, w_numel)
+    dxp = _gemm(gp, wp, None, out_p, in_p, True, None, grad.dtype)
+    return _finish(dxp.index_select(1, col_in), out, grad.dtype)
 
 
 # Split the token reduction of dW only while there are fewer output tiles (at 128x128)
@@ -503,8 +592,7 @@ _MIN_TOKENS_PER_SPLIT = 1024
 
 
 def choose_split(T: int, in_features, out_features, device: torch.device) -> int:
-    ref = dict(BLOCK_M=128, BLOCK_N=128)
-    tiles = _tiles_dw(in_features, out_features, ref, 1)
+    tiles = sum(triton.cdiv(m, 128) * triton.cdiv(n, 128) for n, m in zip(in_features, out_features))
     sms = _programs(device)
     if tiles >= sms:
         return 1
@@ -512,31 +600,44 @@ def choose_split(T: int, in_features, out_features, device: torch.device) -> int
 
 
 def _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg) -> None:
-    progs = _programs(x.device) * (_resident(cfg, x.element_size(), "dw") if x.device.type == "cuda" else 1)
-    grid = (max(1, min(progs, _tiles_dw(in_f, out_f, cfg, split))),)
-    _bd_dw_kernel[grid](
-        grad,
-        x,
-        dw,
-        meta,
-        x.shape[0],
-        meta.shape[0],
-        t_chunk,
-        split,
-        grad.stride(0),
-        grad.stride(1),
-        x.stride(0),
-        x.stride(1),
-        dw.stride(0),
-        ALIGNED=_aligned(in_f + out_f),
-        UPCAST_DOT=_upcast(x.device),
-        INPUT_PRECISION=_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_T=cfg["BLOCK_T"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    table = _mn_tiles(tuple(out_f), tuple(in_f), cfg["BLOCK_M"], cfg["BLOCK_N"], x.device)
+    MN = table.shape[0]
+    args = (grad, x, dw, meta, table, x.shape[0], MN, t_chunk, split, grad.stride(0), grad.stride(1),
+            x.stride(0), x.stride(1), dw.stride(0))
+    kwargs = dict(UPCAST_DOT=_upcast(x.device), INPUT_PRECISION=_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], COUNT_BLOCK=_COUNT_BLOCK, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    res_key = (str(x.dtype), str(dw.dtype)) + tuple(sorted(cfg.items()))
+    progs = _programs(x.device) * _resident(_bd_dw_kernel, res_key, x.device, cfg["num_warps"], args, kwargs)
+    grid = (max(1, min(progs, MN * split)),)
+    _bd_dw_kernel[grid](*args, **kwargs)
+
+
+def _dw(grad, x, in_f, out_f, split, out):
+    """Flat dW over aligned blocks (into ``out``, flat, x's dtype, when given)."""
+    T = x.shape[0]
+    numel = sum(m * n for n, m in zip(in_f, out_f))
+    grad, x = _rows_ok(grad, x)
+    if split is None:
+        split = choose_split(T, in_f, out_f, x.device)
+    # On the GPU chunks are multiples of 128 tokens (a multiple of every BLOCK_T) so
+    # tiles stay aligned; the effective split may be smaller than asked, and every
+    # chunk is non-empty. Under the interpreter 32 (its BLOCK_T) keeps splits testable
+    # at tiny T.
+    align = 128 if x.device.type == "cuda" else 32
+    t_chunk = triton.cdiv(triton.cdiv(T, split), align) * align
+    split = triton.cdiv(T, t_chunk)
+    meta = _meta(in_f, out_f, "dw", x.device)
+    if split == 1:
+        dw = _buffer(None if out is None else out.view(1, numel), (1, numel), _staged_dtype(x.dtype, x.device), x.device)
+    else:
+        dw = torch.empty(split, numel, dtype=torch.float32, device=x.device)
+    key = (str(x.dtype), split > 1, _pow2_bucket(max(out_f), 16, 8192), _pow2_bucket(max(in_f), 16, 8192),
+           _pow2_bucket(len(in_f), 1, 256), _pow2_bucket(t_chunk, 1024, 65536))
+    cfg = _choose("dw", key, x.device, x.element_size(), DW_CONFIGS,
+                  lambda c: _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, c))
+    _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg)
+    return dw.view(numel) if split == 1 else dw.sum(0)
 
 
 def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = None, out=None) -> torch.Tensor:
@@ -550,30 +651,11 @@ def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = 
     numel = sum(m * n for n, m in zip(in_f, out_f))
     if T == 0:
         return torch.zeros(numel, dtype=x.dtype, device=x.device) if out is None else out.zero_()
-    if split is None:
-        split = choose_split(T, in_f, out_f, x.device)
-    # On the GPU chunks are multiples of 128 tokens (a multiple of every BLOCK_T) so
-    # tiles stay aligned; the effective split may be smaller than asked, and every
-    # chunk is non-empty. Under the interpreter 16 keeps splits testable at tiny T.
-    align = 128 if x.device.type == "cuda" else 16
-    t_chunk = triton.cdiv(triton.cdiv(T, split), align) * align
-    split = triton.cdiv(T, t_chunk)
-    meta = _meta(in_f, out_f, "dw", x.device)
-    if split == 1:
-        dw = _buffer(None if out is None else out.view(1, numel), (1, numel), _staged_dtype(x.dtype, x.device), x.device)
-    else:
-        dw = torch.empty(split, numel, dtype=torch.float32, device=x.device)
-    aligned = _aligned(in_f + out_f)
-    key = (str(x.dtype), split > 1, _pow2_bucket(max(out_f), 16, 8192), _pow2_bucket(max(in_f), 16, 8192),
-           _pow2_bucket(len(in_f), 1, 256), _pow2_bucket(t_chunk, 1024, 65536), aligned)
-    cfg = _choose(
-        "dw", key, x.device, x.element_size(), DW_CONFIGS if aligned else DW_CONFIGS_GENERAL,
-        lambda c: _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, c),
-    )
-    _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg)
-    if split == 1:
-        return _finish(dw.view(numel), out, x.dtype)
-    return _finish(dw.sum(0), out, x.dtype)
+    if _aligned(in_f + out_f):
+        return _finish(_dw(grad, x, in_f, out_f, split, out), out, x.dtype)
+    in_p, out_p, col_in, col_out, w_idx, _ = _pad_plan(in_f, out_f, x.device)
+    dwp = _dw(_spread_cols(grad, col_out, sum(out_p)), _spread_cols(x, col_in, sum(in_p)), in_p, out_p, split, None)
+    return _finish(dwp.index_select(0, w_idx), out, x.dtype)
 
 
 # ----------------------------------------------------------------------------- compile specs
@@ -592,68 +674,63 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
     the JIT infers for 16-byte-aligned tensors and row strides divisible by 16: pass
     these as ``tt.divisibility`` attrs, or the loads do not vectorise and the build is
     not the one that runs), ``expect_mma``.
-    Both ``ALIGNED`` variants are listed: True is the fast path (every block size a
-    multiple of 16), False the general one.
     """
     specs = []
     for dtype in dtypes:
         ty = "*" + _TL[dtype]
-        gemm = [(True, i, c) for i, c in enumerate(GEMM_CONFIGS)] + [(False, i, c) for i, c in enumerate(GEMM_CONFIGS_GENERAL)]
-        for aligned, ci, cfg in gemm:
+        for ci, cfg in enumerate(GEMM_CONFIGS):
             for variant, has_bias, trans_w in (("fwd", False, False), ("fwd_bias", True, False), ("dx", False, True)):
                 constexprs = dict(
                     stride_ak=1,
                     stride_on=1,
                     HAS_BIAS=has_bias,
                     TRANS_W=trans_w,
-                    ALIGNED=aligned,
                     UPCAST_DOT=False,
                     INPUT_PRECISION=_precision(dtype),
                     BLOCK_T=cfg["BLOCK_T"],
                     BLOCK_N=cfg["BLOCK_N"],
                     BLOCK_K=cfg["BLOCK_K"],
+                    COUNT_BLOCK=_COUNT_BLOCK,
                 )
                 signature = dict(
-                    A=ty, W=ty, BIAS=ty, OUT=ty, META="*i32", T="i32", G="i32",
-                    stride_at="i32", stride_ak="constexpr", stride_ot="i32", stride_on="constexpr",
+                    A=ty, W=ty, BIAS=ty, OUT=ty, META="*i32", COLS="*i32", T="i32", C="i32",
+                    stride_at="i32", stride_ot="i32",
                 )
-                signature.update({k: "constexpr" for k in constexprs})
                 specs.append(dict(
-                    name=f"_bd_gemm_kernel[{variant},{_TL[dtype]},aligned={int(aligned)},cfg{ci}]",
+                    name=f"_bd_gemm_kernel[{variant},{_TL[dtype]},cfg{ci}]",
+                    first_choice=ci == 0 and dtype == torch.bfloat16 and variant != "fwd_bias",
                     fn=_bd_gemm_kernel,
                     signature=signature,
                     constexprs=constexprs,
-                    divisible_by_16=["A", "W", "BIAS", "OUT", "META", "stride_at", "stride_ot"],
-                expect_mma=True,
+                    divisible_by_16=["A", "W", "BIAS", "OUT", "META", "COLS", "stride_at", "stride_ot"],
+                    expect_mma=True,
                     num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
                 ))
-        dws = [(True, i, c) for i, c in enumerate(DW_CONFIGS)] + [(False, i, c) for i, c in enumerate(DW_CONFIGS_GENERAL)]
-        for aligned, ci, cfg in dws:
+        for ci, cfg in enumerate(DW_CONFIGS):
             for variant, out_ty in (("direct", ty), ("split", "*fp32")):
                 constexprs = dict(
                     stride_dym=1,
                     stride_xk=1,
-                    ALIGNED=aligned,
                     UPCAST_DOT=False,
                     INPUT_PRECISION=_precision(dtype),
                     BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_N=cfg["BLOCK_N"],
                     BLOCK_T=cfg["BLOCK_T"],
+                    COUNT_BLOCK=_COUNT_BLOCK,
                 )
                 signature = dict(
-                    DY=ty, X=ty, DW=out_ty, META="*i32", T="i32", G="i32", T_CHUNK="i32", SPLIT="i32",
-                    stride_dyt="i32", stride_dym="constexpr", stride_xt="i32", stride_xk="constexpr",
-                    stride_dws="i32",
+                    DY=ty, X=ty, DW=out_ty, META="*i32", TILES="*i32", T="i32", MN="i32", T_CHUNK="i32", SPLIT="i32",
+                    stride_dyt="i32", stride_xt="i32", stride_dws="i32",
                 )
-                signature.update({k: "constexpr" for k in constexprs})
                 specs.append(dict(
-                    name=f"_bd_dw_kernel[{variant},{_TL[dtype]},aligned={int(aligned)},cfg{ci}]",
+                    name=f"_bd_dw_kernel[{variant},{_TL[dtype]},cfg{ci}]",
+                    first_choice=ci == 0 and dtype == torch.bfloat16 and variant == "direct",
                     fn=_bd_dw_kernel,
                     signature=signature,
                     constexprs=constexprs,
-                    divisible_by_16=["DY", "X", "DW", "META", "stride_dyt", "stride_xt", "stride_dws"],
-                expect_mma=True,
+                    divisible_by_16=["DY", "X", "DW", "META", "TILES", "stride_dyt", "stride_xt", "stride_dws"],
+                    expect_mma=True,
                     num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
                 ))

@@ -4,8 +4,8 @@ Same signatures as ``swa_fwd_triton`` / ``swa_bwd_triton`` in ``triton_kernels.p
 validates the arguments first and can call either); this module allocates the outputs,
 computes element strides and passes the current CUDA stream. The kernels need fp16/bf16,
 head_dim 64 or 128, a contiguous last dimension, 16-byte aligned tensors and row strides
-that are multiples of 8 elements; inputs that miss the last two are copied once with
-``.contiguous()``; the first two raise ``TypeError`` / ``ValueError`` naming the fix.
+that are multiples of 8 elements; inputs that miss the last two are copied once into a
+fresh (aligned) allocation; the first two raise ``TypeError`` / ``ValueError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -34,9 +34,18 @@ def check_supported(q: torch.Tensor) -> None:
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
-    """The kernels copy rows with 16-byte cp.async: aligned base, strides % 8 == 0."""
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
-    return t if ok else t.contiguous()
+    """The kernels copy rows with 16-byte cp.async: aligned base, strides % 8 == 0.
+
+    Anything else is copied into a fresh allocation (``.contiguous()`` alone would keep a
+    contiguous view whose storage offset leaves its base misaligned)."""
+    if rows_aligned(t):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def rows_aligned(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
 
 
 def _empty_like(t):

@@ -1,10 +1,11 @@
 """Triton kernels for sliding-window attention, FlashAttention-2 style.
 
-Forward: one program per (query tile, batch * head). It visits only the key tiles that
+Forward: one program per (query tile, head, sequence). It visits only the key tiles that
 intersect its band, in three phases: masked tiles on the band's left edge, mask-free
 tiles fully inside the band, masked tiles on the right edge. Online softmax in base 2,
 fp32 accumulation; writes the output and the log-sum-exp (natural log, -inf for rows
-that see no key).
+that see no key). On sm_90 the forward moves Q, K, V and O through tensor descriptors
+(TMA, ``USE_TMA``); elsewhere, and for layouts TMA cannot address, masked pointer loads.
 
 Backward (deterministic, no atomics): a pre-pass delta = rowsum(dO * O); a key-tile
 kernel that accumulates dK and dV over the query tiles in the band (and over the query
@@ -14,12 +15,16 @@ the band.
 Layouts: q/k/v/o ``(batch, seqlen, heads, head_dim)`` or packed ``(total, heads,
 head_dim)`` with ``cu_seqlens`` (batch stride 0, the sequence start added to the row).
 The last dimension must be contiguous. LSE/delta: ``(batch, heads, seqlen)`` or
-``(heads, total)``.
+``(heads, total)``. Grids are (tiles, heads, batch): heads and sequences on their own
+axes, each up to 65,535 per launch (the launchers split larger batches). Row offsets
+(row x stride) are formed in 64 bits from a per-tile base, so a sequence may be longer
+than 2**31 elements / row stride; offsets inside a tile stay 32-bit.
 
-Window encoding (see :mod:`sft_kernels.window`): WINDOW_MODE 0 uses (left, right)
-as given; 1 resolves W = clamp(keys, 1, seqlen_k) per sequence; 2 resolves
-W = floor(sqrt(seqlen_k)) per sequence. ``UPCAST`` casts dot operands to fp32; it is set
-under ``TRITON_INTERPRET=1``, whose ``tl.dot`` mishandles fp16/bf16.
+Window encoding (see :mod:`sft_kernels.window`, the same named constants): MODE_EXPLICIT
+uses (left, right) as given; MODE_KEYS resolves W = clamp(keys, 1, seqlen_k) per
+sequence; MODE_SQRT resolves W = floor(sqrt(seqlen_k)) per sequence. ``UPCAST`` casts dot
+operands to fp32; it is set under ``TRITON_INTERPRET=1``, whose ``tl.dot`` mishandles
+fp16/bf16.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ...window import MODE_EXPLICIT, MODE_KEYS, MODE_SQRT
+
+# The window modes as compile-time globals of the kernels (one definition: window.py).
+_MODE_EXPLICIT = tl.constexpr(MODE_EXPLICIT)
+_MODE_KEYS = tl.constexpr(MODE_KEYS)
+_MODE_SQRT = tl.constexpr(MODE_SQRT)
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
@@ -44,13 +55,14 @@ def _isqrt(n):
 @triton.jit
 def _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr):
     """(left, right) for one sequence; -1 = unbounded."""
-    if WINDOW_MODE == 0:
+    tl.static_assert((WINDOW_MODE == _MODE_EXPLICIT) | (WINDOW_MODE == _MODE_KEYS) | (WINDOW_MODE == _MODE_SQRT))
+    if WINDOW_MODE == _MODE_EXPLICIT:
         lw = left
         rw = right
     else:
-        if WINDOW_MODE == 1:
+        if WINDOW_MODE == _MODE_KEYS:
             w = tl.minimum(keys, seqlen_k)
-        else:
+        else:  # _MODE_SQRT
             w = _isqrt(seqlen_k)
         w = tl.maximum(w, 1)
         if CAUSAL:
@@ -146,17 +158,27 @@ def _band_mask(rows, cols, off, left, right, seqlen_q, seqlen_k):
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right, seqlen_q,
+    acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right, seqlen_q,
     seqlen_k, qk_scale, offs_m, offs_n, offs_d,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """Online softmax over the key tiles [lo, hi). ``k_src``/``v_src``: tensor descriptors
+    (USE_TMA) or the sequence's row-0 pointers."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # in-tile offsets: small, int32
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        kv_ok = (cols[:, None] < seqlen_k) & d_ok
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        if USE_TMA:  # rows past seqlen_k and columns past HEAD_DIM arrive as zeros
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            kv_ok = (cols[:, None] < seqlen_k) & d_ok
+            row0 = start_n.to(tl.int64)  # row x stride in 64 bits: it passes 2**31 on long sequences
+            k = tl.load(k_src + row0 * stride_kn + k_offs, mask=kv_ok, other=0.0)
+            v = tl.load(v_src + row0 * stride_vn + v_offs, mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -183,15 +205,20 @@ def _swa_fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, num_heads, group, left, right, keys, sm_scale, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """One program per (query tile, head, sequence): grid (tiles, heads, batch).
+
+    USE_TMA (sm_90): Q, K, V and O move through tensor descriptors made per program over
+    this sequence and head (shape (seqlen, HEAD_DIM), so the copy engine zero-fills rows
+    past the sequence and columns past HEAD_DIM); otherwise masked pointer loads.
+    """
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
     off_hk = off_h // group
     q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -204,11 +231,25 @@ def _swa_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = off_b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-    k_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    h64 = off_h.to(tl.int64)
+    hk64 = off_hk.to(tl.int64)
+    # row 0 of this sequence and head; every row offset below is added in 64 bits
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    o_base = O + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_om
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
+    lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
+    if USE_TMA:
+        k_src = tl.make_tensor_descriptor(k_base, [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        q_desc = tl.make_tensor_descriptor(q_base, [seqlen_q, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        q = q_desc.load([start_m, 0])
+    else:
+        k_src = k_base
+        v_src = v_base
+        q = tl.load(q_base + start_m.to(tl.int64) * stride_qm + tile_offs, mask=q_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -216,18 +257,20 @@ def _swa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off,
                                left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
-                               BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC)
+                               BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC, USE_TMA)
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_base = O + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_ok)
-    l_base = LSE + b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+    if USE_TMA:  # the store is clipped to (seqlen_q, HEAD_DIM)
+        o_desc = tl.make_tensor_descriptor(o_base, [seqlen_q, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
+        o_desc.store([start_m, 0], acc.to(O.dtype.element_ty))
+    else:
+        o_offs = tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_base + start_m.to(tl.int64) * stride_om + o_offs, acc.to(O.dtype.element_ty), mask=q_ok)
+    l_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
     tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
@@ -238,14 +281,13 @@ def _bwd_preprocess_kernel(
     stride_ob, stride_om, stride_oh,
     stride_db, stride_dm, stride_dh,
     stride_lb, stride_lh,
-    seqlen_q, num_heads,
+    seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """delta[row] = sum_d dO[row, d] * O[row, d], in fp32."""
+    """delta[row] = sum_d dO[row, d] * O[row, d], in fp32. Grid (tiles, heads, batch)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
     q_start, _k, seqlen_q, _lk = _seq_info(cu_seqlens_q, cu_seqlens_q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
@@ -254,11 +296,15 @@ def _bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     b64 = off_b.to(tl.int64)
-    rows = (q_start + offs_m).to(tl.int64)
-    o = tl.load(O + b64 * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b64 * stride_db + off_h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :], mask=ok, other=0.0)
+    h64 = off_h.to(tl.int64)
+    row0 = (q_start + start_m).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_om + rows * stride_om + offs_d[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + row0 * stride_dm + rows * stride_dm + offs_d[None, :],
+                 mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -269,12 +315,15 @@ def _bwd_dkdv_inner(
 ):
     cols = start_n + offs_n
     d_ok = offs_d[None, :] < HEAD_DIM
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
         r_ok = rows < seqlen_q
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
+        row0 = start_m.to(tl.int64)
+        q = tl.load(q_base + row0 * stride_qm + q_offs, mask=r_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_base + row0 * stride_dom + do_offs, mask=r_ok[:, None] & d_ok, other=0.0)
         lse = tl.load(lse_base + rows, mask=r_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=r_ok, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
@@ -282,12 +331,16 @@ def _bwd_dkdv_inner(
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if (start_m < full_lo) | (start_m >= full_hi):  # edge tile; mask scores: exp2 could overflow
             keep = _band_mask(rows[None, :], cols[:, None], off, left, right, seqlen_q, seqlen_k)
             qkT = tl.where(keep, qkT, float("-inf"))
+            # (p is 0 there anyway.) Consumed inside this branch, dpT is not seen as feeding
+            # the dK dot, so Triton does not put every warp on its rows: with 8 warps and 64
+            # keys that doubled its wgmma work (warpsPerCTA [8, 1] on 64 rows).
+            dpT = tl.where(keep, dpT, 0.0)
         pT = tl.math.exp2(qkT - lse[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
@@ -303,17 +356,16 @@ def _swa_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, num_kv_heads, group, left, right, keys, sm_scale, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program per (key tile, batch * kv head): dK, dV summed over the band's query
+    """One program per (key tile, kv head, sequence): dK, dV summed over the band's query
     tiles and over the ``group`` query heads that share this kv head."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_kv_heads
-    off_hk = pid_bh % num_kv_heads
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
     q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
@@ -325,11 +377,14 @@ def _swa_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = off_b.to(tl.int64)
+    hk64 = off_hk.to(tl.int64)
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    row0 = (k_start + start_n).to(tl.int64)  # first key of this tile, 64-bit row offset
+    tile_n = tl.arange(0, BLOCK_N)[:, None]
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + row0 * stride_kn + tile_n * stride_kn + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + row0 * stride_vn + tile_n * stride_vn + offs_d[None, :],
+                mask=kv_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -347,10 +402,10 @@ def _swa_bwd_dkdv_kernel(
                                  lo, full_lo, full_hi, hi, off, left, right, seqlen_q, seqlen_k, qk_scale, offs_m,
                                  tl.arange(0, BLOCK_N), offs_d, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC)
     dk = dk * sm_scale
-    dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
-    dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+    dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + row0 * stride_dkn + tile_n * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + row0 * stride_dvn + tile_n * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -360,21 +415,25 @@ def _bwd_dq_inner(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     d_ok = offs_d[None, :] < HEAD_DIM
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         kv_ok = (cols[:, None] < seqlen_k) & d_ok
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        row0 = start_n.to(tl.int64)
+        k = tl.load(k_base + row0 * stride_kn + k_offs, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + row0 * stride_vn + v_offs, mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
             keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
             qk = tl.where(keep, qk, float("-inf"))
+            dp = tl.where(keep, dp, 0.0)  # p is 0 there; keeps dp's layout off [num_warps, 1] (see dK/dV)
         p = tl.math.exp2(qk - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
@@ -389,16 +448,15 @@ def _swa_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, num_heads, group, left, right, keys, sm_scale, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program per (query tile, batch * head): dQ over the band's key tiles."""
+    """One program per (query tile, head, sequence): dQ over the band's key tiles."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
     off_hk = off_h // group
     q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -412,11 +470,14 @@ def _swa_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
+    hk64 = off_hk.to(tl.int64)
+    row0 = (q_start + start_m).to(tl.int64)  # first query of this tile, 64-bit row offset
+    tile_m = tl.arange(0, BLOCK_M)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + (q_start + offs_m)[:, None].to(tl.int64) * stride_qm
-                + offs_d[None, :], mask=q_ok, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + (q_start + offs_m)[:, None].to(tl.int64) * stride_dom
-                 + offs_d[None, :], mask=q_ok, other=0.0)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm + tile_m * stride_qm + offs_d[None, :],
+                mask=q_ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom + tile_m * stride_dom + offs_d[None, :],
+                 mask=q_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -424,8 +485,8 @@ def _swa_bwd_dq_kernel(
     lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
     delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    k_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
@@ -433,39 +494,47 @@ def _swa_bwd_dq_kernel(
                        left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, BLOCK_N, HEAD_DIM, UPCAST,
                        DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + offs_m)[:, None].to(tl.int64) * stride_dqm
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + tile_m * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
-# Autotune configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim class.
-# Kept small so first-call tuning takes seconds; keyed on HEAD_DIM, the window bucket and
-# the tensor dtypes, never on the raw sequence length. SFT_KERNELS_SWA_CONFIG="fwd=128,64,8,3;
-# dkdv=32,128,4,3;dq=128,32,4,3" pins them (any subset). Shapes follow Triton's fused
-# attention tutorial (FA2 style) for sm_80/sm_90; they are not yet swept on hardware.
+# Autotune configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim class,
+# keyed on HEAD_DIM, the window bucket, the dtypes, IS_VARLEN and WINDOW_MODE (and
+# USE_TMA for the forward), never on the raw sequence length.
+# SFT_KERNELS_SWA_CONFIG="fwd=128,64,8,3;dkdv=32,128,4,3;dq=128,32,4,3" pins them (any
+# subset; also under the interpreter, to run the GPU tile sizes on CPU).
 _CONFIGS = {
-    # Each config compiles for sm_90a (with wgmma) and sm_80 without register spills
-    # (tests/test_gpu_compile.py). Registers ~ fp32 accumulators + operands held in
-    # registers + score tiles: dK/dV at D=128 with BLOCK_N=128 holds 2*128*128*4 B of
-    # accumulators alone, which ptxas spilled at 4 and 8 warps; the sweep of ~60
-    # candidates that chose these is in the commit history. Speed on hardware is unmeasured.
+    # Chosen by compiling candidates without a GPU (scripts/sweep_triton_configs.py: TTGIR
+    # layouts, ptxas -v): every entry compiles for sm_90a and (unless Hopper-only, below)
+    # sm_80, fp16 and bf16, under Triton 3.6 and 3.8, with no spill, no replicated MMA
+    # (warps doing the same wgmma) and no serialised wgmma (ptxas C7512/C7515), pipelined
+    # (num_stages >= 2) except the D=256 dK/dV fallback, in sm_80's 163 KiB of shared
+    # memory. The table of
+    # registers, CTAs/SM and wgmma shapes per first choice is in the README. Rules seen in
+    # the sweep: 4 warps on 128 rows hold 128 x D fp32 accumulators in 128 threads and
+    # spill at D >= 128; 8 warps on 64 rows split N and narrow the wgmma (n = BN / 2); the
+    # tensor-descriptor forward needs 20-50 fewer registers than the pointer one. Speed on
+    # hardware is unmeasured: the autotuner picks among these on the GPU. An entry ending in
+    # (90,) is Hopper-only (it spills a few bytes in sm_80's mma.sync build).
     "fwd": {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        256: [(128, 32, 8, 2, (90,)), (64, 32, 8, 2), (128, 32, 8, 3, (90,))],
     },
     "dkdv": {
-        64: [(16, 64, 4, 3), (16, 128, 8, 3), (16, 64, 8, 3)],
-        128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3)],
-        256: [(16, 64, 8, 1)],
+        64: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)],
+        128: [(32, 128, 8, 2, (90,)), (32, 64, 8, 2), (16, 128, 8, 2, (90,)), (16, 64, 8, 2)],
+        256: [(16, 64, 8, 2), (16, 64, 8, 1)],
     },
     "dq": {
-        64: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-        128: [(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)],
-        256: [(64, 32, 8, 1), (64, 16, 8, 2), (64, 32, 8, 3)],
+        64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+        256: [(64, 32, 8, 2), (128, 16, 8, 2)],
     },
 }
 _INTERPRET_CONFIG = (16, 16, 1, 1)  # TRITON_INTERPRET=1: one small config, no tuning
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid.y and grid.z
 
 
 def _interpreting() -> bool:
@@ -486,30 +555,38 @@ def head_dim_class(head_dim: int) -> int:
     return 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
 
 
-def config_list(kind: str, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples tried for ``kind``.
+def _entry_archs(entry):
+    return entry[4] if len(entry) > 4 else (80, 90)
 
-    A pinned config wins, also under the interpreter (where the tests use it to run the
-    GPU's tile sizes on CPU tensors)."""
+
+def config_list(kind: str, head_dim: int, arch: int = 90):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples tried for ``kind`` on ``arch``
+    (90 for Hopper and newer, 80 below)."""
     pinned = _pinned(kind)
     if pinned:
         return pinned
-    return [_INTERPRET_CONFIG] if _interpreting() else _CONFIGS[kind][head_dim_class(head_dim)]
+    if _interpreting():
+        return [_INTERPRET_CONFIG]
+    return [tuple(e[:4]) for e in _CONFIGS[kind][head_dim_class(head_dim)] if arch in _entry_archs(e)]
+
+
+def _arch(device) -> int:
+    return 90 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 def _autotuned(kernel, kind: str):
-    """One Autotuner per (kernel, head_dim class); the config list depends on head_dim."""
+    """One Autotuner per (kernel, config list); the list depends on head_dim and arch."""
     cache = {}
+    key = ["HEAD_DIM", "tune_bucket", "IS_VARLEN", "WINDOW_MODE"] + (["USE_TMA"] if kind == "fwd" else [])
 
-    def get(head_dim: int):
-        key = head_dim_class(head_dim)
-        if key not in cache:
-            configs = [
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in config_list(kind, head_dim)
-            ]
-            cache[key] = triton.autotune(configs, key=["HEAD_DIM", "tune_bucket", "IS_VARLEN", "WINDOW_MODE"])(kernel)
-        return cache[key]
+    def get(head_dim: int, arch: int = 90):
+        configs = tuple(config_list(kind, head_dim, arch))
+        if configs not in cache:
+            cache[configs] = triton.autotune(
+                [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
+                key=key,
+            )(kernel)
+        return cache[configs]
 
     return get
 
@@ -521,8 +598,8 @@ _dq_tuned = _autotuned(_swa_bwd_dq_kernel, "dq")
 
 def tune_bucket(left: int, right: int, mode: int, max_seqlen_k: int) -> int:
     """Shape bucket for autotuning: log2 of the band width (or of the length, unbounded)."""
-    if mode != 0 or left < 0 or right < 0:
-        width = max_seqlen_k if mode == 0 else max(1, int(max_seqlen_k**0.5))
+    if mode != MODE_EXPLICIT or left < 0 or right < 0:
+        width = max_seqlen_k if mode == MODE_EXPLICIT else max(1, int(max_seqlen_k**0.5))
     else:
         width = left + right + 1
     return max(1, min(int(width), 1 << 16)).bit_length()
@@ -536,6 +613,54 @@ def _empty_like(t):
 
 def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tma_ok(*tensors) -> bool:
+    """Whether the forward may use tensor descriptors for these (b, s, h, d) / (t, h, d)
+    tensors: sm_90, fp16/bf16, a 16-byte aligned base and 16-byte multiple strides (what
+    the copy engine needs). ``SFT_KERNELS_SWA_TMA=0`` turns it off, ``=1`` forces it (also
+    under the interpreter, which emulates descriptors: how the CPU tests run this path)."""
+    mode = os.environ.get("SFT_KERNELS_SWA_TMA", "auto")
+    if mode == "0" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    t0 = tensors[0]
+    if mode != "1":
+        if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] != 9:
+            return False
+        if t0.dtype not in (torch.float16, torch.bfloat16):
+            return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    # global scratch for the descriptors a program builds (128 bytes each)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator(device) -> None:
+    """Device-side descriptors need Triton's scratch allocator; set ours unless the caller
+    set one (a context variable: backward and checkpoint-recompute threads need it too)."""
+    if device.type != "cuda":
+        return
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_allocator)
+
+
+def _batch_chunks(batch: int):
+    """(start, count) pieces of at most 65,535 sequences: one launch each (grid.z)."""
+    return [(b0, min(_MAX_GRID_YZ, batch - b0)) for b0 in range(0, batch, _MAX_GRID_YZ)]
+
+
+def _rows(t, b0, n, varlen):
+    """Sequences [b0, b0 + n) of a (batch, ...) tensor; packed tensors are indexed through
+    cu_seqlens and stay whole."""
+    return t if varlen or (b0 == 0 and n == t.shape[0]) else t[b0:b0 + n]
 
 
 def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -555,8 +680,15 @@ def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     else:
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         cu_q = cu_k = dummy
+    if q.shape[-2] > _MAX_GRID_YZ:
+        raise ValueError(f"sliding_window_attention: backend='triton' launches one grid row per head; "
+                         f"{q.shape[-2]} query heads exceed {_MAX_GRID_YZ}")
     scalars = (spec.left, spec.right, spec.keys, float(scale), tune_bucket(spec.left, spec.right, spec.mode, lk))
     return batch, lq, lk, cu_q, cu_k, scalars, meta
+
+
+def _cu(cu, b0, varlen):
+    return cu[b0:] if varlen and b0 else cu
 
 
 def _bsh(t, varlen):
@@ -580,12 +712,17 @@ def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, m
     lse = _empty(lse_shape, torch.float32, q.device)
     if q.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), batch * hq)  # noqa: E731
-    _fwd_tuned(q.shape[-1])[grid](
-        q, k, v, out, lse, cu_q, cu_k,
-        *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *_lse_strides(lse, varlen),
-        lq, lk, hq, hq // hkv, left, right, keys, scale, bucket, **meta,
-    )
+    use_tma = _tma_ok(q, k, v, out)
+    if use_tma:
+        _ensure_allocator(q.device)
+    for b0, nb in _batch_chunks(batch):
+        qc, kc, vc, oc, lc = (_rows(t, b0, nb, varlen) for t in (q, k, v, out, lse))
+        grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
+        _fwd_tuned(q.shape[-1], _arch(q.device))[grid](
+            qc, kc, vc, oc, lc, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
+            *_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(oc, varlen), *_lse_strides(lc, varlen),
+            lq, lk, hq // hkv, left, right, keys, scale, bucket, USE_TMA=use_tma, **meta,
+        )
     return out, lse
 
 
@@ -602,85 +739,110 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _empty_like(lse)
     pre_m = 16 if _interpreting() else 64
-    _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), batch * hq)](
-        out, do, delta, cu_q, *_bsh(out, varlen), *_bsh(do, varlen), *_lse_strides(lse, varlen), lq, hq,
-        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_m, IS_VARLEN=varlen,
-    )
-    common = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen))
-    grid = lambda meta_: (triton.cdiv(lk, meta_["BLOCK_N"]), batch * hkv)  # noqa: E731
-    _dkdv_tuned(q.shape[-1])[grid](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *common, *_bsh(dk, varlen), *_bsh(dv, varlen),
-        *_lse_strides(lse, varlen), lq, lk, hkv, hq // hkv, left, right, keys, scale, bucket, **meta,
-    )
-    grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), batch * hq)  # noqa: E731
-    _dq_tuned(q.shape[-1])[grid](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *common, *_bsh(dq, varlen),
-        *_lse_strides(lse, varlen), lq, lk, hq, hq // hkv, left, right, keys, scale, bucket, **meta,
-    )
+    for b0, nb in _batch_chunks(batch):
+        oc, doc, qc, kc, vc, lc, dc, dqc, dkc, dvc = (
+            _rows(t, b0, nb, varlen) for t in (out, do, q, k, v, lse, delta, dq, dk, dv))
+        cq, ck = _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen)
+        _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), hq, nb)](
+            oc, doc, dc, cq, *_bsh(oc, varlen), *_bsh(doc, varlen), *_lse_strides(lc, varlen), lq,
+            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_m, IS_VARLEN=varlen,
+        )
+        common = (*_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(doc, varlen))
+        grid = lambda meta_: (triton.cdiv(lk, meta_["BLOCK_N"]), hkv, nb)  # noqa: E731
+        _dkdv_tuned(q.shape[-1], _arch(q.device))[grid](
+            qc, kc, vc, doc, lc, dc, dkc, dvc, cq, ck, *common, *_bsh(dkc, varlen), *_bsh(dvc, varlen),
+            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, bucket, **meta,
+        )
+        grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
+        _dq_tuned(q.shape[-1], _arch(q.device))[grid](
+            qc, kc, vc, doc, lc, dc, dqc, cq, ck, *common, *_bsh(dqc, varlen),
+            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, bucket, **meta,
+        )
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- GPU compile check
+_KERNELS = {"fwd": _swa_fwd_kernel, "dkdv": _swa_bwd_dkdv_kernel, "dq": _swa_bwd_dq_kernel}
+_TENSOR_ARGS = {
+    "fwd": ("Q", "K", "V", "O"),
+    "dkdv": ("Q", "K", "V", "DO", "DK", "DV"),
+    "dq": ("Q", "K", "V", "DO", "DQ"),
+}
+
+
+def _signature(kind: str, dtype: str) -> dict:
+    import inspect
+
+    fn = _KERNELS[kind]
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters
+    sig = {}
+    for name in params:
+        if name.isupper() and name not in _TENSOR_ARGS[kind] + ("LSE", "DELTA"):
+            continue  # constexpr
+        if name in _TENSOR_ARGS[kind]:
+            sig[name] = f"*{dtype}"
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name.startswith("cu_seqlens"):
+            sig[name] = "*i32"
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXPLICIT, varlen: bool = False,
+                 causal: bool = True, tma: bool = False, first: bool = False) -> dict:
+    """One compile-check spec (``sft_kernels.testing.compile_check``) of ``kind`` in
+    ``dtype`` ("fp16"/"bf16") at ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages[, archs])``."""
+    bm, bn, warps, stages = cfg[:4]
+    archs = (90,) if tma else tuple(_entry_archs(cfg))
+    sig = _signature(kind, dtype)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn,
+                      WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False, DOT_PREC="tf32")
+    if kind == "fwd":
+        constexprs["USE_TMA"] = tma
+    tags = ("tma," if tma else "") + f"D={head_dim},{dtype},BM={bm},BN={bn},w={warps},s={stages}"
+    return {
+        "name": f"swa_{kind}[{tags}" + (",varlen,sqrt" if varlen else "") + "]",
+        "fn": _KERNELS[kind],
+        "signature": sig,
+        "constexprs": constexprs,
+        "num_warps": warps,
+        "num_stages": stages,
+        "expect_mma": True,
+        "first_choice": first,  # the first entry of its autotune list (the report's table)
+        # TMA is a Hopper engine: that variant is only ever launched on sm_90 (as are the
+        # Hopper-only list entries)
+        "archs": archs,
+        # what a launch on (batch, seqlen, heads, head_dim) tensors with head_dim a
+        # multiple of 16 gets: Triton specialises such strides as 16-divisible
+        "divisible_by_16": [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")],
+    }
+
+
 def compile_specs():
-    """Every kernel in every autotune configuration, for ``sft_kernels.testing.compile_check``.
+    """Every kernel in every autotune configuration, fp16 and bf16, for
+    ``sft_kernels.testing.compile_check`` (the forward also in its TMA variant).
 
     Register and shared-memory use depend on the tile shapes, head_dim class and dtype, not
-    on the window mode, so the full config sweep uses causal explicit windows and one
-    packed ``"sqrt"`` variant per kernel covers the other code paths.
+    on the window mode, so the config sweep uses causal explicit windows; a packed
+    ``"sqrt"`` variant and head_dim 80 (a padded BLOCK_D) per kernel cover the other code
+    paths at each list's first config.
     """
     specs = []
-    ptr_args = {
-        "fwd": ("Q", "K", "V", "O"),
-        "dkdv": ("Q", "K", "V", "DO", "DK", "DV"),
-        "dq": ("Q", "K", "V", "DO", "DQ"),
-    }
-    kernels = {"fwd": _swa_fwd_kernel, "dkdv": _swa_bwd_dkdv_kernel, "dq": _swa_bwd_dq_kernel}
-
-    def signature(kind, dtype):
-        import inspect
-
-        fn = kernels[kind]
-        params = inspect.signature(getattr(fn, "fn", fn)).parameters
-        sig = {}
-        for name, p in params.items():
-            if name.isupper() and name not in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "LSE", "DELTA"):
-                continue  # constexpr
-            if name in ptr_args[kind]:
-                sig[name] = f"*{dtype}"
-            elif name in ("LSE", "DELTA"):
-                sig[name] = "*fp32"
-            elif name.startswith("cu_seqlens"):
-                sig[name] = "*i32"
-            elif name == "sm_scale":
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-        return sig
-
-    def add(kind, dtype, head_dim, cfg, mode=0, varlen=False, causal=True):
-        bm, bn, warps, stages = cfg
-        specs.append({
-            "name": f"swa_{kind}[D={head_dim},{dtype},BM={bm},BN={bn},w={warps},s={stages}"
-                    + (",varlen,sqrt" if varlen else "") + "]",
-            "fn": kernels[kind],
-            "signature": signature(kind, dtype),
-            "constexprs": dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm,
-                               BLOCK_N=bn, WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False,
-                               DOT_PREC="tf32"),
-            "num_warps": warps,
-            "num_stages": stages,
-            "expect_mma": True,
-            # what a launch on (batch, seqlen, heads, head_dim) tensors with head_dim a
-            # multiple of 16 gets: Triton specialises such strides as 16-divisible
-            "divisible_by_16": [n for n, t in signature(kind, dtype).items() if t.startswith("*") or n.startswith("stride")],
-        })
-
     for kind, by_dim in _CONFIGS.items():
         for head_dim, configs in by_dim.items():
             for i, cfg in enumerate(configs):
-                add(kind, "fp16", head_dim, cfg)
-                if i == 0:
-                    add(kind, "bf16", head_dim, cfg)
-        add(kind, "bf16", 80, by_dim[128][0])
-        add(kind, "bf16", 128, by_dim[128][0], mode=2, varlen=True)
+                for dtype in ("fp16", "bf16"):
+                    first = i == 0 and dtype == "bf16"
+                    specs.append(compile_spec(kind, dtype, head_dim, cfg, first=first))
+                    if kind == "fwd":
+                        specs.append(compile_spec(kind, dtype, head_dim, cfg, tma=True, first=first))
+        specs.append(compile_spec(kind, "bf16", 80, by_dim[128][0]))
+        specs.append(compile_spec(kind, "bf16", 128, by_dim[128][0], mode=MODE_SQRT, varlen=True))
+        if kind == "fwd":
+            specs.append(compile_spec(kind, "bf16", 80, by_dim[128][0], tma=True))
+            specs.append(compile_spec(kind, "bf16", 128, by_dim[128][0], mode=MODE_SQRT, varlen=True, tma=True))
     return specs
