@@ -122,10 +122,11 @@ MUTATIONS = [
     # ------------------------------------------------------------------ heads, rows, gradients
     Mutation(
         "gqa_head_mapping_triton", f"{ATT}/triton_kernels.py",
-        "    off_hk = off_h // group\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)\n    start_m = pid_m * BLOCK_M\n    if start_m >= seqlen_q:\n        return\n    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)\n    off = seqlen_k - seqlen_q\n\n    offs_m = start_m + tl.arange(0, BLOCK_M)\n    offs_n = tl.arange(0, BLOCK_N)\n    offs_d = tl.arange(0, BLOCK_D)\n    b64 = off_b.to(tl.int64)\n    q_base",
-        "    off_hk = off_h % (num_heads // group)\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)\n    start_m = pid_m * BLOCK_M\n    if start_m >= seqlen_q:\n        return\n    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)\n    off = seqlen_k - seqlen_q\n\n    offs_m = start_m + tl.arange(0, BLOCK_M)\n    offs_n = tl.arange(0, BLOCK_N)\n    offs_d = tl.arange(0, BLOCK_D)\n    b64 = off_b.to(tl.int64)\n    q_base",
+        "    off_b = tl.program_id(2)\n    off_hk = off_h // group\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
+        "    off_b = tl.program_id(2)\n    off_hk = off_h % (tl.num_programs(1) // group)\n"
+        "    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
         ["tests/test_attention.py"], "triton",
-        "the forward maps query head h to kv head h % heads_kv instead of h // group",
+        "the forward and dQ map query head h to kv head h % heads_kv instead of h // group", count=2,
     ),
     Mutation(
         "gqa_head_mapping_torch", f"{ATT}/torch_impl.py",
