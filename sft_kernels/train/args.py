@@ -100,7 +100,7 @@ def add_dschat_args(p: argparse.ArgumentParser) -> None:
                    help="datasets used whole for step 1 (not split by --data_split)")
     g.add_argument("--data_output_path", default="/tmp/data_files/",
                    help="cache of the tokenized datasets, reused when the data files, split, seed, tokenizer and "
-                        "max_seq_len are unchanged (keep it on node-local storage)")
+                        "max_seq_len are unchanged (keep it on node-local storage; '' for no cache)")
     g.add_argument("--max_seq_len", type=_positive_int, default=512, help="tokens per example after truncation")
     g = p.add_argument_group("model (DeepSpeed-Chat)")
     g.add_argument("--model_name_or_path", default=None,

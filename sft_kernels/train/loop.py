@@ -272,10 +272,14 @@ class _Progress:
             print(f"step {self.n}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tokens/s  lr {lr:.2e}",
                   flush=True)
 
-    def pause(self) -> None:
-        """Clear the bar before a line is printed (it redraws on the next update)."""
+    def write(self, msg: str) -> None:
+        """Print a line above the bar (rank 0)."""
+        if self.quiet:
+            return
         if self.bar is not None:
-            self.bar.clear()
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -437,13 +441,17 @@ def run(args):
     def run_eval(epoch: int, tag: str) -> Dict:
         r = dict(evaluate(engine, eval_input(), device), epoch=epoch, step=step)
         history["evals"].append(r)
-        _say(rank, _eval_line(tag, r))
+        if progress is None:
+            _say(rank, _eval_line(tag, r))
+        else:
+            progress.write(_eval_line(tag, r))
         if args.enable_tensorboard:
             engine.monitor.write_events([(f"Eval/{k}", r[k], step) for k in
                                          ("dschat_perplexity", "perplexity", "dschat_loss", "loss")])
         return r
 
     spe = batches.steps_per_epoch
+    progress = None
     if not history["evals"]:
         run_eval(0, f"eval before training (epoch 0/{args.num_train_epochs})")
 
@@ -481,7 +489,6 @@ def run(args):
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"loss is {step_loss} at step {step}")
             if step % spe == 0:  # end of an epoch: evaluate, as DeepSpeed-Chat does
-                progress.pause()
                 run_eval(step // spe, f"eval after epoch {step // spe}/{args.num_train_epochs} (step {step})")
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
                 _save_ds(engine, ckpt_dir, step, settings, history, rank)
@@ -489,6 +496,7 @@ def run(args):
                 break
             step_loss, step_tokens = 0.0, 0
     progress.close()
+    progress = None
     train_seconds = time.perf_counter() - t_train
 
     if history["evals"][-1]["step"] != step:  # stopped inside an epoch (--max_steps)

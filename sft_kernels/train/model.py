@@ -170,7 +170,8 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None):
     attention implementation and window, dropout, LoRA, gradient checkpointing and ``qkv_groups``.
 
     ``ds_config`` with ZeRO stage 3: built partitioned (see :func:`zero3_partitioned_init`),
-    except with ``--qkv_groups > 1``, whose module swap copies full weights (a note is printed).
+    except with ``--qkv_groups > 1``, whose module swap copies full weights: that model is
+    built whole on every rank and partitioned by ``deepspeed.initialize``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
