@@ -68,17 +68,29 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 class Group:
     """Processes started together, each with its output in a file."""
 
-    def __init__(self, cmds: Sequence[Sequence[str]], envs: Sequence[Dict[str, str]], cwd: str = ROOT):
+    def __init__(self, cmds: Sequence[Sequence[str]], envs: Sequence[Dict[str, str]], cwd: str = ROOT,
+                 merge_stderr: bool = True):
+        """``merge_stderr=False``: :meth:`output` is stdout alone (stderr in :meth:`report`)."""
         self.dir = tempfile.mkdtemp(prefix="sft_procs_")
         self.logs = [os.path.join(self.dir, f"proc{i}.log") for i in range(len(cmds))]
+        self.errs = [os.path.join(self.dir, f"proc{i}.err") for i in range(len(cmds))] if not merge_stderr else []
         self.procs = []
-        for cmd, env, log in zip(cmds, envs, self.logs):
+        for i, (cmd, env, log) in enumerate(zip(cmds, envs, self.logs)):
             with open(log, "w") as f:
-                self.procs.append(subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                                                   text=True))
+                err = open(self.errs[i], "w") if self.errs else None
+                self.procs.append(subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=f,
+                                                   stderr=err if err else subprocess.STDOUT, text=True))
+                if err:
+                    err.close()
 
     def output(self, i: int) -> str:
         with open(self.logs[i], errors="replace") as f:
+            return f.read()
+
+    def errors(self, i: int) -> str:
+        if not self.errs:
+            return ""
+        with open(self.errs[i], errors="replace") as f:
             return f.read()
 
     def wait(self, stall_s: float = STALL_S, cap_s: float = CAP_S, poll_s: float = 2.0) -> List[int]:
@@ -90,7 +102,7 @@ class Group:
         while any(p.poll() is None for p in self.procs):
             time.sleep(poll_s)
             now = time.monotonic()
-            marks = (tuple(os.path.getsize(log) for log in self.logs),
+            marks = (tuple(os.path.getsize(log) for log in self.logs + self.errs),
                      round(sum(_cpu_seconds(h) for h, p in zip(handles, self.procs) if p.poll() is None), 1))
             if marks != seen:
                 seen, last_progress = marks, now
@@ -111,7 +123,8 @@ class Group:
     def report(self, tail: int = 4000) -> str:
         parts = [f"(ended: {self.why})"] if getattr(self, "why", None) else []
         for i in range(len(self.procs)):
-            parts.append(f"--- process {i} (rc {self.procs[i].returncode}) ---\n{self.output(i)[-tail:]}")
+            parts.append(f"--- process {i} (rc {self.procs[i].returncode}) ---\n{self.output(i)[-tail:]}"
+                         + (f"\n--- its stderr ---\n{self.errors(i)[-tail:]}" if self.errs else ""))
         return "\n".join(parts)
 
 

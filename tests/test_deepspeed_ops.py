@@ -22,12 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(code: str, **env) -> str:
-    """Run ``code`` in a fresh interpreter (DeepSpeed picks its accelerator once per process)."""
+    """Run ``code`` in a fresh interpreter (DeepSpeed picks its accelerator once per process),
+    waited on while it makes progress (tests/_procs.py)."""
+    from _procs import Group
+
     full_env = dict(os.environ, PYTHONPATH=ROOT, **env)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+    g = Group([[sys.executable, "-c", textwrap.dedent(code)]], [full_env], merge_stderr=False)
+    assert g.wait() == [0], g.report()
+    return g.output(0)
 
 
 def test_import_sft_kernels_does_not_import_deepspeed():
