@@ -187,6 +187,28 @@ def test_apply_lora_matches_names_and_freezes():
         apply_lora(model, "decoder.layers.", 2)
 
 
+def test_optimizer_groups_as_dschat(tmp_path):
+    """DeepSpeed-Chat's grouping: decayed weights at --learning_rate, LoRA factors (decayed) at
+    --lora_learning_rate, biases and norm weights without decay; frozen weights left out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft_kernels.train.loop import optimizer_groups
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True))
+    apply_lora(model, "model.layers.", 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = optimizer_groups(model, 0.1, 7e-4)
+    by = [sorted(names[id(p)] for p in g["params"]) for g in groups]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1, 0.0] and groups[1]["lr"] == 7e-4
+    assert "lr" not in groups[0] and "lr" not in groups[2]
+    assert by[0] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert by[1] and all(n.endswith(("lora_right_weight", "lora_left_weight")) for n in by[1]) and len(by[1]) == 14
+    assert all(n.endswith(("norm.weight", "bias")) for n in by[2]) and "model.norm.weight" in by[2]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & {n for b in by for n in b}
+
+
 # ----------------------------------------------------------------------------- perplexities
 def test_both_perplexities_match_their_formulas(tmp_path):
     """evaluate() on an engine (1 process, gloo) against the two formulas in float64 on the
