@@ -50,7 +50,7 @@ setup(
         "hf": ["transformers>=4.48"],
         "train": ["deepspeed>=0.15", "transformers>=4.48", "accelerate>=1.1", "datasets", "tensorboard", "tqdm"],
     },
-    entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:main"]},
+    entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:console_main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -103,5 +103,17 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+def console_main() -> int:
+    """The ``sft-kernels`` console script: :func:`main`, then (after a train run) the process
+    group is ended before the interpreter exits."""
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if argv[:1] == ["train"] and rc == 0:
+        from .train.loop import shutdown
+
+        shutdown()
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -568,3 +568,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sft-kernels train: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def shutdown() -> None:
+    """End the process group before the interpreter exits (the command-line entry points call
+    it): a teardown with gloo's threads still running can abort the process after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()

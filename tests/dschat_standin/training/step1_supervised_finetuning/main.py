@@ -88,6 +88,10 @@ def main():
         model.step()
         print(f"rank {rank} step {step} loss {loss.item():.8f}", flush=True)
     print(f"rank {rank} done", flush=True)
+    # end the process group before exit: an interpreter teardown with gloo's threads still
+    # running sometimes aborts ("terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
