@@ -44,11 +44,13 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11", "matplotlib"],
-        "deepspeed": ["deepspeed>=0.15"],
+        # accelerate: transformers' HfDeepSpeedConfig (ZeRO-3 partitioned loading) requires it;
+        # datasets: --data_path directories written by save_to_disk; tensorboard: --enable_tensorboard
+        "deepspeed": ["deepspeed>=0.15", "accelerate>=1.1", "datasets", "tensorboard"],
         "hf": ["transformers>=4.48"],
-        "train": ["deepspeed>=0.15", "transformers>=4.48", "tqdm"],
+        "train": ["deepspeed>=0.15", "transformers>=4.48", "accelerate>=1.1", "datasets", "tensorboard", "tqdm"],
     },
-    entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:main"]},
+    entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:console_main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -2,6 +2,7 @@
 
     sft-kernels info                 versions, device, backend availability (like ds_report)
     sft-kernels bench [--quick]      benchmarks against the baselines (benchmarks/bench_*.py)
+    sft-kernels ds_report [flags]    DeepSpeed's ds_report with this package's op in its op table
     sft-kernels train [flags]        DeepSpeed-Chat step-1 SFT on the kernels (train --help)
     sft-kernels demo                 the README's main job on the local device
 """
@@ -17,6 +18,12 @@ def _cmd_info(args) -> int:
 
     report()
     return 0
+
+
+def _cmd_ds_report(args) -> int:
+    from .integrations.deepspeed import ds_report
+
+    return ds_report(args.ds_report_args)
 
 
 def _cmd_demo(args) -> int:
@@ -68,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU and backend availability")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("ds_report", help="DeepSpeed's ds_report including the sft_kernels op", add_help=False)
+    p.add_argument("ds_report_args", nargs=argparse.REMAINDER, help="ds_report's flags")
+    p.set_defaults(func=_cmd_ds_report)
     p = sub.add_parser("bench", help="benchmark the ops against their baselines")
     p.add_argument("--op", choices=["all", *BENCHES], default="all")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -93,5 +103,17 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+def console_main() -> int:
+    """The ``sft-kernels`` console script: :func:`main`, then (after a train run) the process
+    group is ended before the interpreter exits."""
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if argv[:1] == ["train"] and rc == 0:
+        from .train.loop import shutdown
+
+        shutdown()
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -4,18 +4,26 @@ falls, no NaN, and a DeepSpeed checkpoint saved and loaded resumes with identica
 parameters and an identical next-step loss.
 
 Each configuration runs in a fresh interpreter (DeepSpeed keeps process-wide state:
-the communication backend, ZeRO-3's parameter hooks), two at a time on the two cores.
+the communication backend, ZeRO-3's parameter hooks), two at a time on the two cores,
+waited on for as long as it makes progress (tests/_procs.py). DeepSpeed's one-time CPU op
+build happens before, untimed.
+
+ZeRO-3 partitioned loading (``sft-kernels train``'s build_model) is checked on 2 ranks:
+each rank's parameter storage right after loading is half the model, the peak memory of
+building it stays well under the full model's size (a ZeRO-2 build, which materialises
+the whole model, is the control that shows the measurement can fail), and a partitioned
+``from_pretrained`` holds exactly the saved weights.
 """
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 
 pytest.importorskip("deepspeed")
+
+from _procs import Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # steps before the checkpoint
@@ -136,33 +144,24 @@ IDS = [f"zero{s}-{d}" for s, d in CONFIGS]
 
 
 def _launch(tmp, cid, stage, dtype, device="cpu"):
-    env = dict(os.environ, PYTHONPATH=ROOT, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), DS_ACCELERATOR=device, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
+    """One worker (world size 1) as a _procs.Group: waited on while it makes progress."""
+    env = rank_envs(1, free_port())[0]
+    env["DS_ACCELERATOR"] = device
     out = tmp / f"{cid}.json"
     cmd = [sys.executable, str(tmp / "worker.py"), str(stage), dtype, str(tmp / f"ckpt-{cid}"), str(out), str(STEPS),
            device]
-    return out, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return out, Group([cmd], [env])
 
 
-def _collect(out, p):
-    try:
-        log = p.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        p.kill()
-        log = p.communicate()[0] + "\n(timed out)"
-    return json.loads(out.read_text()) if p.returncode == 0 else log[-6000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _collect(out, group):
+    rc = group.wait()[0]
+    return json.loads(out.read_text()) if rc == 0 else group.report(6000)
 
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     """Run every configuration, two processes at a time; {config id: result dict or error log}."""
+    prebuild_deepspeed_cpu_ops()
     tmp = tmp_path_factory.mktemp("zero")
     script = tmp / "worker.py"
     script.write_text(WORKER)
@@ -173,8 +172,8 @@ def zero_runs(tmp_path_factory):
         for cid, (stage, dt) in pending[:2]:
             running.append((cid, *_launch(tmp, cid, stage, dt)))
         pending = pending[2:]
-        for cid, out, p in running:
-            results[cid] = _collect(out, p)
+        for cid, out, g in running:
+            results[cid] = _collect(out, g)
     return results
 
 
@@ -212,3 +211,115 @@ def test_zero2_bf16_on_gpu(tmp_path):
     assert isinstance(r, dict), f"the training process failed:\n{r}"
     assert r["finite"] and sum(r["losses"][-3:]) / 3 < 0.8 * r["losses"][0], r["losses"]
     assert r["loaded_equal"] == [] and r["next_b"] == r["next_a"]
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 partitioned loading
+LOAD_WORKER = r'''
+import gc, json, os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+import deepspeed
+from sft_kernels.train import build_parser
+from sft_kernels.train import model as model_mod
+from sft_kernels.train.loop import ds_config, local_parameter_bytes
+from sft_kernels.train.tokenizer import load_tokenizer
+
+torch.set_num_threads(1)
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+pretrained_dir, out_dir = sys.argv[1], sys.argv[2]
+
+
+def peak_rss_reset():
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (the peak resident set size)
+        f.write("5")
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+
+def build(stage, flags):
+    args = build_parser().parse_args(["--zero_stage", str(stage), *flags])
+    tok = load_tokenizer(args.model_name_or_path)
+    gc.collect()
+    peak_rss_reset()
+    rss0 = status("VmRSS")
+    model = model_mod.build_model(args, tok, ds_config=ds_config(args, world))
+    delta = status("VmHWM") - rss0
+    full = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * 4 for p in model.parameters())
+    return model, {"peak_delta": delta, "full_bytes": full, "held_bytes": local_parameter_bytes(model),
+                   "partitioned": all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in model.parameters())}
+
+
+out = {}
+# a 52M-parameter embedded model (208 MB in fp32), built at random: large next to the interpreter's own memory
+big = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
+           num_key_value_heads=4, head_dim=64)
+saved = dict(model_mod.DEFAULT_MODEL)
+model_mod.DEFAULT_MODEL.update(big)
+for stage in (2, 3):
+    m, out[f"config_zero{stage}"] = build(stage, [])
+    del m
+    gc.collect()
+model_mod.DEFAULT_MODEL.clear()
+model_mod.DEFAULT_MODEL.update(saved)
+# from_pretrained under ZeRO-3: partitioned, and holding exactly the saved weights
+m, out["pretrained_zero3"] = build(3, ["--model_name_or_path", pretrained_dir])
+from safetensors.torch import load_file
+ref = load_file(os.path.join(pretrained_dir, "model.safetensors"))
+wrong = []
+for name, p in m.named_parameters():
+    with deepspeed.zero.GatheredParameters([p]):
+        if name in ref and not torch.equal(p.detach().float(), ref[name].float()):
+            wrong.append(name)
+out["pretrained_zero3"]["wrong"] = wrong
+out["pretrained_zero3"]["checked"] = sum(n in ref for n, _ in m.named_parameters())
+json.dump(out, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+'''
+
+
+@pytest.fixture(scope="module")
+def zero3_load(tmp_path_factory):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sft_kernels.train.model import default_config
+    from sft_kernels.train.tokenizer import ByteTokenizer
+
+    tmp = tmp_path_factory.mktemp("zero3load")
+    tok = ByteTokenizer()
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(default_config(len(tok), 32, 0, 2, 1))
+    model.save_pretrained(tmp / "pretrained")
+    tok.save_pretrained(tmp / "pretrained")
+    (tmp / "worker.py").write_text(LOAD_WORKER)
+    prebuild_deepspeed_cpu_ops()
+    # glibc keeps freed heap memory mapped (and raises its mmap threshold as large blocks are
+    # freed), so RSS would count every tensor ever allocated; a fixed 64 KiB threshold serves
+    # each large tensor from its own mapping, returned on free: the peak RSS is then the peak of
+    # live memory
+    g = Group([[sys.executable, str(tmp / "worker.py"), str(tmp / "pretrained"), str(tmp)]] * 2,
+              rank_envs(2, free_port(), extra={"MALLOC_MMAP_THRESHOLD_": "65536"}))
+    assert g.wait() == [0, 0], g.report()
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_zero3_loads_partitioned(zero3_load, rank):
+    r = zero3_load[rank]
+    z3, z2 = r["config_zero3"], r["config_zero2"]
+    full = z3["full_bytes"]
+    assert full > 150e6 and z2["full_bytes"] == full
+    assert z3["partitioned"] and not z2["partitioned"]
+    assert 0.45 < z3["held_bytes"] / full < 0.55, z3  # world size 2: half of every parameter
+    assert z2["held_bytes"] == full
+    # the control materialises the whole model on the rank; the partitioned build never does
+    assert z2["peak_delta"] > 0.95 * full, z2
+    assert z3["peak_delta"] < 0.75 * full, z3
+    pre = r["pretrained_zero3"]
+    assert pre["partitioned"] and 0.4 < pre["held_bytes"] / pre["full_bytes"] < 0.6, pre
+    assert pre["checked"] > 10 and pre["wrong"] == [], pre

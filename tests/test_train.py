@@ -28,7 +28,8 @@ TINY = ["--max_seq_len", "64", "--no_progress", "--per_device_eval_batch_size", 
 
 
 def _run(out_dir, *flags):
-    args = build_parser().parse_args(["--output_dir", str(out_dir), *TINY, *map(str, flags)])
+    args = build_parser().parse_args(["--output_dir", str(out_dir), "--data_output_path", str(out_dir) + "-data",
+                                      *TINY, *map(str, flags)])
     return run(args)
 
 
@@ -49,7 +50,7 @@ def test_collator_labels_ignore_prompt_and_padding():
     tok = ByteTokenizer()
     rows = [{"prompt": "Human: hi\nAssistant:", "response": " yo"},
             {"prompt": "Q:", "response": " a much longer answer"}]
-    examples = [encode(r, tok, 64) for r in rows]
+    examples = [encode(r, tok, 64, loss_on="response") for r in rows]
     batch = collate(examples, tok.pad_token_id)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape == labels.shape == mask.shape == (2, max(len(e.input_ids) for e in examples))
@@ -69,7 +70,7 @@ def test_truncation_keeps_prompt_labels_masked_and_drops_empty_responses():
     tok = ByteTokenizer()
     long_prompt = {"prompt": "x" * 100, "response": " y"}
     short = {"prompt": "Q", "response": " abcdefghij"}
-    kept, dropped = encode_all([long_prompt, short], tok, 8)
+    kept, dropped = encode_all([long_prompt, short], tok, 8, loss_on="response")
     assert dropped == 1 and len(kept) == 1
     ex = kept[0]
     assert len(ex.input_ids) == 8 and ex.labels[:2] == [IGNORE_INDEX] * 2 and ex.labels[2:] == ex.input_ids[2:]
@@ -126,9 +127,19 @@ def test_window_flag_rejects(value):
     pytest.param(["--dtype", "fp16"], "fp16", marks=pytest.mark.skipif(
         torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_fp16_supported(),
         reason="fp16 is refused only where DeepSpeed's CPU accelerator lacks oneDNN fp16")),
-], ids=["offload-needs-zero", "sqrt-needs-sft", "groups-need-sft", "eval-fraction", "fp16-on-this-cpu"])
-def test_bad_flag_combinations_fail_with_a_message(tmp_path, capsys, flags, message):
-    assert main(["--output_dir", str(tmp_path), "--max_steps", "1", *TINY, *flags]) == 2
+    (["--deepspeed_config", "ds.json"], "--deepspeed_config"),
+    (["--only_optimize_lora"], "--only_optimize_lora needs --lora_dim"),
+    (["--lora_dim", "4", "--lora_module_name", "decoder.layers."], "matches no nn.Linear"),
+    (["--add_eot_token"], "--add_eot_token"),
+    (["--data_path", "Dahoas/rm-static"], "not downloaded"),
+    (["--data_split", "10,0,0", "--data_path", "local/jsonfile"], "local/jsonfile"),
+], ids=["offload-needs-zero", "sqrt-needs-sft", "groups-need-sft", "eval-fraction", "fp16-on-this-cpu",
+        "deepspeed-config", "only-lora-needs-lora", "lora-no-match", "eot-byte-tokenizer", "hub-name",
+        "no-local-jsonfile"])
+def test_bad_flag_combinations_fail_with_a_message(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)  # no data/train.json here
+    assert main(["--output_dir", str(tmp_path), "--data_output_path", str(tmp_path / "data"), "--max_steps", "1",
+                 *TINY, *flags]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -159,7 +170,7 @@ def _probe_batch():
     tok = ByteTokenizer()
     rows = [{"prompt": "Human: What is 12 + 7?\nAssistant:", "response": " 19"},
             {"prompt": "Human: Reverse the word stone.\nAssistant:", "response": " enots"}]
-    return collate([encode(r, tok, 64) for r in rows], tok.pad_token_id)
+    return collate([encode(r, tok, 64, loss_on="response") for r in rows], tok.pad_token_id)
 
 
 def test_checkpoint_reloads_with_from_pretrained_identical_logits(zero0_run):
@@ -232,8 +243,13 @@ def test_resume_continues_where_the_checkpoint_stopped(tmp_path):
     assert first["steps"] == 3 and os.path.exists(tmp_path / "split" / "ds_checkpoint" / "latest")
     second, _ = _run(tmp_path / "split", "--max_steps", 6)
     assert second["resumed_from_step"] == 3 and second["steps"] == 6
-    assert [s for s, _ in second["train_losses"]] == [4, 5, 6]
+    assert [s for s, _ in second["train_losses_this_run"]] == [4, 5, 6]
+    assert second["train_losses"][:3] == first["train_losses"], "metrics.json keeps the steps before the resume"
     assert second["eval_before"] == first["eval_before"], "the pre-training evaluation is carried over"
+    assert second["evals"][:2] == first["evals"] and len(second["evals"]) == 3
+    assert [r["resumed_from_step"] for r in second["runs"]] == [None, 3]
+    on_disk = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert [s for s, _ in on_disk["train_losses"]] == [1, 2, 3, 4, 5, 6]
     expected = dict((s, v) for s, v in full["train_losses"])
     for s, v in second["train_losses"]:
         assert v == pytest.approx(expected[s], rel=1e-6, abs=0), (s, v, expected[s])
@@ -242,14 +258,10 @@ def test_resume_continues_where_the_checkpoint_stopped(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
     # a third call with nothing left to do trains no step and keeps the result
     third, _ = _run(tmp_path / "split", "--max_steps", 6)
-    assert third["train_losses"] == [] and third["steps"] == 6
+    assert third["train_losses_this_run"] == [] and third["steps"] == 6
+    assert third["train_losses"] == second["train_losses"] and len(third["runs"]) == 3
 
 
-def test_resume_refuses_a_different_batch_size(tmp_path, capsys):
-    _run(tmp_path, "--max_steps", 1)
-    assert main(["--output_dir", str(tmp_path), "--max_steps", "2", *TINY,
-                 "--per_device_train_batch_size", "4"]) == 2
-    assert "per_device_train_batch_size" in capsys.readouterr().err
 
 
 
@@ -286,31 +298,29 @@ def test_fine_tune_a_local_llama_directory_with_its_own_tokenizer(tmp_path):
                  "--attn_implementation", "eager", "--window_size", "16", *TINY]) == 2
 
 
-def test_two_processes_zero2_gloo(tmp_path, zero0_run):
+def test_two_processes_zero2_gloo_and_a_changed_world_size_is_refused(tmp_path, zero0_run, capsys):
     """World size 2 the way the deepspeed launcher starts it (RANK/WORLD_SIZE/LOCAL_RANK in the
     environment, --local_rank=N): ZeRO-2 partitions across the ranks, evaluation sums the
-    shards of every rank (same token count as one process)."""
-    import socket
-    import subprocess
+    shards of every rank (same token count as one process). Resuming that checkpoint with
+    one process is refused before DeepSpeed touches it."""
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "sft_kernels.train", f"--local_rank={rank}", "--output_dir", str(tmp_path),
-               "--max_steps", "2", "--zero_stage", "2", *TINY]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    from _procs import Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs
+
+    prebuild_deepspeed_cpu_ops()
+    flags = ["--output_dir", str(tmp_path), "--data_output_path", str(tmp_path) + "-data", "--max_steps", "2",
+             "--zero_stage", "2", *TINY]
+    g = Group([[sys.executable, "-m", "sft_kernels.train", f"--local_rank={rank}", *flags] for rank in range(2)],
+              rank_envs(2, free_port(), pythonpath=False))
+    assert g.wait() == [0, 0], g.report()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
     assert all(math.isfinite(v) for _, v in metrics["train_losses"])
     assert metrics["eval_before"]["tokens"] == zero0_run[1]["eval_before"]["tokens"]
     assert metrics["eval_after"]["perplexity"] < metrics["eval_before"]["perplexity"]
+    flags[flags.index("--max_steps") + 1] = "3"
+    assert main(flags) == 2
+    assert "world_size: checkpoint 2, this run 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end-to-end benchmark

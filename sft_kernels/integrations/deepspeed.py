@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -37,7 +38,7 @@ try:  # DeepSpeed keeps the builders in deepspeed.ops.op_builder (or a top-level
 except ImportError:  # pragma: no cover - depends on how deepspeed was installed
     from op_builder.builder import CUDAOpBuilder  # type: ignore
 
-__all__ = ["SFTKernelsBuilder", "compatibility_report", "is_registered", "register", "ulysses_group"]
+__all__ = ["SFTKernelsBuilder", "compatibility_report", "ds_report", "is_registered", "register", "ulysses_group"]
 
 BUILDER_NAME = "SFTKernelsBuilder"
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 mma.sync, cp.async
@@ -106,32 +107,51 @@ class SFTKernelsBuilder(CUDAOpBuilder):
         return kept
 
     # ---------------------------------------------------------------- can it build / run
-    def incompatibility(self) -> str:
-        """'' when the op can be loaded here, else every reason it cannot, joined by '; '."""
+    # DeepSpeed's meaning (ds_report): "compatible" = the system meets the dependencies to
+    # JIT-build the op. Whether it can *run* here (a GPU of sm_80 or newer) is a separate
+    # question, answered by run_incompatibility().
+    def build_incompatibility(self) -> str:
+        """'' when the op is installed or can be JIT-built here, else every reason it cannot, joined by '; '."""
+        if self.is_installed():
+            return ""
         reasons = []
         if torch.version.cuda is None:
             reasons.append(f"torch {torch.__version__} is built without CUDA")
-        if not torch.cuda.is_available():
-            reasons.append("no CUDA device is visible (torch.cuda.is_available() is False)")
-        else:
-            cc = torch.cuda.get_device_capability(0)
-            if cc < MIN_COMPUTE_CAPABILITY:
-                reasons.append(f"GPU 0 has compute capability {cc[0]}.{cc[1]}; the kernels need 8.0 or newer")
-        if not self.is_installed():
-            if not _build._nvcc_available():
-                reasons.append(f"{_build.AOT_NAME} is not built and there is no nvcc to build it just in time "
-                               "(set CUDA_HOME)")
-            elif shutil.which("ninja") is None:
-                reasons.append(f"{_build.AOT_NAME} is not built and ninja (needed to build it just in time) is missing")
+        if not _build._nvcc_available():
+            reasons.append(f"{_build.AOT_NAME} is not built and there is no nvcc to build it just in time "
+                           "(set CUDA_HOME)")
+        if shutil.which("ninja") is None:
+            reasons.append(f"{_build.AOT_NAME} is not built and ninja (needed to build it just in time) is missing")
+        if not any(s.endswith(".cu") for s in self.sources()):
+            reasons.append(f"no CUDA sources under {_build.csrc_dir()} (a source checkout is needed to build)")
         return "; ".join(reasons)
 
+    def run_incompatibility(self) -> str:
+        """'' when a built op can run here, else why not (no GPU, or one older than sm_80)."""
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        cc = torch.cuda.get_device_capability(0)
+        if cc < MIN_COMPUTE_CAPABILITY:
+            return f"GPU 0 has compute capability {cc[0]}.{cc[1]}; the kernels need 8.0 or newer"
+        return ""
+
+    def incompatibility(self) -> str:
+        """Every reason the op cannot be built or cannot run here ('' when it can do both)."""
+        return "; ".join(r for r in (self.build_incompatibility(), self.run_incompatibility()) if r)
+
     def is_compatible(self, verbose: bool = False) -> bool:
-        why = self.incompatibility()
+        """DeepSpeed's meaning: True when the op is installed or can be JIT-built here. A GPU is
+        not needed to build; when it cannot run here the reason is in :meth:`run_incompatibility`
+        (and, with ``verbose``, printed as a warning)."""
+        why = self.build_incompatibility()
         if why:
             self.error_log = f"{self.NAME} is not compatible: {why}"
             if verbose:
                 self.warning(self.error_log)
             return False
+        run = self.run_incompatibility()
+        if run and verbose:
+            self.warning(f"{self.NAME} can be built here but cannot run here: {run}")
         return super().is_compatible(verbose)
 
     def is_installed(self) -> bool:
@@ -144,7 +164,8 @@ class SFTKernelsBuilder(CUDAOpBuilder):
 
     # ---------------------------------------------------------------- load
     def load(self, verbose: bool = False):
-        """The extension module: ``sft_kernels._C`` if built, else :meth:`jit_load`."""
+        """The extension module: ``sft_kernels._C`` if built ahead of time, else :meth:`jit_load`
+        (which finds an earlier just-in-time build in torch's extension cache and only imports it)."""
         if self.name in CUDAOpBuilder._loaded_ops:
             return CUDAOpBuilder._loaded_ops[self.name]
         try:
@@ -154,17 +175,29 @@ class SFTKernelsBuilder(CUDAOpBuilder):
         CUDAOpBuilder._loaded_ops[self.name] = module
         return module
 
+    def jit_build_directory(self) -> str:
+        """Where the just-in-time build lives: torch's extension cache (``TORCH_EXTENSIONS_DIR``,
+        default ``~/.cache/torch_extensions/<python>_<cuda>/``), folder ``sft_kernels_C``."""
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory(_build.JIT_NAME, verbose=False)
+
     def jit_load(self, verbose: bool = True, build_directory: Optional[str] = None):
-        """Build with ninja through :func:`sft_kernels._build.load` for this GPU's architecture.
+        """Build with ninja through :func:`sft_kernels._build.load` (minutes, once), or import
+        the build an earlier process left in :meth:`jit_build_directory` (ninja finds nothing
+        to do). No GPU is needed to build.
 
         The architecture list is DeepSpeed's: ``TORCH_CUDA_ARCH_LIST`` if set, else the
-        compute capabilities of the visible GPUs (+PTX on the newest).
+        compute capabilities of the visible GPUs (+PTX on the newest), else (no GPU)
+        :mod:`sft_kernels._build`'s default (sm_80, sm_90).
         """
         if not self.is_compatible(verbose):
             raise RuntimeError(f"Unable to JIT load the {self.name} op: {self.error_log}")
         saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
         self.jit_mode = True
         self._jit_arch_list = (saved or "").strip() or None
+        if self._jit_arch_list is None and not torch.cuda.is_available():
+            self._jit_arch_list = _build.DEFAULT_ARCH_LIST
         try:
             self.compute_capability_args()  # sets TORCH_CUDA_ARCH_LIST, which _build.load reads
             module = _build.load(build_directory=build_directory, verbose=verbose)
@@ -239,14 +272,48 @@ def is_registered(accelerator=None) -> bool:
 
 
 def compatibility_report() -> str:
-    """One ``ds_report``-style line: ``sft_kernels (DeepSpeed op) ... installed [YES|NO] ... compatible [OKAY|NO]``,
-    followed by the reason when not compatible."""
+    """One ``ds_report``-style line, ``SFTKernelsBuilder (sft_kernels) ...... installed [YES|NO] ......
+    compatible [OKAY|NO]``, compatible in DeepSpeed's sense (can be JIT-built here), then why not,
+    and whether it can run here."""
     builder = SFTKernelsBuilder()
     installed = "[YES]" if builder.is_installed() else "[NO]"
-    why = builder.incompatibility()
-    compatible = "[OKAY]" if not why else "[NO]"
+    build_why, run_why = builder.build_incompatibility(), builder.run_incompatibility()
+    compatible = "[OKAY]" if not build_why else "[NO]"
     line = f"{BUILDER_NAME} ({builder.NAME}) {'.' * 6} installed {installed} {'.' * 6} compatible {compatible}"
-    return line + (f" ({why})" if why else "")
+    notes = []
+    if build_why:
+        notes.append(f"cannot be built: {build_why}")
+    elif not builder.is_installed():
+        notes.append("JIT-built on first load()")
+    notes.append(f"cannot run here: {run_why}" if run_why else "runs here")
+    return line + " (" + "; ".join(notes) + ")"
+
+
+def ds_report(argv: Optional[List[str]] = None) -> int:
+    """DeepSpeed's ``ds_report`` with this package's op among DeepSpeed's own.
+
+    ``ds_report`` lists the builders it finds in DeepSpeed's ``op_builder`` package, which an
+    outside package cannot join without writing into DeepSpeed's install; this runs the same
+    report after adding ``sft_kernels`` to its op table (``installed`` = the ahead-of-time
+    build imports; ``compatible`` = it can be JIT-built here), then prints
+    :func:`compatibility_report`'s line with the reasons. ``sft-kernels ds_report`` and
+    ``python -m sft_kernels.integrations.deepspeed`` call it.
+    """
+    register()
+    from deepspeed import env_report, git_version_info
+    from deepspeed.ops.op_builder import all_ops
+
+    builder = SFTKernelsBuilder()
+    all_ops.ALL_OPS[builder.name] = builder  # env_report holds the same dict
+    git_version_info.installed_ops[builder.name] = builder.is_installed()
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["ds_report"] + list(argv or [])
+        env_report.cli_main()
+    finally:
+        sys.argv = sys_argv
+    print(compatibility_report())
+    return 0
 
 
 # -------------------------------------------------------------------- Ulysses
@@ -275,3 +342,7 @@ def ulysses_group(sequence_parallel_size: int) -> Tuple[object, int]:
         if start <= rank < start + sp:
             mine = g
     return mine, rank // sp
+
+
+if __name__ == "__main__":
+    sys.exit(ds_report(sys.argv[1:]))

@@ -3,5 +3,9 @@
 import sys
 
 from . import main
+from .loop import shutdown
 
-sys.exit(main())
+rc = main()
+if rc == 0:
+    shutdown()
+sys.exit(rc)

@@ -1,7 +1,25 @@
-"""Command-line flags of ``sft-kernels train`` (DeepSpeed-Chat step-1 names, plus a few).
+"""Command-line flags of ``sft-kernels train``: DeepSpeed-Chat step 1's, then this package's own.
 
-The defaults are the embedded run: a 3M-parameter Mistral-architecture model on the
-shipped dataset, about two minutes on two CPU cores.
+The first groups are DeepSpeed-Chat's ``training/step1_supervised_finetuning/main.py``
+flags with its names and defaults, so a DeepSpeed-Chat run script's argument list runs
+unchanged apart from paths. The defaults that differ on purpose (each says why in its
+help and in the README):
+
+==========================  ==========================  =============================================
+flag                        DeepSpeed-Chat              here
+==========================  ==========================  =============================================
+``--model_name_or_path``    required                    optional: the embedded small model
+``--data_path``             ``Dahoas/rm-static``        the shipped ``sft_tiny.jsonl`` (no download)
+``--dtype``                 ``fp16`` (fp16/bf16)        ``fp16`` on CUDA, ``fp32`` on CPU (DeepSpeed's
+                                                        CPU accelerator has no fp16 here); fp32 added
+``--output_dir``            None: nothing saved         the same; None also means no metrics.json
+                                                        and no checkpoint to resume from
+==========================  ==========================  =============================================
+
+This package's additions are in the last groups (``--loss_on``, ``--window_size``,
+``--attn_implementation``, ``--qkv_groups``, ``--eval_fraction``, ``--max_steps``,
+``--save_steps``, ``--no_progress``). New flags go into :func:`add_package_args` (or a new
+``add_*`` function called from :func:`build_parser`).
 """
 
 from __future__ import annotations
@@ -10,26 +28,41 @@ import argparse
 
 from .model import ATTN_IMPLEMENTATIONS, parse_window_arg
 
-DESCRIPTION = """Step-1 supervised fine-tuning (DeepSpeed-Chat style) with this package's kernels.
+DESCRIPTION = """Step-1 supervised fine-tuning with DeepSpeed-Chat's command line, on this package's kernels.
 
 Without --model_name_or_path a small Llama-style (Mistral-architecture) model with a
 byte-level tokenizer is built from an embedded configuration and trained from random
 initialisation on the shipped dataset. On CPU it runs with DeepSpeed's CPU accelerator
-and the gloo backend in one process; on GPUs launch it with the deepspeed launcher:
+and the gloo backend; on GPUs launch it with the deepspeed launcher:
 
     deepspeed --num_gpus 8 --module sft_kernels.train --model_name_or_path DIR --zero_stage 3 --dtype bf16
 
 (--module, not the sft-kernels command: the launcher puts --local_rank=N right after the
 program name, where only ``python -m sft_kernels.train`` accepts it.)
 
-If --output_dir already holds a DeepSpeed checkpoint the run resumes from it.
+Objective: by default the loss covers every token of prompt + response (DeepSpeed-Chat's
+step 1); --loss_on response masks the prompt. Evaluation runs before training and after
+every epoch and prints two perplexities: DeepSpeed-Chat's, exp(mean over eval batches of
+each batch's mean token loss), and the token-weighted one, exp(total loss / total tokens).
+
+If --output_dir already holds a DeepSpeed checkpoint the run resumes from it (settings
+that would change the run are refused).
 """
+
+PHASE1_SPLIT_DEFAULT = "2,4,4"
 
 
 def _positive_int(value: str) -> int:
     v = int(value)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return v
+
+
+def _non_negative_int(value: str) -> int:
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return v
 
 
@@ -41,47 +74,117 @@ def _window(value: str) -> str:
     return value
 
 
-def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argparse.ArgumentParser:
-    """The flags; ``add_help=False`` to use it as ``parents=[...]`` of a subcommand parser."""
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=add_help)
-    g = p.add_argument_group("model and data")
+def _data_split(value: str) -> str:
+    try:
+        parts = [float(s) for s in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated proportions such as 2,4,4, got {value!r}") from None
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected three non-negative proportions (phase 1, 2, 3) with a positive sum, got {value!r}")
+    return value
+
+
+def add_dschat_args(p: argparse.ArgumentParser) -> None:
+    """DeepSpeed-Chat step 1's flags (names, types, defaults; differences documented above)."""
+    g = p.add_argument_group("data (DeepSpeed-Chat)")
+    g.add_argument("--data_path", nargs="*", default=None,
+                   help="one or more datasets: 'local/jsonfile' (data/train.json + data/eval.json, as DeepSpeed-Chat), "
+                        "a directory with train.json[l] (+ eval.json[l]), a .json/.jsonl file, or a directory written "
+                        "by datasets' save_to_disk; rows hold prompt + chosen (DeepSpeed-Chat) or prompt + response. "
+                        "Default: the shipped sft_tiny.jsonl, used whole (as an --sft_only_data_path)")
+    g.add_argument("--data_split", type=_data_split, default=PHASE1_SPLIT_DEFAULT,
+                   help="proportions for phases 1,2,3 of each --data_path dataset (its train and eval splits); step 1 "
+                        "uses the first share (default 2,4,4: 20%%)")
+    g.add_argument("--sft_only_data_path", nargs="*", default=[],
+                   help="datasets used whole for step 1 (not split by --data_split)")
+    g.add_argument("--data_output_path", default="/tmp/data_files/",
+                   help="cache of the tokenized datasets, reused when the data files, split, seed, tokenizer and "
+                        "max_seq_len are unchanged (keep it on node-local storage; '' for no cache)")
+    g.add_argument("--max_seq_len", type=_positive_int, default=512, help="tokens per example after truncation")
+    g = p.add_argument_group("model (DeepSpeed-Chat)")
     g.add_argument("--model_name_or_path", default=None,
-                   help="local Hugging Face model directory (default: the embedded small model, random init)")
-    g.add_argument("--data_path", default=None,
-                   help="JSON lines with 'prompt' and 'response' (default: the shipped sft_tiny.jsonl)")
-    g.add_argument("--eval_fraction", type=float, default=0.1, help="share of examples held out for evaluation")
-    g.add_argument("--max_seq_len", type=_positive_int, default=128, help="tokens per example after truncation")
-    g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default="sft_sliding_window",
-                   help="attention: this package's kernels (default), or transformers' eager / sdpa")
-    g.add_argument("--window_size", type=_window, default="32",
-                   help="sliding window: W keys including self, 'sqrt' (floor(sqrt(L)) keys; sft_sliding_window "
-                        "only), or -1 for none (default 32)")
-    g.add_argument("--qkv_groups", type=_positive_int, default=1,
-                   help="g > 1: block-diagonal Q/K/V projections in g groups (SFTAttention through patch_model)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
+                   help="local Hugging Face model directory (default, unlike DeepSpeed-Chat where it is required: the "
+                        "embedded small model, random init)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="set the config's dropout, attention_dropout, hidden_dropout, activation_dropout (default: "
+                        "keep the model's)")
+    g.add_argument("--add_eot_token", action="store_true", help="add --eot_token to the tokenizer as a special token")
+    g.add_argument("--eot_token", default="<|endoftext|>")
+    g.add_argument("--lora_dim", type=_non_negative_int, default=0, help="> 0: LoRA of this rank on the matched linears")
+    g.add_argument("--lora_module_name", default="decoder.layers.",
+                   help="LoRA replaces the nn.Linear modules whose name contains this string")
+    g.add_argument("--only_optimize_lora", action="store_true", help="train the LoRA parameters only")
+    g.add_argument("--lora_learning_rate", type=float, default=5e-4,
+                   help="learning rate of the LoRA parameters (their own parameter group, as DeepSpeed-Chat)")
+    g.add_argument("--compute_fp32_loss", action="store_true",
+                   help="loss from fp32 logits (the loss here is always computed in fp32, as transformers' does; "
+                        "accepted for DeepSpeed-Chat's scripts)")
+    g = p.add_argument_group("optimisation (DeepSpeed-Chat)")
+    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=16)
     g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=16)
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--num_train_epochs", type=_positive_int, default=6)
+    g.add_argument("--num_train_epochs", type=_positive_int, default=1)
     g.add_argument("--lr_scheduler_type", default="cosine",
-                   choices=["linear", "cosine", "constant", "constant_with_warmup"],
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"],
                    help="schedule over num_train_epochs (a --max_steps cap does not shorten it)")
-    g.add_argument("--num_warmup_steps", type=int, default=10)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    g.add_argument("--num_warmup_steps", type=_non_negative_int, default=0)
     g.add_argument("--seed", type=int, default=1234)
-    g = p.add_argument_group("DeepSpeed")
-    g.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=0)
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    g.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer (and at stage 3 parameters) on CPU")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("DeepSpeed (DeepSpeed-Chat)")
+    g.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=0)
+    g.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="default fp16 on CUDA (DeepSpeed-Chat's), fp32 on CPU; fp32 is this package's addition")
+    g.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer (and at stage 3 parameters) on CPU")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="sft_output",
-                   help="Hugging Face checkpoint, DeepSpeed checkpoint (ds_checkpoint/), metrics.json")
-    g.add_argument("--save_steps", type=int, default=0,
+    # deepspeed.add_config_arguments' flags, without importing deepspeed to build the parser
+    g.add_argument("--deepspeed", action="store_true", help="accepted (this command always runs DeepSpeed)")
+    g.add_argument("--deepspeed_config", default=None,
+                   help="refused: the DeepSpeed configuration is built from the flags, as in DeepSpeed-Chat")
+    g.add_argument("--deepscale", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--deepscale_config", default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("output and logging (DeepSpeed-Chat)")
+    g.add_argument("--output_dir", default=None,
+                   help="Hugging Face checkpoint (LoRA fused), DeepSpeed checkpoint (ds_checkpoint/), metrics.json; "
+                        "default None: nothing is written, as in DeepSpeed-Chat")
+    g.add_argument("--print_loss", action="store_true", help="print every rank's loss at every micro-batch")
+    g.add_argument("--enable_tensorboard", action="store_true",
+                   help="DeepSpeed's tensorboard monitor plus this command's eval scalars")
+    g.add_argument("--tensorboard_path", default="step1_tensorboard",
+                   help="events go to TENSORBOARD_PATH/ds_tensorboard_logs/step1_model_tensorboard/")
+
+
+def add_package_args(p: argparse.ArgumentParser) -> None:
+    """This package's flags (not in DeepSpeed-Chat)."""
+    g = p.add_argument_group("this package")
+    g.add_argument("--loss_on", choices=["full", "response"], default="full",
+                   help="full: loss on every token of prompt + response (DeepSpeed-Chat); response: the prompt "
+                        "tokens are masked (-100)")
+    g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default="sft_sliding_window",
+                   help="attention: this package's kernels (default), or transformers' eager / sdpa")
+    g.add_argument("--window_size", type=_window, default=None,
+                   help="sliding window: W keys including self, 'sqrt' (floor(sqrt(L)) keys; sft_sliding_window "
+                        "only), or -1 for none. Default: the model's own (config.sliding_window where it has one, "
+                        "else none); 32 for the embedded model")
+    g.add_argument("--qkv_groups", type=_positive_int, default=1,
+                   help="g > 1: block-diagonal Q/K/V projections in g groups (SFTAttention through patch_model)")
+    g.add_argument("--eval_fraction", type=float, default=0.1,
+                   help="share held out for evaluation from a dataset that has no eval split of its own (a single "
+                        "file, the shipped dataset)")
+    g.add_argument("--max_steps", type=_non_negative_int, default=None,
+                   help="stop after this many optimizer steps in all")
+    g.add_argument("--save_steps", type=_non_negative_int, default=0,
                    help="also write a DeepSpeed checkpoint every N optimizer steps (0: at the end only)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (a line every 10%% of the run)")
+
+
+def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags; ``add_help=False`` to use it as ``parents=[...]`` of a subcommand parser."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=add_help)
+    add_dschat_args(p)
+    add_package_args(p)
     return p

@@ -1,8 +1,48 @@
-"""Prompt/response data for step-1 SFT: JSON lines, tokenisation, split, batches.
+"""Step-1 SFT data: DeepSpeed-Chat's sources and splits, tokenisation, the cache, batches.
 
-One example is ``bos + prompt + response + eos``; the labels are the input ids with
-``-100`` on bos, the prompt and padding, so the loss (Hugging Face shifts labels by one)
-covers the response and its eos only. Batches are right-padded to their longest example.
+Sources (``--data_path`` / ``--sft_only_data_path``, several allowed):
+
+=========================================  ==================================  ============================
+source                                     train / eval                        text of a row
+=========================================  ==================================  ============================
+``local/jsonfile`` (DeepSpeed-Chat)        ``data/train.json`` /               ``" " + prompt + " " +
+                                           ``data/eval.json`` under the         chosen``
+                                           working directory, else under
+                                           ``../../data`` (DeepSpeed-Chat's
+                                           layout seen from step 1's folder)
+a directory with ``train.json[l]``         ``train.json[l]`` / ``eval.json[l]``  as ``local/jsonfile``
+(and ``eval.json[l]``)                     (or ``test.json[l]``)
+a ``.json`` / ``.jsonl`` file              the file / held out by               as ``local/jsonfile``
+                                           ``--eval_fraction``
+a ``datasets.save_to_disk`` directory      its ``train`` / ``test`` (or         ``prompt + chosen`` (the
+                                           ``eval``, ``validation``) split      Dahoas/rm-static form)
+=========================================  ==================================  ============================
+
+Rows hold ``prompt`` and ``chosen`` (``rejected`` is read by steps 2 and 3, ignored here),
+or this package's ``prompt`` and ``response`` (text ``prompt + response`` from any source).
+A row whose prompt or chosen is null is skipped, as DeepSpeed-Chat skips it. JSON files are
+JSON lines or one JSON array of objects (what ``datasets.load_dataset("json")`` reads).
+
+Splits. ``--data_split a,b,c``: each ``--data_path`` dataset is shuffled (seeded) and its
+first ``a / (a+b+c)`` share (boundaries rounded as DeepSpeed-Chat rounds them) is step 1's;
+this applies to its train split and to its eval split. ``--sft_only_data_path`` datasets
+and the default shipped dataset are used whole. A dataset without an eval split (one file)
+holds out ``--eval_fraction`` of its step-1 share. Several datasets are concatenated, then
+shuffled with the seed.
+
+Examples. The text is tokenized with the tokenizer's own special tokens (a bos where it adds
+one), the eos id is appended, and the result is truncated to ``--max_seq_len``, as
+DeepSpeed-Chat does (it appends the eos as text). Labels: ``--loss_on full`` (default,
+DeepSpeed-Chat's objective) supervises every token (Hugging Face shifts labels by one, so
+all but the first); ``--loss_on response`` puts -100 on the prompt tokens. Batches are
+right-padded to their longest example (DeepSpeed-Chat pads every example to max_seq_len:
+the same loss, since padding is masked, with less work); padding labels are -100.
+
+Cache. The tokenized train and eval sets are written to ``--data_output_path`` under a
+name hashed from everything they depend on (sources with each file's size and mtime, split,
+seed, tokenizer, max_seq_len, objective, eval_fraction); a later run with the same key
+loads them. Local rank 0 builds, the other ranks wait at a barrier and load.
+Unlike DeepSpeed-Chat's cache, editing a data file invalidates it.
 
 Batch order is a pure function of ``(seed, epoch, rank)``: micro-batch ``i`` of epoch ``e``
 is the same in every run, which is what lets a resumed run skip exactly the micro-batches
@@ -11,14 +51,17 @@ the checkpoint already consumed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 IGNORE_INDEX = -100
+DSCHAT_LOCAL = "local/jsonfile"
+_EVAL_SPLITS = ("eval", "test", "validation")
 
 
 def default_data_path() -> str:
@@ -28,48 +71,219 @@ def default_data_path() -> str:
     return str(files("sft_kernels").joinpath("data", "sft_tiny.jsonl"))
 
 
-def load_jsonl(path: str) -> List[Dict[str, str]]:
-    if not os.path.exists(path):
-        raise ValueError(f"--data_path: {path!r} does not exist")
+# ----------------------------------------------------------------------------- reading
+def _read_json_rows(path: str) -> List[dict]:
+    """JSON lines, or a single JSON array of objects."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--data_path {path}: not a JSON array ({exc})") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"--data_path {path}: element {bad} of the JSON array is not an object")
+        return rows
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--data_path {path}:{n}: not JSON ({exc})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
-                    row.get("response"), str):
-                raise ValueError(f"--data_path {path}:{n}: need an object with string 'prompt' and 'response'")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"--data_path {path}: no examples")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--data_path {path}:{n}: not JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"--data_path {path}:{n}: need a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
+def load_jsonl(path: str) -> List[Dict[str, str]]:
+    """The rows of a JSON(-lines) file, checked to hold a prompt and a chosen or response string."""
+    if not os.path.exists(path):
+        raise ValueError(f"--data_path: {path!r} does not exist")
+    rows = _read_json_rows(path)
+    if not rows:
+        raise ValueError(f"--data_path {path}: no examples")
+    for n, row in enumerate(rows, 1):
+        _row_format(row, f"{path}: row {n}")
+    return rows
+
+
+def _row_format(row: dict, where: str) -> str:
+    """'chosen' or 'response': which response field the row has (a ValueError if neither)."""
+    if "chosen" in row:
+        field = "chosen"
+    elif "response" in row:
+        field = "response"
+    else:
+        raise ValueError(f"--data_path {where}: need 'prompt' and 'chosen' (DeepSpeed-Chat) or 'prompt' and "
+                         f"'response', got keys {sorted(row)}")
+    for key in ("prompt", field):
+        if key not in row:
+            raise ValueError(f"--data_path {where}: missing {key!r}")
+        if row[key] is not None and not isinstance(row[key], str):
+            raise ValueError(f"--data_path {where}: {key!r} must be a string, got {type(row[key]).__name__}")
+    return field
+
+
+def _texts(row: dict, style: str, where: str) -> Optional[Tuple[str, str]]:
+    """(prompt part, response part) of a row, or None when DeepSpeed-Chat would skip it."""
+    field = _row_format(row, where)
+    prompt, response = row["prompt"], row[field]
+    if prompt is None or response is None:
+        return None
+    if field == "response":
+        return prompt, response
+    if style == "jsonfile":  # DeepSpeed-Chat's LocalJsonFileDataset
+        return " " + prompt, " " + response
+    return prompt, response  # its hub datasets (Dahoas/rm-static ...): prompt + chosen
+
+
+@dataclass
+class RawSource:
+    """One dataset: its rows per split, how its rows become text, what identifies it."""
+
+    name: str
+    train: List[dict]
+    eval: Optional[List[dict]]
+    style: str  # "jsonfile" | "hub"
+    files: List[str]
+
+
+def _json_in(directory: str, stem: str) -> Optional[str]:
+    for ext in (".json", ".jsonl"):
+        p = os.path.join(directory, stem + ext)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _json_dir_source(name: str, directory: str) -> RawSource:
+    train = _json_in(directory, "train")
+    if train is None:
+        raise ValueError(f"--data_path {name}: no train.json or train.jsonl in {directory}")
+    ev = next((p for p in (_json_in(directory, s) for s in _EVAL_SPLITS) if p), None)
+    return RawSource(name, load_jsonl(train), load_jsonl(ev) if ev else None, "jsonfile",
+                     [train] + ([ev] if ev else []))
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in (
+        "dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+def _saved_dataset_source(name: str, path: str) -> RawSource:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data_path {name}: a directory written by datasets' save_to_disk needs the datasets "
+                         "package: pip install datasets") from None
+    ds = datasets.load_from_disk(path)
+    splits = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+    if "train" not in splits:
+        raise ValueError(f"--data_path {name}: the saved dataset has splits {sorted(splits)}, none named 'train'")
+    ev_name = next((s for s in _EVAL_SPLITS if s in splits), None)
+    files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs)
+    return RawSource(name, splits["train"].to_list(), splits[ev_name].to_list() if ev_name else None, "hub", files)
+
+
+def resolve_source(name: str) -> RawSource:
+    """Read one ``--data_path`` entry (see the module docstring for the forms)."""
+    if name == DSCHAT_LOCAL:
+        for d in ("data", os.path.join("..", "..", "data")):
+            if os.path.isfile(os.path.join(d, "train.json")) and os.path.isfile(os.path.join(d, "eval.json")):
+                src = _json_dir_source(name, d)
+                src.files = [os.path.abspath(f) for f in src.files]
+                return src
+        raise ValueError(f"--data_path {DSCHAT_LOCAL}: needs data/train.json and data/eval.json under the working "
+                         f"directory ({os.getcwd()}) or under ../../data (DeepSpeed-Chat's layout); or pass the "
+                         "directory that holds them as --data_path")
+    if os.path.isfile(name):
+        return RawSource(name, load_jsonl(name), None, "jsonfile", [os.path.abspath(name)])
+    if _is_saved_dataset(name):
+        return _saved_dataset_source(name, name)
+    if os.path.isdir(name):
+        src = _json_dir_source(name, name)
+        src.files = [os.path.abspath(f) for f in src.files]
+        return src
+    raise ValueError(f"--data_path {name!r}: no such file or directory. Hub datasets (such as Dahoas/rm-static) are "
+                     "not downloaded here: save one with datasets' save_to_disk and pass that directory, or use "
+                     f"{DSCHAT_LOCAL} / a JSON file of prompt + chosen rows")
+
+
+def _fingerprint(paths: Sequence[str]) -> List[List]:
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+# ----------------------------------------------------------------------------- splits
+def _shuffled(n: int, seed: int) -> List[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def phase_one_indices(n: int, data_split: str, seed: int) -> List[int]:
+    """The step-1 share of ``n`` rows under ``data_split`` ("a,b,c"), DeepSpeed-Chat's rounding:
+    cumulative boundaries ``round(share * n)``, shifted so the last one is ``n``."""
+    shares = [float(s) for s in data_split.split(",")]
+    total = sum(shares)
+    bounds = [0]
+    for s in shares:
+        bounds.append(bounds[-1] + int(round(s / total * n)))
+    diff = bounds[-1] - n
+    bounds = [0] + [b - diff for b in bounds[1:]]
+    return _shuffled(n, seed)[max(0, bounds[0]):max(0, bounds[1])]
+
+
+# ----------------------------------------------------------------------------- examples
 @dataclass
 class Example:
     input_ids: List[int]
     labels: List[int]
 
 
-def encode(row: Dict[str, str], tokenizer, max_seq_len: int) -> Example:
-    """``bos + prompt + response + eos``, truncated to ``max_seq_len`` tokens; prompt labels -100."""
-    prompt = tokenizer.encode(row["prompt"], add_special_tokens=True)  # with bos when the tokenizer has one
-    response = tokenizer.encode(row["response"]) + [tokenizer.eos_token_id]
-    ids = (prompt + response)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_seq_len]
+def encode(row: Dict[str, str], tokenizer, max_seq_len: int, loss_on: str = "response",
+           style: str = "jsonfile") -> Optional[Example]:
+    """One row as ``tokens(prompt + response) + eos``, truncated to ``max_seq_len``; with
+    ``loss_on="response"`` the prompt's tokens get label -100. None for a row DeepSpeed-Chat skips."""
+    texts = _texts(row, style, "row")
+    if texts is None:
+        return None
+    prompt, response = texts
+    ids = tokenizer.encode(prompt + response, add_special_tokens=True) + [tokenizer.eos_token_id]
+    ids = ids[:max_seq_len]
+    if loss_on == "full":
+        labels = list(ids)
+    elif loss_on == "response":
+        # the prompt's tokens; where a merge crosses the boundary, the common prefix
+        p_ids = tokenizer.encode(prompt, add_special_tokens=True)
+        n = 0
+        while n < min(len(p_ids), len(ids)) and p_ids[n] == ids[n]:
+            n += 1
+        labels = [IGNORE_INDEX] * n + ids[n:]
+    else:
+        raise ValueError(f"--loss_on must be 'full' or 'response', got {loss_on!r}")
     return Example(ids, labels)
 
 
-def encode_all(rows: Sequence[Dict[str, str]], tokenizer, max_seq_len: int) -> Tuple[List[Example], int]:
-    """Encoded examples, and how many were dropped because truncation left no response token."""
+def _supervised(ex: Example) -> bool:
+    """Whether any target survives the one-token shift."""
+    return any(lab != IGNORE_INDEX for lab in ex.labels[1:])
+
+
+def encode_all(rows: Sequence[Dict[str, str]], tokenizer, max_seq_len: int, loss_on: str = "response",
+               style: str = "jsonfile") -> Tuple[List[Example], int]:
+    """Encoded examples, and how many were dropped (skipped rows, or no supervised token
+    within ``max_seq_len``)."""
     out, dropped = [], 0
     for row in rows:
-        ex = encode(row, tokenizer, max_seq_len)
-        if all(lab == IGNORE_INDEX for lab in ex.labels):
+        ex = encode(row, tokenizer, max_seq_len, loss_on, style)
+        if ex is None or not _supervised(ex):
             dropped += 1
             continue
         out.append(ex)
@@ -82,12 +296,150 @@ def split(examples: List[Example], eval_fraction: float, seed: int) -> Tuple[Lis
         raise ValueError(f"--eval_fraction must be in (0, 1), got {eval_fraction}")
     if len(examples) < 2:
         raise ValueError(f"need at least 2 examples for a train/eval split, got {len(examples)}")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(examples), generator=g).tolist()
+    order = _shuffled(len(examples), seed)
     n_eval = min(len(examples) - 1, max(1, round(eval_fraction * len(examples))))
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
+# ----------------------------------------------------------------------------- the datasets of a run
+@dataclass
+class Datasets:
+    train: List[Example]
+    eval: List[Example]
+    dropped: int
+    description: str
+    cache_file: Optional[str]
+    from_cache: bool
+    key: str
+
+
+def _spec(args) -> Tuple[List[Tuple[str, str]], bool]:
+    """[(name, split)] of every source, and whether the default shipped dataset is used."""
+    paths = list(args.data_path or [])
+    sft_only = list(args.sft_only_data_path or [])
+    default = not paths and not sft_only
+    spec = [(p, args.data_split) for p in paths] + [(p, "10,0,0") for p in sft_only]
+    if default:
+        spec = [(default_data_path(), "10,0,0")]
+    return spec, default
+
+
+def _tokenizer_id(tokenizer) -> str:
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    h = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}:{h}"
+
+
+def _build(spec, tokenizer, args) -> Tuple[List[Example], List[Example], int, List[str]]:
+    train_all: List[Example] = []
+    eval_all: List[Example] = []
+    dropped, parts = 0, []
+    for i, (name, data_split) in enumerate(spec):
+        src = resolve_source(name)
+        seed = args.seed + 7919 * i
+        tr_rows = [src.train[j] for j in phase_one_indices(len(src.train), data_split, seed)]
+        tr, d1 = encode_all(tr_rows, tokenizer, args.max_seq_len, args.loss_on, src.style)
+        if src.eval is not None:
+            ev_rows = [src.eval[j] for j in phase_one_indices(len(src.eval), data_split, seed + 1)]
+            ev, d2 = encode_all(ev_rows, tokenizer, args.max_seq_len, args.loss_on, src.style)
+        else:
+            if len(tr) < 2:
+                raise ValueError(f"--data_path {name}: {len(tr)} usable examples in its step-1 share "
+                                 f"(--data_split {data_split}); need at least 2 to hold out an eval split")
+            tr, ev = split(tr, args.eval_fraction, seed + 2)
+            d2 = 0
+        if not tr:
+            raise ValueError(f"--data_path {name}: no training example in its step-1 share (--data_split "
+                             f"{data_split}, {len(src.train)} rows)")
+        dropped += d1 + d2
+        train_all += tr
+        eval_all += ev
+        parts.append(f"{name} ({len(tr)} train / {len(ev)} eval)")
+    if len(spec) > 1:  # blend: one seeded shuffle over the concatenation
+        train_all = [train_all[j] for j in _shuffled(len(train_all), args.seed)]
+        eval_all = [eval_all[j] for j in _shuffled(len(eval_all), args.seed + 1)]
+    if not eval_all:
+        raise ValueError("no evaluation example: the eval splits' step-1 shares are empty (check --data_split)")
+    return train_all, eval_all, dropped, parts
+
+
+def cache_key(args, tokenizer) -> Tuple[str, dict]:
+    spec, _ = _spec(args)
+    files = []
+    for name, _split in spec:
+        if name == DSCHAT_LOCAL or os.path.exists(name):
+            try:
+                files.append(_fingerprint(resolve_source_files(name)))
+            except ValueError:
+                files.append(None)
+        else:
+            files.append(None)
+    key = {"spec": spec, "files": files, "seed": args.seed, "tokenizer": _tokenizer_id(tokenizer),
+           "max_seq_len": args.max_seq_len, "loss_on": args.loss_on, "eval_fraction": args.eval_fraction,
+           "format": 2}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return digest, key
+
+
+def resolve_source_files(name: str) -> List[str]:
+    """The files a source reads (for the cache key and the resume check), without reading rows."""
+    if name == DSCHAT_LOCAL:
+        for d in ("data", os.path.join("..", "..", "data")):
+            if os.path.isfile(os.path.join(d, "train.json")) and os.path.isfile(os.path.join(d, "eval.json")):
+                return [os.path.abspath(os.path.join(d, f)) for f in ("train.json", "eval.json")]
+        raise ValueError(f"{DSCHAT_LOCAL}: not found")
+    if os.path.isfile(name):
+        return [os.path.abspath(name)]
+    if os.path.isdir(name):
+        return sorted(os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs)
+    raise ValueError(f"{name}: not found")
+
+
+def _save(path: str, train: List[Example], ev: List[Example], dropped: int, parts: List[str]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"train": [(torch.tensor(e.input_ids, dtype=torch.int64), torch.tensor(e.labels, dtype=torch.int64))
+                          for e in train],
+                "eval": [(torch.tensor(e.input_ids, dtype=torch.int64), torch.tensor(e.labels, dtype=torch.int64))
+                         for e in ev],
+                "dropped": dropped, "parts": parts}, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: str):
+    blob = torch.load(path, weights_only=True)
+    conv = lambda items: [Example(i.tolist(), l.tolist()) for i, l in items]  # noqa: E731
+    return conv(blob["train"]), conv(blob["eval"]), int(blob["dropped"]), list(blob["parts"])
+
+
+def prepare(args, tokenizer, local_rank: int = 0, barrier=None) -> Datasets:
+    """The train and eval examples of a run, from ``--data_output_path``'s cache when it has them.
+
+    ``barrier``: called between local rank 0's build and the other ranks' load (distributed
+    runs); without one every rank builds (or loads) by itself.
+    """
+    spec, _ = _spec(args)
+    digest, _ = cache_key(args, tokenizer)
+    cache_dir = args.data_output_path
+    cache_file = os.path.join(cache_dir, f"sft_kernels_step1_{digest[:32]}.pt") if cache_dir else None
+    from_cache = cache_file is not None and os.path.isfile(cache_file)
+    if cache_file is None:
+        train, ev, dropped, parts = _build(spec, tokenizer, args)
+    else:
+        if local_rank <= 0 and not from_cache:
+            os.makedirs(cache_dir, exist_ok=True)
+            train, ev, dropped, parts = _build(spec, tokenizer, args)
+            _save(cache_file, train, ev, dropped, parts)
+        if barrier is not None:
+            barrier()
+        if local_rank > 0 or from_cache:
+            if not os.path.isfile(cache_file):
+                raise RuntimeError(f"--data_output_path {cache_dir}: local rank 0 wrote {cache_file}, which this rank "
+                                   "cannot see; keep --data_output_path on storage every rank of a node shares")
+            train, ev, dropped, parts = _load(cache_file)
+    return Datasets(train, ev, dropped, "; ".join(parts), cache_file, from_cache, digest)
+
+
+# ----------------------------------------------------------------------------- batches
 def collate(batch: Sequence[Example], pad_id: int) -> Dict[str, torch.Tensor]:
     """Right-pad to the longest example: ``input_ids`` (pad_id), ``attention_mask`` (0 on padding),
     ``labels`` (-100 on padding)."""
@@ -109,7 +461,8 @@ class TrainBatches:
     Each epoch is a seeded permutation of the training set split round-robin across ranks;
     the micro-batch count per epoch is rounded down to a multiple of the gradient
     accumulation steps, so an optimizer step never straddles two epochs (the few examples
-    left over are different ones each epoch).
+    left over are different ones each epoch). DeepSpeed-Chat keeps a last partial batch
+    and lets a partial accumulation run into the next epoch.
     """
 
     def __init__(self, examples: List[Example], batch_size: int, grad_accum: int, seed: int, rank: int = 0,

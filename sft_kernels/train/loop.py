@@ -1,17 +1,35 @@
 """``sft-kernels train``: distributed setup, DeepSpeed engine, evaluation, training, checkpoints.
 
-Output directory after a run::
+Output directory after a run (nothing is written without ``--output_dir``, as in DeepSpeed-Chat)::
 
     output_dir/config.json, model.safetensors      AutoModelForCausalLM.from_pretrained(output_dir)
     output_dir/<tokenizer files>                   load_tokenizer(output_dir) (see tokenizer.py)
     output_dir/ds_checkpoint/global_step<N>/       DeepSpeed engine state (model, optimizer,
-    output_dir/ds_checkpoint/latest                 scheduler, step counters) to resume from
-    output_dir/metrics.json                        eval loss/perplexity before and after, per-step loss
+    output_dir/ds_checkpoint/latest                 scheduler, step counters) to resume from, and
+                                                   sft_kernels_state.json (settings, history)
+    output_dir/metrics.json                        every evaluation and every step's loss, all runs
+
+Evaluation: before training and after every epoch (DeepSpeed-Chat's schedule), plus at the
+end when ``--max_steps`` stops inside an epoch. Two perplexities, over the same eval set:
+
+- ``dschat_perplexity`` = exp(mean over ranks of the mean over that rank's eval batches of
+  the batch's mean token loss), DeepSpeed-Chat's ``evaluation()``;
+- ``perplexity`` = exp(sum of token losses / number of tokens), all ranks together.
+
+They differ when batches hold different numbers of supervised tokens (the batch-mean form
+weights a token of a short batch more). The train loss logged per step is the mean over
+the ranks of the step's loss (each micro-batch's mean token loss, averaged over the
+gradient accumulation steps).
 
 Resume: when ``output_dir/ds_checkpoint/latest`` exists the engine state is loaded and the
 micro-batches the checkpoint consumed are skipped (batch order is a function of seed and
 epoch, see data.py), so ``--max_steps 3`` then ``--max_steps 6`` on the same directory
-trains the same six steps as one ``--max_steps 6`` run.
+trains the same six steps as one ``--max_steps 6`` run. Settings that would change the run
+(:data:`RESUME_SETTINGS`: learning-rate schedule, window, data, ZeRO stage, world size, ...)
+are compared with the checkpoint's before DeepSpeed is started, and a difference is refused
+with a message naming each one; ``--max_steps``, ``--save_steps``, logging flags,
+``--attn_implementation`` (the same function) and ``--gradient_checkpointing`` may change.
+``metrics.json`` carries the history of the runs before the resume.
 """
 
 from __future__ import annotations
@@ -28,6 +46,18 @@ from typing import Dict, List, Optional
 import torch
 
 CHECKPOINT_SUBDIR = "ds_checkpoint"
+STATE_FILE = "sft_kernels_state.json"
+# what a resumed run must share with its checkpoint (anything else may change)
+RESUME_SETTINGS = ("model_name_or_path", "data", "max_seq_len", "loss_on", "per_device_train_batch_size",
+                   "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
+                   "num_train_epochs", "weight_decay", "window", "qkv_groups", "dropout", "lora_dim",
+                   "lora_module_name", "only_optimize_lora", "lora_learning_rate", "zero_stage", "dtype", "offload",
+                   "world_size", "add_eot_token", "eot_token")
+PERPLEXITY_DEFINITIONS = {
+    "dschat_perplexity": "exp(mean over ranks of the mean over the rank's eval batches of each batch's mean token "
+                         "loss): DeepSpeed-Chat's evaluation()",
+    "perplexity": "exp(sum of all eval token losses / number of eval tokens), all ranks together (token-weighted)",
+}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -74,8 +104,17 @@ def setup_distributed(local_rank: int):
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+
+def resolve_dtype(args) -> str:
+    """``--dtype`` or its default: fp16 on CUDA (DeepSpeed-Chat's default), fp32 on CPU."""
+    if args.dtype:
+        return args.dtype
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
 def ds_config(args, world_size: int) -> Dict:
     """The DeepSpeed configuration (DeepSpeed-Chat's ``get_train_ds_config`` shape)."""
+    dtype = resolve_dtype(args)
     zero = {"stage": args.zero_stage, "stage3_param_persistence_threshold": 1e4,
             "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7}
     if args.offload:
@@ -88,33 +127,68 @@ def ds_config(args, world_size: int) -> Dict:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "steps_per_print": 10**9,
         "zero_optimization": zero,
-        "fp16": {"enabled": args.dtype == "fp16", "loss_scale_window": 100},
-        "bf16": {"enabled": args.dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
+        "bf16": {"enabled": dtype == "bf16"},
         "gradient_clipping": 1.0,
         "prescale_gradients": False,
         "wall_clock_breakdown": False,
+        "tensorboard": {"enabled": bool(args.enable_tensorboard),
+                        "output_path": os.path.join(args.tensorboard_path, "ds_tensorboard_logs", ""),
+                        "job_name": "step1_model_tensorboard"},
     }
 
 
 def _check_args(args) -> None:
+    if args.deepspeed_config or args.deepscale_config:
+        raise ValueError("--deepspeed_config: the DeepSpeed configuration is built from the flags (--zero_stage, "
+                         "--dtype, --offload, batch sizes), as DeepSpeed-Chat's main.py builds it; drop the flag")
     if args.offload and args.zero_stage == 0:
         raise ValueError("--offload moves ZeRO state to CPU and needs --zero_stage 1, 2 or 3")
-    if args.max_steps is not None and args.max_steps < 0:
-        raise ValueError(f"--max_steps must be >= 0, got {args.max_steps}")
-    if args.dtype == "fp16" and not torch.cuda.is_available():
+    if args.save_steps and not args.output_dir:
+        raise ValueError("--save_steps writes checkpoints into --output_dir; give one")
+    dtype = resolve_dtype(args)
+    if dtype == "fp16" and not torch.cuda.is_available():
         from deepspeed.accelerator import get_accelerator
 
         if not get_accelerator().is_fp16_supported():
             raise ValueError("--dtype fp16: DeepSpeed's CPU accelerator supports fp16 only where oneDNN has fp16 "
                              "kernels (not on this CPU); use --dtype bf16 or fp32")
+    if args.enable_tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard's backend)
+        except ImportError:
+            raise ValueError("--enable_tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-def _optimizer(model, args, device):
-    decay, no_decay = [], []
+NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
+
+
+def optimizer_groups(model, weight_decay: float, lora_learning_rate: float) -> List[Dict]:
+    """DeepSpeed-Chat's three groups: decayed weights; LoRA factors (decayed, at their own
+    learning rate); biases and norm weights (no decay). Frozen parameters are left out."""
+    from .lora import LORA_PARAM_NAMES
+
+    decay, lora, no_decay = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        low = name.lower()
+        if any(k in low for k in NO_DECAY):
+            no_decay.append(p)
+        elif any(k in low for k in LORA_PARAM_NAMES):
+            lora.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": lora, "weight_decay": weight_decay, "lr": lora_learning_rate},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(model, args):
+    groups = optimizer_groups(model, args.weight_decay, args.lora_learning_rate)
+    if not groups:
+        raise ValueError("no trainable parameter (check --only_optimize_lora / --lora_module_name)")
     if args.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -124,23 +198,52 @@ def _optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
 
 
+def _numel(p) -> int:
+    return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameter storage this rank holds: the partition under ZeRO-3, else the whole."""
+    total = 0
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        total += t.numel() * t.element_size()
+    return total
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(engine, batches, device) -> Dict[str, float]:
-    """Token-weighted loss over the supervised (label != -100) tokens, all ranks summed."""
+    """Both perplexities (module docstring) over the supervised (label != -100) tokens."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # token loss sum, token count
+    means = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch means, batches (this rank)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-        total += torch.stack([loss.double(), (labels != -100).sum().double()])
+                                                 ignore_index=-100, reduction="sum").double()
+        n = (labels != -100).sum().double()
+        total += torch.stack([loss, n])
+        if n > 0:
+            means += torch.stack([loss / n, torch.ones_like(n)])
+    # DeepSpeed-Chat all-reduces each rank's mean of batch means and divides by the world size;
+    # a rank without eval batches (fewer eval examples than ranks) is left out of that mean.
+    rank_mean = torch.stack([means[0] / means[1].clamp_min(1), (means[1] > 0).double()])
     torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(rank_mean)
     engine.train()
     loss = (total[0] / total[1]).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total[1].item())}
+    dschat = (rank_mean[0] / rank_mean[1]).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total[1].item()),
+            "dschat_loss": dschat, "dschat_perplexity": math.exp(min(dschat, 700.0))}
+
+
+def _eval_line(tag: str, r: Dict[str, float]) -> str:
+    return (f"{tag}: perplexity {r['dschat_perplexity']:.4f} (DeepSpeed-Chat: exp of the mean of batch-mean losses), "
+            f"{r['perplexity']:.4f} (token-weighted: exp of total loss / {r['tokens']} tokens); "
+            f"loss {r['dschat_loss']:.4f} / {r['loss']:.4f}")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -169,9 +272,94 @@ class _Progress:
             print(f"step {self.n}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tokens/s  lr {lr:.2e}",
                   flush=True)
 
+    def write(self, msg: str) -> None:
+        """Print a line above the bar (rank 0)."""
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ----------------------------------------------------------------------------- resume
+def run_settings(args, world: int, data_key: str) -> Dict:
+    """The values of :data:`RESUME_SETTINGS` for this invocation."""
+    from .model import resolve_window
+
+    window = resolve_window(args)
+    values = {k: getattr(args, k) for k in RESUME_SETTINGS if hasattr(args, k)}
+    values.update(data=data_key, window=window, dtype=resolve_dtype(args), world_size=world)
+    if not values.get("lora_dim"):  # the LoRA details mean nothing without LoRA
+        for k in ("lora_module_name", "only_optimize_lora", "lora_learning_rate"):
+            values[k] = None
+    if not values.get("add_eot_token"):
+        values["eot_token"] = None
+    return values
+
+
+def _state_path(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, STATE_FILE)
+
+
+def read_resume_state(ckpt_dir: str) -> Optional[Dict]:
+    """The state saved beside the newest checkpoint, or None when there is no checkpoint."""
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(latest):
+        return None
+    tag = open(latest).read().strip()
+    path = _state_path(ckpt_dir, tag)
+    if not os.path.exists(path):
+        raise ValueError(f"cannot resume from {os.path.join(ckpt_dir, tag)}: it has no {STATE_FILE} (written by "
+                         "another program or an older sft-kernels), so its settings cannot be checked; use another "
+                         "--output_dir")
+    with open(path) as f:
+        state = json.load(f)
+    state["tag"] = tag
+    return state
+
+
+def check_resume(state: Dict, settings: Dict, ckpt_dir: str) -> None:
+    """ValueError naming every setting that differs from the checkpoint's."""
+    saved = state["settings"]
+    diffs = [k for k in RESUME_SETTINGS if saved.get(k) != settings.get(k)]
+    if not diffs:
+        return
+    lines = []
+    for k in diffs:
+        if k == "data":
+            lines.append("  data: the data (files, their contents, --data_path / --sft_only_data_path / --data_split / "
+                         "--eval_fraction, or the tokenizer) differs from the checkpoint's")
+        else:
+            lines.append(f"  {k}: checkpoint {saved.get(k)!r}, this run {settings.get(k)!r}")
+    raise ValueError(f"cannot resume from {os.path.join(ckpt_dir, state['tag'])}: these settings differ from the "
+                     "ones it was trained with, and resuming would silently change the run:\n" + "\n".join(lines)
+                     + "\nrun with the checkpoint's values, or use another --output_dir to start afresh")
+
+
+def _save_ds(engine, ckpt_dir, step, settings, history, rank) -> None:
+    tag = f"global_step{step}"
+    # DeepSpeed writes 'latest' at the end of save_checkpoint; the state must exist by then
+    if rank == 0:
+        os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+        with open(_state_path(ckpt_dir, tag), "w") as f:
+            json.dump({"step": step, "settings": settings, "history": history}, f)
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step})
+
+
+def _load_metrics_history(output_dir: Optional[str]) -> List[Dict]:
+    path = os.path.join(output_dir, "metrics.json") if output_dir else None
+    if not path or not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            return list(json.load(f).get("runs", []))
+    except (json.JSONDecodeError, OSError):
+        return []
 
 
 # ----------------------------------------------------------------------------- main
@@ -188,8 +376,8 @@ def train(args) -> Dict:
 def run(args):
     """:func:`train`, returning ``(metrics, model)``: the trained module unwrapped from the
     DeepSpeed engine (under ZeRO-3 its parameters stay partitioned)."""
-    from .data import TrainBatches, default_data_path, encode_all, eval_batches, load_jsonl, split
-    from .model import build_model, save_hf_checkpoint
+    from .data import TrainBatches, eval_batches, prepare
+    from .model import build_model, model_window, save_hf_checkpoint
     from .tokenizer import load_tokenizer
 
     t_start = time.perf_counter()
@@ -200,60 +388,86 @@ def run(args):
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    data_path = args.data_path or default_data_path()
-    examples, dropped = encode_all(load_jsonl(data_path), tokenizer, args.max_seq_len)
-    train_set, eval_set = split(examples, args.eval_fraction, args.seed)
-    batches = TrainBatches(train_set, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
+    if args.add_eot_token:
+        tokenizer.add_special_token(args.eot_token)
+    data = prepare(args, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), barrier=torch.distributed.barrier)
+    batches = TrainBatches(data.train, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
                            rank, world, tokenizer.pad_token_id)
     schedule_steps = args.num_train_epochs * batches.steps_per_epoch
     total_steps = schedule_steps if args.max_steps is None else min(schedule_steps, args.max_steps)
-    _say(rank, f"data: {data_path}: {len(train_set)} train / {len(eval_set)} eval examples"
-               + (f" ({dropped} dropped: no response token within --max_seq_len)" if dropped else "")
-               + f"; {batches.steps_per_epoch} steps per epoch, {total_steps} steps")
+    _say(rank, f"data: {data.description}"
+               + (f"; {data.dropped} dropped (no supervised token within --max_seq_len, or no prompt/chosen)"
+                  if data.dropped else "")
+               + (f"; {'cache hit' if data.from_cache else 'cached to'} {data.cache_file}" if data.cache_file else "")
+               + f"; {batches.steps_per_epoch} steps per epoch, {total_steps} steps; loss on the "
+                 f"{'whole sequence' if args.loss_on == 'full' else 'response tokens'}")
 
-    model = build_model(args, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = _optimizer(model, args, device)
+    settings = run_settings(args, world, data.key)
+    ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_SUBDIR) if args.output_dir else None
+    state = read_resume_state(ckpt_dir) if ckpt_dir else None
+    if state is not None:
+        check_resume(state, settings, ckpt_dir)  # before DeepSpeed sees a checkpoint it cannot load
+
+    config = ds_config(args, world)
+    model = build_model(args, tokenizer, ds_config=config)
+    n_params = sum(_numel(p) for p in model.parameters())
+    n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    held = local_parameter_bytes(model)
+    optimizer = _optimizer(model, args)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=schedule_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config(args, world), dist_init_required=False)
-    _say(rank, f"model: {type(model).__name__} {n_params / 1e6:.2f}M parameters, attention "
-               f"{args.attn_implementation}, window {args.window_size}, qkv_groups {args.qkv_groups}, "
-               f"ZeRO {args.zero_stage}, {args.dtype}, {world} process(es) on {device.type}")
+                                           config=config, dist_init_required=False)
+    _say(rank, f"model: {type(model).__name__} {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained"
+               + (f", LoRA r={args.lora_dim} on '{args.lora_module_name}'" if args.lora_dim else "")
+               + f"), attention {args.attn_implementation}, window {model_window(model, args)}, qkv_groups "
+                 f"{args.qkv_groups}, ZeRO {args.zero_stage} ({held / 2**20:.1f} MiB of parameters on rank 0 at load), "
+                 f"{resolve_dtype(args)}, {world} process(es) on {device.type}")
 
-    ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_SUBDIR)
-    step, eval_before, resumed_from = 0, None, None
-    if os.path.exists(os.path.join(ckpt_dir, "latest")):
-        path, client = engine.load_checkpoint(ckpt_dir)
+    step = 0
+    history = {"train_losses": [], "evals": []}
+    resumed_from = None
+    if state is not None:
+        path, _client = engine.load_checkpoint(ckpt_dir, tag=state["tag"])
         if path is None:
             raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt_dir}")
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed", "world_size"):
-            have = world if key == "world_size" else getattr(args, key)
-            if client.get(key) != have:
-                raise ValueError(f"cannot resume from {path}: it was written with {key}={client.get(key)}, "
-                                 f"this run has {have}; use another --output_dir")
-        step, eval_before, resumed_from = client["step"], client.get("eval_before"), client["step"]
+        step = resumed_from = int(state["step"])
+        history = state["history"]
         _say(rank, f"resumed from {path} at step {step}")
 
-    eval_input = lambda: eval_batches(eval_set, args.per_device_eval_batch_size, rank, world,  # noqa: E731
+    eval_input = lambda: eval_batches(data.eval, args.per_device_eval_batch_size, rank, world,  # noqa: E731
                                       tokenizer.pad_token_id)
-    if eval_before is None:
-        eval_before = evaluate(engine, eval_input(), device)
-    _say(rank, f"eval before: loss {eval_before['loss']:.4f}  perplexity {eval_before['perplexity']:.3f}")
 
-    losses: List[List[float]] = []
+    def run_eval(epoch: int, tag: str) -> Dict:
+        r = dict(evaluate(engine, eval_input(), device), epoch=epoch, step=step)
+        history["evals"].append(r)
+        if progress is None:
+            _say(rank, _eval_line(tag, r))
+        else:
+            progress.write(_eval_line(tag, r))
+        if args.enable_tensorboard:
+            engine.monitor.write_events([(f"Eval/{k}", r[k], step) for k in
+                                         ("dschat_perplexity", "perplexity", "dschat_loss", "loss")])
+        return r
+
+    spe = batches.steps_per_epoch
+    progress = None
+    if not history["evals"]:
+        run_eval(0, f"eval before training (epoch 0/{args.num_train_epochs})")
+
     progress = _Progress(total_steps, step, enabled=not args.no_progress, quiet=rank != 0)
     engine.train()
-    t_train, tokens_seen = time.perf_counter(), 0
+    t_train, tokens_seen, steps_here = time.perf_counter(), 0, 0
     gas = args.gradient_accumulation_steps
     while step < total_steps:
-        epoch = step // batches.steps_per_epoch
-        start_micro = (step % batches.steps_per_epoch) * gas
-        step_loss, step_tokens, micro = 0.0, 0, 0
+        epoch = step // spe
+        start_micro = (step % spe) * gas
+        step_loss, step_tokens, micro = 0.0, 0, start_micro
         for batch in batches.epoch(epoch, start_micro):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch).loss
+            if args.print_loss:
+                print(f"Epoch: {epoch}, Step: {micro}, Rank: {rank}, loss = {loss.item()}", flush=True)
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / gas
@@ -262,52 +476,78 @@ def run(args):
             if micro % gas:
                 continue
             step += 1
+            steps_here += 1
+            mean = torch.tensor([step_loss], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(mean)
+            step_loss = mean.item() / world
             tokens_seen += step_tokens * world
             rate = tokens_seen / (time.perf_counter() - t_train)
-            losses.append([step, step_loss])
+            history["train_losses"].append([step, step_loss])
             progress.update(step_loss, rate, engine.get_lr()[0])
+            if args.enable_tensorboard:
+                engine.monitor.write_events([("Train/loss", step_loss, step)])
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"loss is {step_loss} at step {step}")
+            if step % spe == 0:  # end of an epoch: evaluate, as DeepSpeed-Chat does
+                run_eval(step // spe, f"eval after epoch {step // spe}/{args.num_train_epochs} (step {step})")
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                _save_ds(engine, ckpt_dir, step, args, world, eval_before)
+                _save_ds(engine, ckpt_dir, step, settings, history, rank)
             if step >= total_steps:
                 break
             step_loss, step_tokens = 0.0, 0
     progress.close()
+    progress = None
     train_seconds = time.perf_counter() - t_train
 
-    eval_after = evaluate(engine, eval_input(), device)
-    _say(rank, f"eval after:  loss {eval_after['loss']:.4f}  perplexity {eval_after['perplexity']:.3f} "
-               f"(before {eval_before['perplexity']:.3f})")
-    _save_ds(engine, ckpt_dir, step, args, world, eval_before)
-    save_hf_checkpoint(engine.module, tokenizer, args.output_dir, args.zero_stage, rank)
+    if history["evals"][-1]["step"] != step:  # stopped inside an epoch (--max_steps)
+        run_eval(step / spe, f"eval at step {step} (--max_steps, epoch {step / spe:.2f})")
+    eval_before, eval_after = history["evals"][0], history["evals"][-1]
+    _say(rank, f"perplexity {eval_before['dschat_perplexity']:.4f} -> {eval_after['dschat_perplexity']:.4f} "
+               f"(DeepSpeed-Chat's), {eval_before['perplexity']:.4f} -> {eval_after['perplexity']:.4f} "
+               f"(token-weighted)")
+    if args.output_dir:
+        _save_ds(engine, ckpt_dir, step, settings, history, rank)
+        save_hf_checkpoint(engine.module, tokenizer, args.output_dir, args.zero_stage, rank)
+    this_run = {
+        "resumed_from_step": resumed_from,
+        "steps": step,
+        "train_seconds": train_seconds,
+        "train_tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 and tokens_seen else None,
+        "train_steps": steps_here,
+        "total_seconds": time.perf_counter() - t_start,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None), list))},
+    }
+    runs = _load_metrics_history(args.output_dir) if resumed_from is not None else []
     metrics = {
         "eval_before": eval_before,
         "eval_after": eval_after,
+        "evals": history["evals"],
+        "definitions": PERPLEXITY_DEFINITIONS,
         "steps": step,
         "resumed_from_step": resumed_from,
-        "train_losses": losses,
+        "train_losses": history["train_losses"],
+        "train_losses_this_run": history["train_losses"][len(history["train_losses"]) - steps_here:],
         "train_seconds": train_seconds,
-        "train_tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 and tokens_seen else None,
-        "total_seconds": time.perf_counter() - t_start,
+        "train_tokens_per_s": this_run["train_tokens_per_s"],
+        "total_seconds": this_run["total_seconds"],
         "parameters": n_params,
+        "trainable_parameters": n_train,
+        "rank0_parameter_bytes_at_load": held,
         "world_size": world,
         "device": device.type,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "settings": settings,
+        "args": this_run["args"],
+        "runs": runs + [this_run],
         "versions": _versions(),
     }
-    if rank == 0:
+    if rank == 0 and args.output_dir:
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
         print(f"wrote {args.output_dir}/ (Hugging Face checkpoint, {CHECKPOINT_SUBDIR}/, metrics.json) in "
               f"{metrics['total_seconds']:.0f} s", flush=True)
+    elif rank == 0:
+        print("no --output_dir: nothing written (as DeepSpeed-Chat)", flush=True)
     return metrics, engine.module
-
-
-def _save_ds(engine, ckpt_dir, step, args, world, eval_before) -> None:
-    client = {"step": step, "eval_before": eval_before, "world_size": world,
-              **{k: getattr(args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")}}
-    engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}", client_state=client)
 
 
 def _versions() -> Dict[str, str]:
@@ -328,3 +568,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sft-kernels train: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def shutdown() -> None:
+    """End the process group before the interpreter exits (the command-line entry points call
+    it): a teardown with gloo's threads still running can abort the process after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()

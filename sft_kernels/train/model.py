@@ -18,13 +18,23 @@ Window (``--window_size``) per attention implementation:
 ``sqrt``               ``register(window_size="sqrt")``,      not expressible: error
                        ``config.sliding_window = None``
 ``-1``                 no window (causal)                     no window (causal)
+not given              the embedded model: 32; a              the same
+                       ``--model_name_or_path``: the model's
+                       own (``config.sliding_window`` where
+                       it has one), else none: a pretrained
+                       model keeps the function it learnt
 ====================  ====================================  ==============================
+
+ZeRO-3: the model is built partitioned (``HfDeepSpeedConfig`` around ``from_pretrained`` /
+``from_config``, so ``deepspeed.zero.Init`` partitions each module as it is created); LoRA
+(``--lora_dim``, see lora.py) is applied after loading, before DeepSpeed wraps the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -114,12 +124,58 @@ def dtype_kwargs(dtype: torch.dtype) -> Dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def build_model(args, tokenizer):
+DEFAULT_WINDOW = 32  # the embedded model's window when --window_size is not given
+
+
+def resolve_window(args) -> Union[WindowOpt, str]:
+    """``--window_size`` as parsed, or its default: 32 for the embedded model, ``"model"`` (keep
+    the model's own window, none when it has none) for a ``--model_name_or_path``."""
+    if args.window_size is not None:
+        return parse_window_arg(args.window_size)
+    return "model" if args.model_name_or_path else DEFAULT_WINDOW
+
+
+def configure_dropout(config, dropout: Optional[float]) -> List[str]:
+    """DeepSpeed-Chat's ``--dropout``: set the config fields that exist; returns their names."""
+    if dropout is None:
+        return []
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {dropout}")
+    names = [k for k in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout") if hasattr(config, k)]
+    for k in names:
+        setattr(config, k, dropout)
+    return names
+
+
+@contextlib.contextmanager
+def zero3_partitioned_init(ds_config: Optional[Dict]):
+    """While active, ``from_pretrained`` / ``from_config`` build the model under
+    ``deepspeed.zero.Init``: each parameter is partitioned across the ranks as soon as its module
+    is created, so no rank ever holds the whole model (transformers' ``HfDeepSpeedConfig``,
+    what DeepSpeed-Chat's ``create_hf_model`` uses). No-op for ``ds_config=None``."""
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep it alive
+    try:
+        yield keep
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def build_model(args, tokenizer, ds_config: Optional[Dict] = None):
     """The ``*ForCausalLM`` (fp32 parameters; DeepSpeed casts for fp16/bf16), with the chosen
-    attention implementation and window, gradient checkpointing and ``qkv_groups``."""
+    attention implementation and window, dropout, LoRA, gradient checkpointing and ``qkv_groups``.
+
+    ``ds_config`` with ZeRO stage 3: built partitioned (see :func:`zero3_partitioned_init`),
+    except with ``--qkv_groups > 1``, whose module swap copies full weights: that model is
+    built whole on every rank and partitioned by ``deepspeed.initialize``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    window = parse_window_arg(args.window_size)
+    window = resolve_window(args)
     impl = args.attn_implementation
     if impl not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
@@ -131,23 +187,37 @@ def build_model(args, tokenizer):
     else:
         config = default_config(len(tokenizer), window, tokenizer.pad_token_id, tokenizer.bos_token_id,
                                 tokenizer.eos_token_id)
-    extra_window = _apply_window(config, window, impl)
+    configure_dropout(config, getattr(args, "dropout", None))
+    extra_window = None if window == "model" else _apply_window(config, window, impl)
     if impl == "sft_sliding_window":
         from ..integrations.transformers import register
 
         register(window_size=extra_window)
+    partitioned = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3 and args.qkv_groups == 1
     torch.manual_seed(args.seed)
-    if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, attn_implementation=impl,
-                                                     local_files_only=True, **dtype_kwargs(torch.float32))
-    else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, **dtype_kwargs(torch.float32))
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    with zero3_partitioned_init(ds_config if partitioned else None):
+        if args.model_name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config,
+                                                         attn_implementation=impl, local_files_only=True,
+                                                         **dtype_kwargs(torch.float32))
+        else:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, **dtype_kwargs(torch.float32))
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            # grown to a multiple of 8 as DeepSpeed-Chat does (it also shrinks; never done here)
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     if args.qkv_groups > 1:
         from ..integrations.transformers import patch_model
 
         patch_model(model, window_size=extra_window, qkv_groups=args.qkv_groups)
+    if getattr(args, "lora_dim", 0) > 0:
+        from .lora import apply_lora, enable_input_grads, only_optimize_lora
+
+        apply_lora(model, args.lora_module_name, args.lora_dim)
+        if args.only_optimize_lora:
+            only_optimize_lora(model)
+            enable_input_grads(model)
+    elif getattr(args, "only_optimize_lora", False):
+        raise ValueError("--only_optimize_lora needs --lora_dim > 0")
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -155,6 +225,15 @@ def build_model(args, tokenizer):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
+
+
+def model_window(model, args) -> str:
+    """What the run's attention window is, in words (for the log)."""
+    w = resolve_window(args)
+    if w == "model":
+        own = getattr(model.config, "sliding_window", None)
+        return f"the model's own ({own} keys)" if own else "none (the model has no sliding window)"
+    return "none" if w is None else str(w)
 
 
 # ----------------------------------------------------------------------------- export
@@ -221,12 +300,16 @@ def _densify_patched(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 def save_hf_checkpoint(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int) -> None:
     """``output_dir/{config.json, model.safetensors, tokenizer files}`` that
     ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads with any attention
-    implementation (the saved config names none). Collective under ZeRO-3: call on every rank."""
+    implementation (the saved config names none); LoRA layers are folded into their weights.
+    Collective under ZeRO-3: call on every rank."""
     from transformers import AutoModelForCausalLM
 
     state = _gathered_state_dict(model, zero_stage, rank)
     if rank != 0:
         return
+    from .lora import fold_into_state
+
+    fold_into_state(model, state)
     _densify_patched(model, state)
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.use_cache = True

@@ -50,6 +50,10 @@ class ByteTokenizer:
                 out += {0: b"<pad>", 1: b"</s>", 2: b"<s>"}[i]
         return out.decode("utf-8", errors="replace")
 
+    def add_special_token(self, token: str) -> None:
+        raise ValueError(f"--add_eot_token: the embedded model's byte tokenizer has no added tokens ({token!r} is "
+                         "encoded as its bytes); use a --model_name_or_path with a Hugging Face tokenizer")
+
     def save_pretrained(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, MARKER), "w") as f:
@@ -101,11 +105,22 @@ class HFTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @property
+    def name_or_path(self) -> str:
+        return getattr(self.tok, "name_or_path", "")
+
+    def get_vocab(self):
+        return self.tok.get_vocab()
+
+    def add_special_token(self, token: str) -> None:
+        """Add ``token`` as an additional special token (DeepSpeed-Chat's ``--add_eot_token``)."""
+        self.tok.add_special_tokens({"additional_special_tokens": [token]})
+        self.vocab_size = len(self.tok)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if add_special_tokens and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-        return ids
+        """``add_special_tokens=True``: the tokenizer's own special tokens (a bos where it adds
+        one), as ``tokenizer(text)`` gives them to DeepSpeed-Chat."""
+        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
