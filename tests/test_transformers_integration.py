@@ -232,44 +232,57 @@ def test_user_4d_causal_mask_on_a_sliding_model():
 
 
 def _cache_geometries():
-    """(name, q_len, kv_len, q_offset, kv_offset, positions the 2D mask covers, window):
-    what transformers' caches report to the mask function (cache_utils ``get_mask_sizes``)."""
+    """(name, q_len, kv_len, q_offset, kv_offset, 2D mask, window): what transformers' caches report
+    to the mask function (cache_utils ``get_mask_sizes``). The 2D mask: "left"/"right" padded over
+    the positions seen so far, None, or "ones" over every key slot (a user's all-ones mask as long
+    as a static cache: only causality keeps eager off the unwritten slots)."""
     t = torch.tensor
     return [
-        ("no-cache", 8, 8, 0, 0, 8, None),
-        ("dynamic-decode", 1, 9, 8, 0, 9, None),
-        ("dynamic-chunk", 3, 11, 8, 0, 11, 4),
-        ("dynamic-sliding-full", 1, 4, 9, 6, 10, 4),  # the last W-1 keys kept, plus the new one
-        ("static-prefill", 5, 12, t(0), 0, 5, None),  # unwritten slots 5..11
-        ("static-decode", 1, 12, t(7), 0, 8, None),
-        ("static-sliding-not-full", 2, 6, t(2), 0, 4, 6),  # window not yet full: slots 4, 5 unwritten
-        ("static-sliding-full", 1, 6, t(9), 4, 10, 6),
-        ("static-sliding-chunk", 3, 8, t(9), 4, 12, 6),  # full window, 3 new tokens at once
+        ("no-cache", 8, 8, 0, 0, "left", None),
+        ("no-cache-right", 8, 8, 0, 0, "right", 4),
+        ("dynamic-decode", 1, 9, 8, 0, "left", None),
+        ("dynamic-chunk", 3, 11, 8, 0, "left", 4),
+        ("dynamic-sliding-full", 1, 4, 9, 6, "left", 4),  # the last W-1 keys kept, plus the new one
+        ("static-prefill", 5, 12, t(0), 0, "left", None),  # unwritten slots 5..11
+        ("static-prefill-no-mask", 5, 12, t(0), 0, None, None),
+        ("static-decode", 1, 12, t(7), 0, "left", None),
+        ("static-decode-ones", 1, 12, t(7), 0, "ones", None),
+        ("static-sliding-not-full", 2, 6, t(2), 0, "left", 6),  # window not yet full: slots 4, 5 unwritten
+        ("static-sliding-not-full-ones", 2, 6, t(2), 0, "ones", 6),
+        ("static-sliding-full", 1, 6, t(9), 4, "left", 6),
+        ("static-sliding-chunk", 3, 8, t(9), 4, "left", 6),  # full window, 3 new tokens at once
     ]
 
 
 @pytest.mark.parametrize("geometry", _cache_geometries(), ids=lambda g: g[0])
 def test_mask_function_against_transformers_masks(geometry):
-    """The mask function on every cache geometry, left-padded rows, against eager with the 4D
-    mask transformers' own masking_utils builds from the same arguments."""
+    """The mask function on every cache geometry against eager with the 4D mask transformers'
+    own masking_utils builds from the same arguments; pad queries give exact zeros."""
     from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
 
-    name, q_len, kv_len, q_off, kv_off, seen, window = geometry
+    name, q_len, kv_len, q_off, kv_off, padding, window = geometry
     module = _mistral_module()
     b = 3
-    pad = torch.ones(b, seen, dtype=torch.bool)
-    pad[1, :2] = False
-    pad[2, : seen - 1] = False  # only the last position real
+    seen = int(q_off) + q_len  # positions 0 .. seen-1 exist
+    pad = torch.ones(b, kv_off + kv_len if padding == "ones" else seen, dtype=torch.bool)
+    if padding == "left":
+        pad[1, :2] = False
+        pad[2, : seen - 1] = False  # only the last position real
+    elif padding == "right":
+        pad[1, seen - 3:] = False
+        pad[2, 2:] = False
     fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
-    ref_mask = eager_mask(b, q_len, kv_len, q_offset=q_off, kv_offset=kv_off, mask_function=fn, attention_mask=pad)
-    ours_mask = sft_tf.sft_attention_mask(b, q_len, kv_len, q_offset=q_off, kv_offset=kv_off, attention_mask=pad)
+    mask2d = None if padding is None else pad
+    ref_mask = eager_mask(b, q_len, kv_len, q_offset=q_off, kv_offset=kv_off, mask_function=fn,
+                          attention_mask=mask2d)
+    ours_mask = sft_tf.sft_attention_mask(b, q_len, kv_len, q_offset=q_off, kv_offset=kv_off, attention_mask=mask2d)
     q = torch.randn(b, 4, q_len, 16)
     k, v = torch.randn(b, 2, kv_len, 16), torch.randn(b, 2, kv_len, 16)  # unwritten slots: garbage
     out, _ = sft_tf.sft_attention_forward(module, q, k, v, ours_mask, scaling=0.25, sliding_window=window)
     ref = _eager(module, q, k, v, ref_mask, 0.25)
     real = pad[:, int(q_off) + torch.arange(q_len)]
     assert_rel(out[real], ref[real], TOL32, name)
-    assert (out[~real] == 0).all()
+    assert (out[~real] == 0).all(), f"{name}: pad queries must give exact zeros"
 
 
 def test_mask_function_nothing_to_mask_and_holes():

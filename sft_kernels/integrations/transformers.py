@@ -480,15 +480,17 @@ def sft_attention_mask(
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: Optional[torch.Tensor] = None,
+    cache_position: Optional[torch.Tensor] = None,
     **kwargs,
 ):
     """The ``AttentionMaskInterface`` function: None, or a ``(2, batch, 5)`` int32 segment table.
 
     Args (as transformers passes them): ``q_length`` queries at positions ``q_offset ..``
-    (an int, or a 0-d tensor for static caches), ``kv_length`` key slots holding positions
-    ``kv_offset ..``, the 2D padding mask ``(batch, positions seen)`` or None. Causality and
-    the window come from the layer (``is_causal`` / ``sliding_window``), as for
-    FlashAttention-2; ``mask_function`` is not evaluated.
+    (an int, or a 0-d tensor for static caches; transformers < 5.x passes their positions as
+    ``cache_position`` instead), ``kv_length`` key slots holding positions ``kv_offset ..``, the
+    2D padding mask ``(batch, positions seen)`` or None. Causality and the window come from the
+    layer (``is_causal`` / ``sliding_window``), as for FlashAttention-2; ``mask_function`` is not
+    evaluated.
 
     Returns None when there is nothing to mask (no padding and the keys end at the last
     query); otherwise each row's real queries and keys (see the module docstring). Raises if
@@ -496,10 +498,16 @@ def sft_attention_mask(
     """
     if attention_mask is not None and attention_mask.dim() != 2:  # an already prepared mask: pass it on
         return attention_mask
+    compiling = torch.compiler.is_compiling()
+    if q_length is None:  # transformers 5.0 - 5.x: the queries' positions, consecutive
+        if cache_position is None:
+            raise TypeError("sft_attention_mask: needs q_length (and q_offset) or cache_position")
+        q_length = cache_position.shape[0]
+        q_offset = cache_position[0] if compiling else int(cache_position[0])
     device = kwargs.get("device")
     if device is None:
-        device = attention_mask.device if attention_mask is not None else "cpu"
-    compiling = torch.compiler.is_compiling()
+        ref = attention_mask if attention_mask is not None else cache_position
+        device = ref.device if ref is not None else "cpu"
     static_offset = not isinstance(q_offset, torch.Tensor)
     q_end = q_offset + q_length  # position after the last query
     if static_offset and kv_offset + kv_length == q_end:  # the keys end with the queries (no unwritten slots)
