@@ -45,8 +45,8 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11", "matplotlib"],
         "deepspeed": ["deepspeed>=0.15"],
-        "hf": ["transformers>=4.48"],
-        "train": ["deepspeed>=0.15", "transformers>=4.48", "tqdm"],
+        "hf": ["transformers>=5.0"],
+        "train": ["deepspeed>=0.15", "transformers>=5.0", "tqdm"],
     },
     entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:main"]},
     ext_modules=ext_modules,

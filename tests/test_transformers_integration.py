@@ -8,6 +8,7 @@ tolerance of the table in tests/helpers.py applies.
 """
 
 import copy
+import inspect
 import subprocess
 import sys
 
@@ -81,6 +82,22 @@ def _compare(a, b, what):
         assert_rel(gb[n], ga[n], TOL32, f"{what}: grad {n}")
 
 
+def _cache_of(output):
+    """The cache a forward returned (``cache`` from transformers 5.x on, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _eager_mask(batch, q_len, kv_len, **kw):
+    """transformers' own 4D eager mask for ``q_len`` queries at the end of ``kv_len`` keys, in
+    either signature (5.x: q_length; 5.0: the queries' cache_position)."""
+    from transformers.masking_utils import eager_mask
+
+    if "q_length" in inspect.signature(eager_mask).parameters:
+        return eager_mask(batch, q_len, kv_len, q_offset=kv_len - q_len, **kw)
+    return eager_mask(batch, cache_position=torch.arange(kv_len - q_len, kv_len), kv_length=kv_len, **kw)
+
+
 @pytest.fixture(autouse=True)
 def _registered():
     sft_tf.register(window_size=None)
@@ -150,8 +167,10 @@ def test_incremental_decoding_with_cache(kind):
         out_e = eager(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
         out_o = ours(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
-        step_e = eager(input_ids=ids[:, -1:], attention_mask=mask, cache=out_e.cache, position_ids=pos).logits
-        step_o = ours(input_ids=ids[:, -1:], attention_mask=mask, cache=out_o.cache, position_ids=pos).logits
+        step_e = eager(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=_cache_of(out_e),
+                       position_ids=pos).logits
+        step_o = ours(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=_cache_of(out_o),
+                      position_ids=pos).logits
     assert_rel(step_o, step_e, TOL32, f"{kind} decode step")
 
 
@@ -170,7 +189,7 @@ def _eager(module, q, k, v, mask4, scaling):
 def test_attention_function_follows_4d_masks(width):
     """A 4D mask is followed as given (as eager does), whatever window the layer has: the same
     width, a narrower one, or plain causal; checked against eager directly."""
-    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
     module = _mistral_module()
     q = torch.randn(2, 4, L, 16)
@@ -178,7 +197,7 @@ def test_attention_function_follows_4d_masks(width):
     pad = torch.ones(2, L, dtype=torch.bool)
     pad[1, :5] = False
     fn = causal_mask_function if width is None else sliding_window_causal_mask_function(width)
-    mask4 = eager_mask(2, L, L, mask_function=fn, attention_mask=pad)
+    mask4 = _eager_mask(2, L, L, mask_function=fn, attention_mask=pad)
     out, weights = sft_tf.sft_attention_forward(module, q, k, v, mask4, scaling=0.25, sliding_window=W)
     assert weights is None
     assert_rel(out[pad], _eager(module, q, k, v, mask4, 0.25)[pad], TOL32, f"4D mask {width}")
@@ -273,9 +292,13 @@ def test_mask_function_against_transformers_masks(geometry):
         pad[2, 2:] = False
     fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
     mask2d = None if padding is None else pad
-    ref_mask = eager_mask(b, q_len, kv_len, q_offset=q_off, kv_offset=kv_off, mask_function=fn,
-                          attention_mask=mask2d)
-    ours_mask = sft_tf.sft_attention_mask(b, q_len, kv_len, q_offset=q_off, kv_offset=kv_off, attention_mask=mask2d)
+    # the arguments as the installed transformers passes them to a mask interface function
+    if "q_length" in inspect.signature(eager_mask).parameters:  # 5.x
+        sizes = dict(q_length=q_len, kv_length=kv_len, q_offset=q_off, kv_offset=kv_off)
+    else:  # 5.0: the queries' positions
+        sizes = dict(cache_position=torch.arange(q_len) + q_off, kv_length=kv_len, kv_offset=kv_off)
+    ref_mask = eager_mask(b, **sizes, mask_function=fn, attention_mask=mask2d)
+    ours_mask = sft_tf.sft_attention_mask(b, **sizes, attention_mask=mask2d)
     q = torch.randn(b, 4, q_len, 16)
     k, v = torch.randn(b, 2, kv_len, 16), torch.randn(b, 2, kv_len, 16)  # unwritten slots: garbage
     out, _ = sft_tf.sft_attention_forward(module, q, k, v, ours_mask, scaling=0.25, sliding_window=window)
@@ -388,13 +411,13 @@ def test_from_hf_copies_exactly():
 def _causal_eager_mask(config, module, x):
     """Eager's mask for this layer, from the config alone: Mistral slides on every layer, Qwen2
     on the layers its ``layer_types`` mark, Llama never."""
-    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
     layer_types = getattr(config, "layer_types", None)
     sliding = getattr(config, "sliding_window", None) is not None and (
         layer_types is None or layer_types[module.layer_idx] == "sliding_attention")
     fn = sliding_window_causal_mask_function(config.sliding_window) if sliding else causal_mask_function
-    return eager_mask(x.shape[0], x.shape[1], x.shape[1], mask_function=fn, dtype=x.dtype)
+    return _eager_mask(x.shape[0], x.shape[1], x.shape[1], mask_function=fn, dtype=x.dtype)
 
 
 def test_patch_model_qkv_groups():

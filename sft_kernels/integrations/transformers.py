@@ -69,6 +69,7 @@ matrix), 4D masks that are not a band with padding, padding with holes.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -101,7 +102,8 @@ _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Set by register(): the window for models that have none of their own, and the backend.
 # "auto" is resolved here, once, rather than inside every (possibly compiled) call.
-_settings = {"window_size": None, "backend": "auto", "cuda_backend": "torch"}
+_settings = {"window_size": None, "backend": "auto", "cuda_backend": "torch", "collector": None,
+             "cache_kwargs_dict": False}
 
 # Sequences per row in the segment table: left-pad queries, left-pad keys, real, right-pad
 # queries, right-pad keys.
@@ -407,13 +409,12 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
 def _attentions_requested(kwargs) -> bool:
     """Whether the model collects attention weights (``output_attentions=True``): transformers 5
     records them with hooks on the attention modules, listed in its (compile-safe) collector."""
-    if kwargs.get("output_attentions"):
+    if kwargs.get("output_attentions"):  # transformers 5.0 - 5.x pass it down to the layers
         return True
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - other layouts of transformers
+    collector = _settings["collector"]
+    if collector is None:
         return False
-    collected = _active_collector.get()
+    collected = collector.get()
     return isinstance(collected, dict) and "attentions" in collected
 
 
@@ -508,11 +509,13 @@ def sft_attention_mask(
     if device is None:
         ref = attention_mask if attention_mask is not None else cache_position
         device = ref.device if ref is not None else "cpu"
-    static_offset = not isinstance(q_offset, torch.Tensor)
     q_end = q_offset + q_length  # position after the last query
-    if static_offset and kv_offset + kv_length == q_end:  # the keys end with the queries (no unwritten slots)
-        if attention_mask is None or (not compiling and bool(attention_mask.all())):
-            return None
+    # the key slots end with the queries (no unwritten slots): known without reading a tensor when
+    # there are as many slots as queries (no cache, or a prefill filling it), or from an int offset
+    ends_with_queries = kv_length == q_length or (
+        not isinstance(q_offset, torch.Tensor) and kv_offset + kv_length == q_end)
+    if ends_with_queries and (attention_mask is None or (not compiling and bool(attention_mask.all()))):
+        return None
     need = kv_offset + kv_length  # positions covered by the key slots (they include the queries)
     if attention_mask is None:
         pad = torch.ones(batch_size, need, dtype=torch.bool, device=device)
@@ -555,6 +558,14 @@ def register(window_size: WindowArg = None, backend: str = "auto") -> str:
     _settings["window_size"] = window_size
     _settings["backend"] = backend
     _settings["cuda_backend"] = "torch" if _triton_import_error() else "triton"
+    try:  # where transformers lists the outputs being recorded (imported here: not importable while compiling)
+        from transformers.utils.output_capturing import _active_collector as collector
+    except ImportError:  # transformers < 5.x records them otherwise, and passes output_attentions down
+        collector = None
+    _settings["collector"] = collector
+    from transformers.cache_utils import Cache
+
+    _settings["cache_kwargs_dict"] = "cache_kwargs" in inspect.signature(Cache.update).parameters
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -689,7 +700,12 @@ class SFTAttentionHF(nn.Module):
             cos, sin = rope_cos_sin(pos.expand(b, l), attn.inv_freq, hidden_states.dtype, attn.rope_attention_scaling)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            kt, vt = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+            if _settings["cache_kwargs_dict"]:  # transformers 5.0 - 5.x: update(k, v, layer_idx, cache_kwargs)
+                cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+                kt, vt = cache.update(kt, vt, self.layer_idx, cache_kwargs)
+            else:
+                kt, vt = cache.update(kt, vt, self.layer_idx, kwargs=kwargs)
             k, v = kt.transpose(1, 2), vt.transpose(1, 2)
         out = _attend(self, q, k, v, attention_mask, attn.scaling, attn.window_size, attn.causal, kwargs,
                       model_window=self.model_window, backend=attn.backend)
