@@ -20,7 +20,6 @@ Rows are :data:`FAMILIES`; a family is a config factory. A family that this back
 when the feature lands it moves to FAMILIES. Runtime on 2 shared CPU cores: see the README.
 """
 
-import copy
 import dataclasses
 from typing import Callable, Optional
 

@@ -157,6 +157,25 @@ def test_packed_sequences_via_position_ids():
         assert (ours(input_ids=ids, use_cache=False).logits - a).abs().max() > 1e-3
 
 
+def test_packed_sequences_via_flash_kwargs():
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands over cu_seq_lens_q/k and
+    max_length_q/k (one flattened row): the same split as eager makes from position_ids."""
+    for kind in ("llama", "mistral"):
+        eager, ours = _pair(_config(kind))
+        lens = [5, 9, 7]
+        ids = torch.randint(0, SMALL["vocab_size"], (1, sum(lens)))
+        pos = torch.cat([torch.arange(n) for n in lens])[None]
+        cu = torch.tensor([0, 5, 14, 21], dtype=torch.int32)
+        flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+        a = eager(input_ids=ids, position_ids=pos, use_cache=False).logits
+        b = ours(input_ids=ids, position_ids=pos, use_cache=False, **flash).logits
+        assert_rel(b, a, TOL32, f"{kind} packed via cu_seq_lens")
+        # the kwargs are what splits (over position_ids): one sequence given, one sequence made
+        whole = torch.tensor([0, 21], dtype=torch.int32)
+        c = ours(input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=whole, cu_seq_lens_k=whole).logits
+        assert (c - a).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_incremental_decoding_with_cache(kind):
     eager, ours = _pair(_config(kind))
@@ -232,6 +251,30 @@ def test_attention_function_refuses_other_4d_masks():
     bias[0, 0, 5, 1] = -0.5
     with pytest.raises(ValueError, match="additive bias"):
         sft_tf.sft_attention_forward(module, q, k, v, bias, scaling=0.25)
+
+
+def test_registered_window_within_a_4d_mask():
+    """On a layer without a model window, the registered window narrows a user's 4D mask: a Llama
+    with register(window_size=W) and a plain causal 4D mask is eager with the sliding-W mask."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    _, llama = _pair(_config("llama"))
+    module = llama.model.layers[0].self_attn
+    q = torch.randn(2, 4, L, 16)
+    k, v = torch.randn(2, 2, L, 16), torch.randn(2, 2, L, 16)
+    pad = torch.ones(2, L, dtype=torch.bool)
+    pad[1, :5] = False
+    causal4 = _eager_mask(2, L, L, mask_function=causal_mask_function, attention_mask=pad)
+    sliding4 = _eager_mask(2, L, L, mask_function=sliding_window_causal_mask_function(W), attention_mask=pad)
+    sft_tf.register(window_size=W)
+    out, _ = sft_tf.sft_attention_forward(module, q, k, v, causal4, scaling=0.25)
+    assert_rel(out[pad], _eager(module, q, k, v, sliding4, 0.25)[pad], TOL32, "registered W within a causal mask")
+    narrow4 = _eager_mask(2, L, L, mask_function=sliding_window_causal_mask_function(3), attention_mask=pad)
+    out, _ = sft_tf.sft_attention_forward(module, q, k, v, narrow4, scaling=0.25)  # the mask is narrower: it wins
+    assert_rel(out[pad], _eager(module, q, k, v, narrow4, 0.25)[pad], TOL32, "narrower mask within registered W")
+    sft_tf.register(window_size="sqrt")
+    with pytest.raises(ValueError, match="sqrt"):
+        sft_tf.sft_attention_forward(module, q, k, v, narrow4, scaling=0.25)
 
 
 def test_user_4d_causal_mask_on_a_sliding_model():

@@ -12,8 +12,8 @@ Two ways into an existing model, both without editing its code:
   exactly from it, optionally with ``qkv_groups=g`` block-diagonal projections), keeping the
   HF call signature; ``save_pretrained`` still writes the model's own key names.
 
-Supported: transformers >= 5.0 (``MIN_TRANSFORMERS_VERSION``; ``scripts/check_transformers_versions.sh``
-runs the HF tests under the lowest version), torch >= 2.4. The rule everywhere is "eager's
+Supported: transformers >= 5.0 (``MIN_TRANSFORMERS_VERSION``;
+``scripts/check_transformers_versions.sh`` runs the HF tests under it), torch >= 2.4. The rule everywhere is "eager's
 answer or a clear error"; ``tests/test_hf_matrix.py`` checks it against
 ``attn_implementation="eager"`` for Llama, Mistral, Qwen2 (hybrid), Qwen3, Gemma2, Gemma3,
 Cohere2, Phi3 and Starcoder2.
@@ -41,8 +41,9 @@ which every row is five sequences: its left-pad queries (no keys), its left-pad 
 queries), the real queries against the real keys (bottom-right aligned), and the right pads
 likewise. Pad queries see no key, so their outputs and gradients are exactly zero; the
 shapes are static and nothing reads a tensor on the host, so ``torch.compile(fullgraph=True)``
-traces it and CUDA graphs can capture it. This covers dynamic caches, dynamic sliding-window
-caches, ``StaticCache`` (full, sliding-window and hybrid layers), prefill and decode.
+traces it, and nothing here keeps CUDA graphs from capturing it (not yet run on a GPU). This
+covers dynamic caches, dynamic sliding-window caches, ``StaticCache`` (full, sliding-window
+and hybrid layers), prefill and decode.
 
 A 4D mask (one the user passes; transformers hands it through unchanged) is followed as
 given: it must be a causal / sliding-window band (any width) with padding, which is read
@@ -53,7 +54,7 @@ a model window a window given to :func:`register` is applied within the mask.
 Packed rows (several sequences per row, ``position_ids`` restarting, as
 ``DataCollatorWithFlattening`` makes them; or ``cu_seq_lens_q/k`` kwargs) are split, as the
 flash-attention backends do, also under ``torch.compile`` (a small custom op derives the
-boundaries; its output length is data-dependent, so it syncs once per forward). With a
+boundaries; its output length is data-dependent, so it syncs once per layer). With a
 padding mask transformers does not look for packed rows, and neither does this backend.
 
 Mixed precision. Under ``torch.autocast`` q, k and v are cast to the autocast dtype before
@@ -70,7 +71,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -268,7 +269,8 @@ def _from_4d(mask: torch.Tensor, q_len: int, kv_len: int):
             "model then builds this backend's own mask), or use attn_implementation='sdpa' for custom 4D masks"
         )
     if mask.dim() != 4 or mask.shape[-2] != q_len or mask.shape[-1] < kv_len:
-        raise ValueError(f"{name}: a 4D attention_mask must be (batch, 1, {q_len}, >= {kv_len}), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name}: a 4D attention_mask must be (batch, 1, {q_len}, >= {kv_len}), got {tuple(mask.shape)}")
     m = mask[..., :kv_len]  # eager slices a mask built for a longer cache the same way
     if m.shape[1] != 1 and not bool((m == m[:, :1]).all()):
         raise ValueError(f"{name}: a 4D attention_mask that differs between heads is not supported; use 'eager'")
@@ -599,12 +601,13 @@ def _flat_qkv(attn: SFTAttention, dense, biases):
     """Inverse of :func:`_dense_qkv`: the flat block-diagonal weight (diagonal blocks) and bias."""
     g, d, c = attn.qkv_groups, attn.head_dim, attn.hidden_size
     hq, hkv, cin = attn.num_heads // g, attn.num_kv_heads // g, c // g
+    heads = (("q", hq), ("k", hkv), ("v", hkv))
     blocks, bias = [], []
     for i in range(g):
-        rows = [dense[p][i * n * d:(i + 1) * n * d, i * cin:(i + 1) * cin] for p, n in (("q", hq), ("k", hkv), ("v", hkv))]
+        rows = [dense[p][i * n * d:(i + 1) * n * d, i * cin:(i + 1) * cin] for p, n in heads]
         blocks.append(torch.cat(rows, 0).reshape(-1))
         if biases["q"] is not None:
-            bias.append(torch.cat([biases[p][i * n * d:(i + 1) * n * d] for p, n in (("q", hq), ("k", hkv), ("v", hkv))]))
+            bias.append(torch.cat([biases[p][i * n * d:(i + 1) * n * d] for p, n in heads]))
     return torch.cat(blocks), (torch.cat(bias) if bias else None)
 
 
