@@ -88,6 +88,10 @@ REFUSED = [
     (Family("gemma2-softcap", lambda w: transformers.Gemma2Config(**TINY, head_dim=8, sliding_window=w,
                                                                    layer_types=HYBRID, attn_logit_softcapping=50.0)),
      "softcap"),
+    # bidirectional layers, causal masks in transformers (eager follows the masks): ambiguous
+    (Family("gemma2-bidirectional", lambda w: transformers.Gemma2Config(
+        **TINY, head_dim=8, sliding_window=w, layer_types=HYBRID, attn_logit_softcapping=None,
+        use_bidirectional_attention=True)), "use_bidirectional_attention"),
 ]
 
 

@@ -64,7 +64,8 @@ while v stays bf16); gradients flow back through the casts.
 Not supported (a ValueError names what to use instead): attention dropout > 0 in training,
 logit soft-capping (``softcap``, Gemma2's ``attn_logit_softcapping``), attention sinks
 (``s_aux``, GPT-OSS), ``output_attentions=True`` (the kernels never form the attention
-matrix), 4D masks that are not a band with padding, padding with holes.
+matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 with
+``use_bidirectional_attention`` (transformers' layers and masks disagree there).
 """
 
 from __future__ import annotations
@@ -469,6 +470,15 @@ def sft_attention_forward(
     _check_unsupported(module, dropout, kwargs)
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    config = getattr(module, "config", None)
+    if not causal and getattr(config, "model_type", None) == "gemma2":
+        # its layers say bidirectional (is_causal=False) while transformers builds causal masks
+        # for it, which eager follows: no answer to match
+        raise ValueError(
+            "sft_sliding_window: Gemma2 with use_bidirectional_attention=True is ambiguous in transformers (its "
+            "attention layers are bidirectional, the masks it builds causal; eager follows the masks); use "
+            "attn_implementation='eager'"
+        )
     window, model_window = _layer_window(module, kwargs, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window)
