@@ -47,8 +47,8 @@ setup(
         # accelerate: transformers' HfDeepSpeedConfig (ZeRO-3 partitioned loading) requires it;
         # datasets: --data_path directories written by save_to_disk; tensorboard: --enable_tensorboard
         "deepspeed": ["deepspeed>=0.15", "accelerate>=1.1", "datasets", "tensorboard"],
-        "hf": ["transformers>=4.48"],
-        "train": ["deepspeed>=0.15", "transformers>=4.48", "accelerate>=1.1", "datasets", "tensorboard", "tqdm"],
+        "hf": ["transformers>=5.0"],
+        "train": ["deepspeed>=0.15", "transformers>=5.0", "accelerate>=1.1", "datasets", "tensorboard", "tqdm"],
     },
     entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:console_main"]},
     ext_modules=ext_modules,

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from sft_kernels.modules.sft_attention import SFTAttention, rope_cos_sin, rotate_half
+from sft_kernels.modules.sft_attention import SFTAttention, rope_cos_sin
 from tests.helpers import TOL, assert_rel
+
+
+def _rotate(x, cos, sin):
+    """Llama / GPT-NeoX rotary, written out here: feature pairs (i, i + D/2) rotate by the angle
+    whose cos/sin are given, x_i' = x_i cos - x_{i+D/2} sin, x_{i+D/2}' = x_{i+D/2} cos + x_i sin."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    return torch.cat([x1 * c1 - x2 * s1, x2 * c2 + x1 * s2], dim=-1)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -39,8 +48,8 @@ def reference(layer: SFTAttention, x, mask=None, position_ids=None):
     inv_freq = 1.0 / (layer.rope_theta ** (torch.arange(0, d, 2).float() / d))
     emb = torch.cat([position_ids[..., None].float() * inv_freq] * 2, -1)
     cos, sin = emb.cos().double()[:, :, None], emb.sin().double()[:, :, None]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q = _rotate(q, cos, sin)
+    k = _rotate(k, cos, sin)
     k = k.repeat_interleave(hq // hkv, dim=2)
     v = v.repeat_interleave(hq // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * d ** -0.5
@@ -148,6 +157,24 @@ def test_parameter_count(groups):
     assert layer.qkv_proj.weight.numel() == dense // groups
     assert layer.o_proj.weight.shape == (c, hq * d)
     assert sum(p.numel() for p in layer.parameters()) == dense // groups + hq * d * c
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_autocast_bf16(padding):
+    """Under CPU bf16 autocast (rotary promotes q, k to float32 while v is bf16) the layer runs,
+    forward and backward, within the bf16 tolerance of the float64 reference."""
+    layer = SFTAttention(32, 4, 2, window_size=5, bias=True)
+    x = torch.randn(3, 19, 32)
+    mask = _mask(padding, 3, 19)
+    ref64 = reference(layer.double(), x.double(), mask)
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, attention_mask=mask)
+    assert out.dtype == torch.bfloat16
+    keep = torch.ones(3, 19, dtype=torch.bool) if mask is None else mask.bool()
+    assert_rel(out[keep], ref64[keep], TOL[torch.bfloat16], "autocast")
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
 def test_rope_tables_match_llama_convention():

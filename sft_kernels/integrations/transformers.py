@@ -3,73 +3,90 @@
 Two ways into an existing model, both without editing its code:
 
 - :func:`register` adds the attention function through transformers' ``AttentionInterface``
-  (and its mask function through ``AttentionMaskInterface`` where the installed version
-  has one), after which ``from_pretrained(..., attn_implementation="sft_sliding_window")``
-  or ``model.set_attn_implementation("sft_sliding_window")`` runs every attention layer on
-  :func:`sft_kernels.sliding_window_attention`. Padding is handled by unpadding to a packed
-  (varlen) batch; packed sequences in one row (``position_ids`` restarting, as
-  ``DataCollatorWithFlattening`` makes them, or ``cu_seq_lens_q/k`` kwargs) are split.
+  and its mask function through ``AttentionMaskInterface``, after which
+  ``from_pretrained(..., attn_implementation="sft_sliding_window")`` or
+  ``model.set_attn_implementation("sft_sliding_window")`` runs every attention layer on
+  :func:`sft_kernels.sliding_window_attention`.
 - :func:`patch_model` swaps each Llama / Mistral / Qwen2 attention module for an
-  :class:`~sft_kernels.modules.sft_attention.SFTAttention` copied exactly from it (and
-  optionally ``qkv_groups=g`` block-diagonal projections), keeping the HF call signature.
+  :class:`SFTAttentionHF` (an :class:`~sft_kernels.modules.sft_attention.SFTAttention` copied
+  exactly from it, optionally with ``qkv_groups=g`` block-diagonal projections), keeping the
+  HF call signature; ``save_pretrained`` still writes the model's own key names.
 
-Window. Where the model has a sliding window of its own (Mistral's ``config.sliding_window``;
-Qwen2's ``sliding_attention`` layers when ``use_sliding_window``), that window is used on
-exactly the layers where the model uses it, through the ``sliding_window`` kwarg the
-attention modules pass. Elsewhere (Llama, Qwen2 without sliding window) the window given to
-``register`` / ``patch_model`` is used (None = unbounded causal attention).
+Supported: transformers >= 5.0 (``MIN_TRANSFORMERS_VERSION``;
+``scripts/check_transformers_versions.sh`` runs the HF tests under it), torch >= 2.4. The rule everywhere is "eager's
+answer or a clear error"; ``tests/test_hf_matrix.py`` checks it against
+``attn_implementation="eager"`` for Llama, Mistral, Qwen2 (hybrid), Qwen3, Gemma2, Gemma3,
+Cohere2, Phi3 and Starcoder2.
 
-Window mapping, checked in transformers 5.24.0: ``masking_utils.sliding_window_overlay`` keeps
-``kv_idx > q_idx - sliding_window``, so eager/SDPA attention with ``sliding_window=W`` sees
-W keys including the query itself (keys ``i-W+1 .. i``); the flash-attention path agrees
-(``window_size=(W-1, W-1)`` with ``causal``). 4.48-4.52 built the same eager mask
-(``arange(L) <= cache_position - W`` masked out). This package's integer ``window_size=W``
-means the same W keys, so HF ``sliding_window=W`` maps to ``window_size=W`` unchanged
-(``(W-1, 0)`` as ``(left, right)``); the tests compare against eager with the same window.
+Window. Where the model has a window of its own, that window is used on exactly the layers
+where the model uses it: the attention modules pass ``sliding_window`` (None on a
+full-attention layer of a hybrid model). transformers' eager mask keeps
+``kv_idx > q_idx - sliding_window`` (``masking_utils.sliding_window_overlay``): W keys
+including the query itself, which is this package's integer ``window_size=W``, i.e.
+``(W-1, 0)`` as ``(left, right)``. A bidirectional layer (Gemma3
+``use_bidirectional_attention``) sees ``|q - k| < W``: ``(W-1, W-1)``, as in transformers'
+flash-attention path. Layers of a model without a window (Llama) use the window given to
+:func:`register` / :func:`patch_model` (None = plain causal attention) -- by design not
+eager's answer, since that window is what the user asked for.
 
-Masks. transformers >= 4.53 builds masks through ``masking_utils``; for a name it does not
-know it builds *no* mask (padding would be dropped), hence the registered mask function:
-like FlashAttention-2's it returns the 2D ``(batch, kv_len)`` padding mask (sliced to the
-key length), or None. transformers < 4.53 has no mask interface and hands custom backends a
-4D ``(batch, 1, q_len, kv_len)`` float mask; the attention function reads padding from it
-and checks that it never attends a pair the mask forbids (raising otherwise).
+Masks and caches. For this backend transformers calls :func:`sft_attention_mask` once per
+forward and mask type; it returns None (nothing to mask) or a small int32 *segment table*
+``(2, batch, 5)`` instead of an O(L^2) mask. It is built from the 2D padding mask and the
+cache geometry transformers hands over (``q_offset`` / ``kv_offset`` / ``kv_length``): key
+slot ``j`` holds position ``kv_offset + j``, a key is real when its position is not padding
+and not after the last query (static caches keep unwritten slots), a query is real when its
+own position is not padding. Each row's real queries and real keys must be one contiguous
+block (left or right padding). The attention function then runs one packed (varlen) call in
+which every row is five sequences: its left-pad queries (no keys), its left-pad keys (no
+queries), the real queries against the real keys (bottom-right aligned), and the right pads
+likewise. Pad queries see no key, so their outputs and gradients are exactly zero; the
+shapes are static and nothing reads a tensor on the host, so ``torch.compile(fullgraph=True)``
+traces it, and nothing here keeps CUDA graphs from capturing it (not yet run on a GPU). This
+covers dynamic caches, dynamic sliding-window caches, ``StaticCache`` (full, sliding-window
+and hybrid layers), prefill and decode.
 
-Minimum transformers version: 4.48 (``ALL_ATTENTION_FUNCTIONS``; ``AttentionInterface`` and
-``AttentionMaskInterface`` are used where present). Tested with torch 2.14 on CPU, Llama /
-Mistral / Qwen2 built from small configs, float32, against eager:
+A 4D mask (one the user passes; transformers hands it through unchanged) is followed as
+given: it must be a causal / sliding-window band (any width) with padding, which is read
+off the mask and checked pair by pair; anything else (or any 4D mask under
+``torch.compile``, where it cannot be checked) raises, naming eager/SDPA. On a layer without
+a model window a window given to :func:`register` is applied within the mask.
 
-- 5.24.0: the test suite (tests/test_transformers_integration.py): logits and gradients,
-  unpadded / right / left padding, packed rows, a cached decoding step, patch_model.
-- 4.48.3 (installed aside, by hand): logits unpadded and padded, patch_model, a cached
-  decoding step for Llama, Mistral and Qwen2 without sliding window, all within 3e-7.
-  Qwen2 *with* ``use_sliding_window`` differs there by design: 4.48's eager ignores Qwen2's
-  window (it warns "Sliding Window Attention is enabled but not implemented for `eager`"),
-  this backend applies it on the sliding layers as the config asks.
+Packed rows (several sequences per row, ``position_ids`` restarting, as
+``DataCollatorWithFlattening`` makes them; or ``cu_seq_lens_q/k`` kwargs) are split, as the
+flash-attention backends do, also under ``torch.compile`` (a small custom op derives the
+boundaries; its output length is data-dependent, so it syncs once per layer). With a
+padding mask transformers does not look for packed rows, and neither does this backend.
 
-Versions in between are covered by the same two code paths (4D masks before 4.53, the
-mask interface from 4.53) but were not installed.
+Mixed precision. Under ``torch.autocast`` q, k and v are cast to the autocast dtype before
+the kernels, as eager's matmuls and SDPA are (rotary embeddings promote q, k to float32
+while v stays bf16); gradients flow back through the casts.
 
-Not supported (a ValueError says so): attention dropout > 0 in training, logit soft-capping,
-attention sinks. Like the flash-attention backends, ``output_attentions`` yields None.
+Not supported (a ValueError names what to use instead): attention dropout > 0 in training,
+logit soft-capping (``softcap``, Gemma2's ``attn_logit_softcapping``), attention sinks
+(``s_aux``, GPT-OSS), ``output_attentions=True`` (the kernels never form the attention
+matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 with
+``use_bidirectional_attention`` (transformers' layers and masks disagree there).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..modules.sft_attention import (
     SFTAttention,
-    _check_contiguous,
     apply_rotary,
+    autocast_qkv,
     hf_layer_window,
-    padded_sliding_window_attention,
+    rope_cos_sin,
 )
 from ..ops.sliding_window_attention.op import sliding_window_attention
-from ..window import WindowArg, parse_window
+from ..window import MODE_KEYS, MODE_SQRT, WindowArg, parse_window
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -82,11 +99,17 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "sft_sliding_window"
-MIN_TRANSFORMERS_VERSION = "4.48.0"
+MIN_TRANSFORMERS_VERSION = "5.0.0"
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Set by register(): the window for models that have none of their own, and the backend.
-_settings = {"window_size": None, "backend": "auto"}
+# "auto" is resolved here, once, rather than inside every (possibly compiled) call.
+_settings = {"window_size": None, "backend": "auto", "cuda_backend": "torch", "collector": None,
+             "cache_kwargs_dict": False}
+
+# Sequences per row in the segment table: left-pad queries, left-pad keys, real, right-pad
+# queries, right-pad keys.
+_SEGMENTS = 5
 
 
 # ----------------------------------------------------------------------------- version
@@ -109,18 +132,211 @@ def _transformers():
         ) from exc
     if _version_tuple(transformers.__version__) < _version_tuple(MIN_TRANSFORMERS_VERSION):
         raise ImportError(
-            f"sft_kernels.integrations.transformers needs transformers>={MIN_TRANSFORMERS_VERSION} (the attention "
-            f"function interface), found {transformers.__version__}; upgrade with "
+            f"sft_kernels.integrations.transformers needs transformers>={MIN_TRANSFORMERS_VERSION} (its attention "
+            f"and mask interfaces and cache layers), found {transformers.__version__}; upgrade with "
             f"pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
         )
     return transformers
 
 
-# ----------------------------------------------------------------------------- window / masks
-def _layer_window(module, kwargs) -> WindowArg:
-    """The window this layer uses: the model's own where it has one, else the registered one."""
-    if kwargs.get("sliding_window") is not None:
-        return int(kwargs["sliding_window"])
+# ----------------------------------------------------------------------------- the segment table
+def _is_segments(mask) -> bool:
+    return (isinstance(mask, torch.Tensor) and mask.dim() == 3 and mask.dtype == torch.int32
+            and mask.shape[0] == 2 and mask.shape[2] == _SEGMENTS)
+
+
+def _check_one_block(name: str, valid: torch.Tensor) -> None:
+    """Each row's True entries must form one block (left or right padding, no holes)."""
+    if valid.shape[1] < 2:
+        return
+    v = valid.to(torch.int8)
+    blocks = (v[:, 1:] - v[:, :-1] == 1).sum(1) + v[:, 0]
+    if torch.compiler.is_compiling():
+        # no host read while compiling: a device-side assert instead of a silent wrong answer
+        torch._assert_async((blocks <= 1).all(), f"sft_sliding_window: {name} has padding between tokens")
+        return
+    if bool((blocks > 1).any()):
+        row = int((blocks > 1).nonzero()[0, 0])
+        raise ValueError(
+            f"sft_sliding_window: {name} row {row} has padding between tokens; only left or right padding (one "
+            "block of tokens per row) is supported, since the window counts positions; use attn_implementation="
+            "'sdpa' or 'eager' for such masks"
+        )
+
+
+def _segments(q_valid: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
+    """``(2, batch, 5)`` int32 lengths: row b's queries ``[left pads, 0, real, right pads, 0]``
+    and keys ``[0, left pads, real, 0, right pads]`` (one block of real tokens per row)."""
+
+    def parts(valid):
+        n = valid.sum(1)
+        first = torch.where(n > 0, valid.to(torch.int32).argmax(1), torch.zeros_like(n))
+        return first, n, valid.shape[1] - first - n
+
+    qa, qn, qb = parts(q_valid)
+    ka, kn, kb = parts(k_valid)
+    z = torch.zeros_like(qn)
+    q = torch.stack([qa, z, qn, qb, z], 1)
+    k = torch.stack([z, ka, kn, z, kb], 1)
+    return torch.stack([q, k]).to(torch.int32)
+
+
+def _segments_attention(q, k, v, seg, window, causal, scaling, backend):
+    """q ``(B, Lq, Hq, D)``, k/v ``(B, Lk, Hkv, D)`` through one packed call over the segments."""
+    b, lq = q.shape[:2]
+    lk = k.shape[1]
+    cu = F.pad(seg.reshape(2, -1).cumsum(1, dtype=torch.int32), (1, 0))
+    out = sliding_window_attention(
+        q.reshape(b * lq, *q.shape[2:]), k.reshape(b * lk, *k.shape[2:]), v.reshape(b * lk, *v.shape[2:]),
+        window, causal, scaling, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=lq, max_seqlen_k=lk,
+        backend=backend,
+    )
+    return out.view(b, lq, *out.shape[1:])
+
+
+# ----------------------------------------------------------------------------- packed rows
+@torch.library.custom_op("sft_kernels::packed_cu_seqlens", mutates_args=())
+def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cu_seqlens over the flattened ``(batch, seqlen)`` position_ids: a sequence starts at
+    column 0 and wherever a position is not the previous one plus one -- the rule of
+    transformers' ``find_packed_sequence_indices``."""
+    b, l = position_ids.shape
+    starts = torch.ones(b, l, dtype=torch.bool, device=position_ids.device)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    idx = torch.nonzero(starts.reshape(-1)).reshape(-1).to(torch.int32)
+    return torch.cat([idx, idx.new_full((1,), b * l)])
+
+
+@_packed_cu_seqlens.register_fake
+def _(position_ids):
+    n = torch.library.get_ctx().new_dynamic_size(min=2)
+    return position_ids.new_empty((n,), dtype=torch.int32)
+
+
+def _packed_attention(q, k, v, position_ids, window, causal, scaling, backend):
+    """Rows holding several sequences (position_ids restarting): one packed call, or None when
+    (eagerly checked) no row restarts. Under torch.compile the split is always made."""
+    b, l = q.shape[:2]
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    if pos.shape[-1] != l or pos.shape[0] not in (1, b) or l < 2:
+        return None
+    pos = pos.expand(b, l)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not bool((pos[:, 1:] != pos[:, :-1] + 1).any()):
+        return None
+    cu = _packed_cu_seqlens(pos.contiguous())
+    torch._check(cu.numel() >= 2)
+    torch._check(cu.numel() <= b * l + 1)
+    max_len = l if compiling else int((cu[1:] - cu[:-1]).max())
+    out = sliding_window_attention(
+        q.reshape(b * l, *q.shape[2:]), k.reshape(b * l, *k.shape[2:]), v.reshape(b * l, *v.shape[2:]), window,
+        causal, scaling, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+        backend=backend,
+    )
+    return out.view(b, l, *out.shape[1:])
+
+
+# ----------------------------------------------------------------------------- 4D masks
+def _combine_windows(left: int, right: int, registered: WindowArg, causal: bool):
+    """A mask's band ``(left, right)`` (-1 = the whole row) narrowed by a registered window."""
+    spec = parse_window(registered, causal)
+    if spec.mode == MODE_SQRT:  # "sqrt": depends on each sequence's length, so only on an unbounded band
+        if left == -1 and right in (-1, 0):
+            return registered, right == 0
+        raise ValueError(
+            'sft_sliding_window: window_size="sqrt" given to register() cannot be combined with a 4D attention_mask '
+            "that already limits the window; pass a 2D padding mask, or an int window"
+        )
+    rl, rr = spec.resolve(1 << 30) if spec.mode == MODE_KEYS else (spec.left, spec.right)
+
+    def narrower(a, b):
+        return b if a < 0 else a if b < 0 else min(a, b)
+
+    return (narrower(left, rl), narrower(right, rr)), False
+
+
+def _from_4d(mask: torch.Tensor, q_len: int, kv_len: int):
+    """A 4D mask ``(batch, 1, q_len, >= kv_len)`` -> (segment table, (left, right)), or ValueError.
+
+    The mask must be what a sliding-window band with padding would give: each query row an
+    interval of keys, the real queries one block bottom-right aligned with the real keys, one
+    ``(left, right)`` band for all rows. The band is read off the mask, then the whole mask is
+    compared with it pair by pair. Rows that see no key give zero outputs.
+    """
+    name = "sft_sliding_window"
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            f"{name}: a 4D attention_mask cannot be checked under torch.compile; pass the 2D padding mask (the "
+            "model then builds this backend's own mask), or use attn_implementation='sdpa' for custom 4D masks"
+        )
+    if mask.dim() != 4 or mask.shape[-2] != q_len or mask.shape[-1] < kv_len:
+        raise ValueError(
+            f"{name}: a 4D attention_mask must be (batch, 1, {q_len}, >= {kv_len}), got {tuple(mask.shape)}")
+    m = mask[..., :kv_len]  # eager slices a mask built for a longer cache the same way
+    if m.shape[1] != 1 and not bool((m == m[:, :1]).all()):
+        raise ValueError(f"{name}: a 4D attention_mask that differs between heads is not supported; use 'eager'")
+    m = m[:, 0]
+    if m.dtype == torch.bool:
+        allowed = m
+    else:
+        allowed = m == 0
+        blocked = m <= torch.finfo(m.dtype).min / 2
+        if not bool((allowed | blocked).all()):
+            raise ValueError(f"{name}: the 4D attention_mask carries an additive bias (values other than 0 and "
+                             "the dtype minimum); only masks are supported, use attn_implementation='eager'")
+    b = m.shape[0]
+    idx = torch.arange(kv_len, device=m.device)
+    seen = allowed.any(-1)
+    first = torch.where(allowed, idx, kv_len).amin(-1)
+    last = torch.where(allowed, idx, -1).amax(-1)
+    if bool(((last - first + 1 != allowed.sum(-1)) & seen).any()):
+        raise ValueError(f"{name}: in the 4D attention_mask some query attends keys that are not one interval; "
+                         "only causal / sliding-window masks with padding are supported, use 'sdpa' or 'eager'")
+    _check_one_block("4D attention_mask (queries that see some key)", seen)
+    rows = []
+    for r in range(b):
+        qi = seen[r].nonzero().reshape(-1)
+        if qi.numel() == 0:
+            rows.append(None)
+            continue
+        qs, qe = int(qi[0]), int(qi[-1]) + 1
+        a, z = first[r, qs:qe], last[r, qs:qe]
+        ks, ke = int(a.min()), int(z.max()) + 1
+        c = torch.arange(qs, qe, device=m.device) + (ke - qe)  # the key each query is aligned with
+        rows.append((qs, qe, ks, ke, a, z, c))
+    real = [x for x in rows if x is not None]
+    left = max([int((x[6] - x[4]).max()) for x in real], default=0)
+    right = max([int((x[5] - x[6]).max()) for x in real], default=0)
+    ok = right >= 0 and all(bool(((x[6] - x[4]) >= 0).all()) for x in real)
+    for qs, qe, ks, ke, a, z, c in real if ok else ():
+        if not (torch.equal(a, (c - left).clamp(min=ks)) and torch.equal(z, (c + right).clamp(max=ke - 1))):
+            ok = False
+    if not ok:
+        raise ValueError(f"{name}: the 4D attention_mask is not a causal / sliding-window band with padding (one "
+                         "band for all rows, each query aligned with its own key); use attn_implementation='sdpa' "
+                         "or 'eager' for other masks")
+    # a band at least as wide as every row is unbounded on that side
+    span = max([x[3] - x[2] for x in real], default=1)
+    left = -1 if left >= span - 1 else left
+    right = -1 if right >= span - 1 and right > 0 else right
+    seg = torch.zeros(2, b, _SEGMENTS, dtype=torch.int32)
+    for r, x in enumerate(rows):
+        qs, qe, ks, ke = (x[:4] if x is not None else (0, 0, 0, 0))
+        seg[0, r] = torch.tensor([qs, 0, qe - qs, q_len - qe, 0])
+        seg[1, r] = torch.tensor([0, ks, ke - ks, 0, kv_len - ke])
+    return seg.to(m.device), (left, right)
+
+
+# ----------------------------------------------------------------------------- the attention call
+def _layer_window(module, kwargs, causal: bool):
+    """(window, causal-as-passed) for this layer: the model's own where it has one, else the
+    registered one. A model window of W keys is (W-1, W-1) on a bidirectional layer."""
+    if "sliding_window" in kwargs:
+        w = kwargs["sliding_window"]
+        if w is None:  # the layer said: full attention
+            return None, True
+        w = int(w)
+        return (w if causal else (w - 1, w - 1)), True
     config = getattr(module, "config", None)
     model_has_window = (
         config is not None
@@ -128,126 +344,81 @@ def _layer_window(module, kwargs) -> WindowArg:
         and getattr(config, "use_sliding_window", True) is not False
     )
     if model_has_window:
-        if "sliding_window" in kwargs:  # the layer said None: a full-attention layer of a hybrid model
-            return None
-        return hf_layer_window(module, config)
-    return _settings["window_size"]
+        w = hf_layer_window(module, config)
+        return (w if causal or w is None else (w - 1, w - 1)), True
+    return _settings["window_size"], False
 
 
-def _valid_from_2d(mask: torch.Tensor, q_len: int, kv_len: int):
-    mask = mask.to(torch.bool) if mask.dtype != torch.bool else mask
-    if mask.shape[-1] > kv_len:  # longer than the keys (sliding caches): keep the last kv_len
-        mask = mask[:, -kv_len:]
-    elif mask.shape[-1] < kv_len:  # static cache slots not yet written: not keys
-        mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[-1]), value=False)
-    if torch.compiler.is_compiling() or not bool(mask.all()):
-        return mask[:, -q_len:], mask
-    return None, None
+def _backend(device: torch.device, backend: Optional[str] = None) -> str:
+    backend = _settings["backend"] if backend is None else backend
+    if backend == "auto":  # as the op's auto: Triton on CUDA tensors, the PyTorch path elsewhere
+        return _settings["cuda_backend"] if device.type == "cuda" else "torch"
+    return backend
 
 
-def _band(q_len, kv_len, left, right, device):
-    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    j = torch.arange(kv_len, device=device)[None, :]
-    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
+def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window=True, backend=None):
+    """q ``(batch, q_len, Hq, D)``, k/v ``(batch, kv_len, Hkv, D)`` -> ``(batch, q_len, Hq, D)``.
 
-
-def _valid_from_4d(mask: torch.Tensor, q_len: int, kv_len: int, window_size, causal: bool):
-    """Padding from a 4D mask (transformers < 4.53, or a user's), checked against our band.
-
-    A real query attends itself (the diagonal), a real key is attended by some real
-    query. Raises if the mask forbids a pair this backend would attend, or carries an
-    additive bias, rather than silently computing something else.
-    """
-    if mask.dim() != 4 or mask.shape[-2] != q_len or mask.shape[-1] < kv_len:
-        raise ValueError(
-            f"sft_sliding_window: 4D attention_mask must be (batch, 1, {q_len}, >= {kv_len}), got {tuple(mask.shape)}"
-        )
-    # 4.x builds the 4D mask for a cache of target_length >= kv_len (dynamic caches: one
-    # more column) and eager slices it [..., :kv_len]; so do we
-    m = mask[:, 0, :, :kv_len]
-    if m.dtype == torch.bool:
-        allowed = m
-    else:
-        allowed = m > torch.finfo(m.dtype).min / 2
-        if not torch.compiler.is_compiling() and bool((m[allowed] != 0).any()):
-            raise ValueError("sft_sliding_window: the 4D attention_mask carries an additive bias; only masks are supported")
-    off = kv_len - q_len
-    q_valid = allowed[:, torch.arange(q_len), torch.arange(q_len) + off]
-    k_valid = (allowed & q_valid[:, :, None]).any(1)
-    if torch.compiler.is_compiling():
-        return q_valid, k_valid
-    spec = parse_window(window_size, causal)
-    for b in range(m.shape[0]):
-        left, right = spec.resolve(int(k_valid[b].sum()))
-        ours = _band(q_len, kv_len, left, right, m.device) & q_valid[b][:, None] & k_valid[b][None, :]
-        if bool((ours & ~allowed[b]).any()):
-            raise ValueError(
-                "sft_sliding_window: the 4D attention_mask forbids pairs that a causal sliding window "
-                f"{window_size!r} with padding would attend (row {b}); custom 4D masks other than causal / "
-                "sliding-window + padding are not supported by this backend"
-            )
-    if bool(q_valid.all()) and bool(k_valid.all()):
-        return None, None
-    return q_valid, k_valid
-
-
-def _packed_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
-    """cu_seqlens over the flattened batch when rows hold several sequences, else None.
-
-    A sequence starts at column 0 and wherever a position is not the previous one plus
-    one -- the rule of transformers' ``find_packed_sequence_indices`` (eager/SDPA masks).
-    """
-    if position_ids is None or seqlen < 2 or torch.compiler.is_compiling():
-        return None
-    pos = position_ids.reshape(-1, position_ids.shape[-1])
-    if pos.shape[-1] != seqlen:
-        return None
-    pos = pos.expand(batch, seqlen)
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if not bool(starts[:, 1:].any()):
-        return None
-    idx = torch.nonzero(starts.reshape(-1)).reshape(-1).to(torch.int32)
-    total = torch.tensor([batch * seqlen], dtype=torch.int32, device=idx.device)
-    cu = torch.cat([idx, total])
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
-def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs):
-    """q ``(batch, q_len, Hq, D)``, k/v ``(batch, kv_len, Hkv, D)`` -> ``(batch, q_len, Hq, D)``."""
-    backend = _settings["backend"]
+    ``window``/``causal``: the layer's; ``model_window``: whether that window is the model's own
+    (a 4D mask then replaces it) or the registered one (applied within a 4D mask)."""
+    backend = _backend(q.device, backend)
+    q, k, v = autocast_qkv(q, k, v)
     b, q_len = q.shape[:2]
     kv_len = k.shape[1]
     if attention_mask is not None:
-        if attention_mask.dim() == 2:
-            q_valid, k_valid = _valid_from_2d(attention_mask.to(q.device), q_len, kv_len)
+        if _is_segments(attention_mask):
+            seg = attention_mask.to(q.device)
+            if seg.shape[1] != b:
+                raise ValueError(f"sft_sliding_window: the mask is for batch {seg.shape[1]}, the inputs have {b}")
+        elif attention_mask.dim() == 4:
+            seg, (left, right) = _from_4d(attention_mask.to(q.device), q_len, kv_len)
+            if model_window or window is None:
+                window, causal = (left, right), False
+            else:
+                window, causal = _combine_windows(left, right, window, causal)
+        elif attention_mask.dim() == 2:  # a direct call: keys are the last kv_len positions, queries the last q_len
+            if attention_mask.shape[-1] < kv_len:
+                raise ValueError(f"sft_sliding_window: a 2D attention_mask needs >= {kv_len} columns (the keys), got "
+                                 f"{attention_mask.shape[-1]}")
+            k_valid = attention_mask[:, -kv_len:].to(device=q.device, dtype=torch.bool)
+            _check_one_block("attention_mask", k_valid)
+            seg = _segments(k_valid[:, -q_len:], k_valid)
         else:
-            q_valid, k_valid = _valid_from_4d(attention_mask.to(q.device), q_len, kv_len, window, causal)
-        if q_valid is not None:
-            _check_contiguous("attention_mask", k_valid)
-        return padded_sliding_window_attention(q, k, v, q_valid, k_valid, window, causal, scaling, backend)
+            raise ValueError(f"sft_sliding_window: attention_mask must be 2D or 4D, got {tuple(attention_mask.shape)}")
+        return _segments_attention(q, k, v, seg, window, causal, scaling, backend)
     # no padding: maybe several sequences packed per row
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-        max_q = int(max_q) if max_q is not None else None
-        max_k = int(max_k) if max_k is not None else None
-    elif q_len == kv_len and (packed := _packed_from_position_ids(kwargs.get("position_ids"), b, q_len)) is not None:
-        cu_q = cu_k = packed[0]
-        max_q = max_k = packed[1]
-    else:
-        return sliding_window_attention(q, k, v, window, causal, scaling, backend=backend)
-    out = sliding_window_attention(
-        q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), window, causal,
-        scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend,
-    )
-    return out.view(b, q_len, *out.shape[1:])
+        if torch.compiler.is_compiling():  # upper bounds: no host read
+            max_q = max_q if isinstance(max_q, int) else q_len * b
+            max_k = max_k if isinstance(max_k, int) else kv_len * b
+        else:
+            max_q = int(max_q) if max_q is not None else None
+            max_k = int(max_k) if max_k is not None else None
+        out = sliding_window_attention(
+            q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), window, causal,
+            scaling, cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_q=max_q,
+            max_seqlen_k=max_k, backend=backend,
+        )
+        return out.view(b, q_len, *out.shape[1:])
+    if q_len == kv_len and kwargs.get("position_ids") is not None:
+        out = _packed_attention(q, k, v, kwargs["position_ids"].to(q.device), window, causal, scaling, backend)
+        if out is not None:
+            return out
+    return sliding_window_attention(q, k, v, window, causal, scaling, backend=backend)
+
+
+def _attentions_requested(kwargs) -> bool:
+    """Whether the model collects attention weights (``output_attentions=True``): transformers 5
+    records them with hooks on the attention modules, listed in its (compile-safe) collector."""
+    if kwargs.get("output_attentions"):  # transformers 5.0 - 5.x pass it down to the layers
+        return True
+    collector = _settings["collector"]
+    if collector is None:
+        return False
+    collected = collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
 
 
 def _check_unsupported(module, dropout, kwargs):
@@ -260,6 +431,11 @@ def _check_unsupported(module, dropout, kwargs):
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"sft_sliding_window: `{name}` is not supported; use attn_implementation='eager'")
+    if _attentions_requested(kwargs):
+        raise ValueError(
+            "sft_sliding_window: output_attentions=True needs the attention weights, which the sliding-window kernels "
+            "never form; run that call with attn_implementation='eager' (model.set_attn_implementation('eager'))"
+        )
 
 
 # ----------------------------------------------------------------------------- interface functions
@@ -279,8 +455,10 @@ def sft_attention_forward(
         module: the calling attention module (``config``, ``is_causal``, ``layer_idx`` read).
         query: ``(batch, heads_q, q_len, head_dim)``; key, value: ``(batch, heads_kv, kv_len, head_dim)``
             (rotary applied, cache included).
-        attention_mask: what :func:`sft_attention_mask` produced (2D ``(batch, kv_len)`` bool
-            padding mask or None), or a 4D mask on transformers < 4.53.
+        attention_mask: what :func:`sft_attention_mask` produced (None or its segment table);
+            a 4D ``(batch, 1, q_len, >= kv_len)`` mask (followed as given, see the module
+            docstring); or, calling directly, a 2D ``(batch, >= kv_len)`` padding mask whose last
+            kv_len columns are the keys and last q_len the queries.
         scaling: softmax scale (default ``head_dim ** -0.5``).
         dropout: must be 0 in training.
         kwargs: ``sliding_window`` (W keys including self), ``is_causal``, ``position_ids``,
@@ -288,42 +466,82 @@ def sft_attention_forward(
 
     Returns:
         ``(attn_output (batch, q_len, heads_q, head_dim), None)``, as the HF layers expect.
-
-    Packed rows (no padding mask, ``position_ids`` restarting) are split into their
-    sequences whenever ``q_len == kv_len``, as flash-attention does. Eager/SDPA in 5.x split
-    them only when the model runs without a KV cache, so compare with ``use_cache=False``.
     """
     _check_unsupported(module, dropout, kwargs)
-    window = _layer_window(module, kwargs)
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    config = getattr(module, "config", None)
+    if not causal and getattr(config, "model_type", None) == "gemma2":
+        # its layers say bidirectional (is_causal=False) while transformers builds causal masks
+        # for it, which eager follows: no answer to match
+        raise ValueError(
+            "sft_sliding_window: Gemma2 with use_bidirectional_attention=True is ambiguous in transformers (its "
+            "attention layers are bidirectional, the masks it builds causal; eager follows the masks); use "
+            "attn_implementation='eager'"
+        )
+    window, model_window = _layer_window(module, kwargs, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    out = _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs)
+    out = _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window)
     return out, None
 
 
 def sft_attention_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
+    q_offset=0,
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: Optional[torch.Tensor] = None,
+    cache_position: Optional[torch.Tensor] = None,
     **kwargs,
 ):
-    """The ``AttentionMaskInterface`` function: the 2D padding mask ``(batch, kv_length)``, or None.
+    """The ``AttentionMaskInterface`` function: None, or a ``(2, batch, 5)`` int32 segment table.
 
-    Causality and the window are applied by the attention function from the layer's
-    ``is_causal`` / ``sliding_window``, as for FlashAttention-2; a mask made of other
-    patterns (``or_mask_function`` image blocks, chunked attention) is not representable
-    and such models should keep eager/SDPA.
+    Args (as transformers passes them): ``q_length`` queries at positions ``q_offset ..``
+    (an int, or a 0-d tensor for static caches; transformers < 5.x passes their positions as
+    ``cache_position`` instead), ``kv_length`` key slots holding positions ``kv_offset ..``, the
+    2D padding mask ``(batch, positions seen)`` or None. Causality and the window come from the
+    layer (``is_causal`` / ``sliding_window``), as for FlashAttention-2; ``mask_function`` is not
+    evaluated.
+
+    Returns None when there is nothing to mask (no padding and the keys end at the last
+    query); otherwise each row's real queries and keys (see the module docstring). Raises if
+    a row's tokens are not one block.
     """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:  # an already prepared mask: pass it on
+    if attention_mask is not None and attention_mask.dim() != 2:  # an already prepared mask: pass it on
         return attention_mask
-    return attention_mask[:, -kv_length:] if attention_mask.shape[-1] > kv_length else attention_mask
+    compiling = torch.compiler.is_compiling()
+    if q_length is None:  # transformers 5.0 - 5.x: the queries' positions, consecutive
+        if cache_position is None:
+            raise TypeError("sft_attention_mask: needs q_length (and q_offset) or cache_position")
+        q_length = cache_position.shape[0]
+        q_offset = cache_position[0] if compiling else int(cache_position[0])
+    device = kwargs.get("device")
+    if device is None:
+        ref = attention_mask if attention_mask is not None else cache_position
+        device = ref.device if ref is not None else "cpu"
+    q_end = q_offset + q_length  # position after the last query
+    # the key slots end with the queries (no unwritten slots): known without reading a tensor when
+    # there are as many slots as queries (no cache, or a prefill filling it), or from an int offset
+    ends_with_queries = kv_length == q_length or (
+        not isinstance(q_offset, torch.Tensor) and kv_offset + kv_length == q_end)
+    if ends_with_queries and (attention_mask is None or (not compiling and bool(attention_mask.all()))):
+        return None
+    need = kv_offset + kv_length  # positions covered by the key slots (they include the queries)
+    if attention_mask is None:
+        pad = torch.ones(batch_size, need, dtype=torch.bool, device=device)
+    else:
+        pad = attention_mask.to(device=device, dtype=torch.bool)
+        if pad.shape[-1] < need:  # positions past the mask are not tokens (transformers pads the same way)
+            pad = F.pad(pad, (0, need - pad.shape[-1]), value=False)
+    k_pos = torch.arange(kv_offset, need, device=device)
+    q_pos = torch.arange(q_length, device=device) + q_offset
+    k_valid = pad[:, kv_offset:need] & (k_pos < q_end)[None, :]  # not padding, and written
+    q_valid = pad.index_select(1, q_pos)
+    _check_one_block("attention_mask (keys)", k_valid)
+    _check_one_block("attention_mask (queries)", q_valid)
+    return _segments(q_valid, k_valid)
 
 
 def register(window_size: WindowArg = None, backend: str = "auto") -> str:
@@ -334,7 +552,8 @@ def register(window_size: WindowArg = None, backend: str = "auto") -> str:
             (Llama, Qwen2 without ``use_sliding_window``): an int ``W`` (W keys including
             self, like ``config.sliding_window``), ``"sqrt"`` (``floor(sqrt(L))`` keys per
             sequence of L tokens), ``(left, right)``, or None (unbounded causal attention).
-            Models with their own window (Mistral, Qwen2 sliding layers) always keep it.
+            Models with their own window (Mistral, Qwen2 sliding layers) always keep it, and
+            their full-attention layers stay full.
         backend: ``"auto"`` (Triton on CUDA tensors, PyTorch on CPU), ``"triton"``, ``"torch"``, ``"cuda"``.
 
     Returns:
@@ -344,99 +563,170 @@ def register(window_size: WindowArg = None, backend: str = "auto") -> str:
     """
     _transformers()
     parse_window(window_size, True)  # validate now, not inside a forward
-    from ..backends import BACKENDS
+    from ..backends import BACKENDS, _triton_import_error
 
     if backend not in BACKENDS:
         raise ValueError(f"register: backend must be one of {BACKENDS}, got {backend!r}")
     _settings["window_size"] = window_size
     _settings["backend"] = backend
-    try:
-        from transformers import AttentionInterface  # >= 4.50
-    except ImportError:
-        AttentionInterface = None
-    if AttentionInterface is not None:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, sft_attention_forward)
-    else:  # 4.48 / 4.49: a plain dict
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    _settings["cuda_backend"] = "torch" if _triton_import_error() else "triton"
+    try:  # where transformers lists the outputs being recorded (imported here: not importable while compiling)
+        from transformers.utils.output_capturing import _active_collector as collector
+    except ImportError:  # transformers < 5.x records them otherwise, and passes output_attentions down
+        collector = None
+    _settings["collector"] = collector
+    from transformers.cache_utils import Cache
 
-        ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = sft_attention_forward
-    try:
-        from transformers.masking_utils import AttentionMaskInterface  # >= 4.53
-    except ImportError:
-        AttentionMaskInterface = None
-    if AttentionMaskInterface is not None:
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sft_attention_mask)
+    _settings["cache_kwargs_dict"] = "cache_kwargs" in inspect.signature(Cache.update).parameters
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sft_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sft_attention_mask)
     return ATTN_IMPLEMENTATION
 
 
 # ----------------------------------------------------------------------------- patch_model
+def _dense_qkv(attn: SFTAttention):
+    """The dense ``q_proj, k_proj, v_proj`` weights (and biases or None) equal to ``attn.qkv_proj``:
+    group i's block sits at its heads' rows and hidden slice i's columns, zeros elsewhere."""
+    g, d, c = attn.qkv_groups, attn.head_dim, attn.hidden_size
+    hq, hkv, cin = attn.num_heads // g, attn.num_kv_heads // g, c // g
+    per = (hq + 2 * hkv) * d
+    w = attn.qkv_proj.weight.detach()
+    dense = {p: w.new_zeros(n * g * d, c) for p, n in (("q", hq), ("k", hkv), ("v", hkv))}
+    for i in range(g):
+        block = w[i * per * cin:(i + 1) * per * cin].view(per, cin)
+        for p, part, n in zip("qkv", block.split([hq * d, hkv * d, hkv * d], 0), (hq, hkv, hkv)):
+            dense[p][i * n * d:(i + 1) * n * d, i * cin:(i + 1) * cin] = part
+    bias = attn.qkv_proj.bias
+    biases = {p: None for p in "qkv"}
+    if bias is not None:
+        parts = bias.detach().view(g, per).split([hq * d, hkv * d, hkv * d], 1)
+        biases = {p: part.reshape(-1).clone() for p, part in zip("qkv", parts)}
+    return dense, biases
+
+
+def _flat_qkv(attn: SFTAttention, dense, biases):
+    """Inverse of :func:`_dense_qkv`: the flat block-diagonal weight (diagonal blocks) and bias."""
+    g, d, c = attn.qkv_groups, attn.head_dim, attn.hidden_size
+    hq, hkv, cin = attn.num_heads // g, attn.num_kv_heads // g, c // g
+    heads = (("q", hq), ("k", hkv), ("v", hkv))
+    blocks, bias = [], []
+    for i in range(g):
+        rows = [dense[p][i * n * d:(i + 1) * n * d, i * cin:(i + 1) * cin] for p, n in heads]
+        blocks.append(torch.cat(rows, 0).reshape(-1))
+        if biases["q"] is not None:
+            bias.append(torch.cat([biases[p][i * n * d:(i + 1) * n * d] for p, n in heads]))
+    return torch.cat(blocks), (torch.cat(bias) if bias else None)
+
+
 class SFTAttentionHF(nn.Module):
     """An :class:`SFTAttention` behind the call signature of a HF Llama/Mistral/Qwen2 attention.
 
     ``forward(hidden_states, position_embeddings, attention_mask, cache/past_key_values, **kwargs)
-    -> (attn_output (batch, seqlen, hidden), None)``. The model's own rotary ``(cos, sin)``
-    are used. Without a KV cache (training) the layer runs unpadded end to end; with a cache
-    (generation) K/V go through ``cache.update`` and the backend's attention function.
+    -> (attn_output (batch, seqlen, hidden), None)``. The model's own rotary ``(cos, sin)`` are
+    used; K/V go through ``cache.update`` when there is a cache; the attention runs as in
+    :func:`sft_attention_forward` (same masks, caches, packing, autocast and compile rules).
+
+    State dict: the model's own keys. ``state_dict()`` (so ``save_pretrained``) writes
+    ``q_proj / k_proj / v_proj / o_proj`` weights of the HF shapes -- for ``qkv_groups=g > 1`` the
+    dense matrices whose off-diagonal blocks are zero, the same function -- and
+    ``load_state_dict`` accepts them (taking the diagonal blocks) as well as this module's own
+    ``attn.*`` keys. A plain ``from_pretrained`` without this package therefore loads a saved
+    patched model, and ``patch_model(..., qkv_groups=g)`` on it restores the exact blocks.
     """
 
-    def __init__(self, attn: SFTAttention, config, layer_idx: Optional[int]):
+    def __init__(self, attn: SFTAttention, config, layer_idx: Optional[int], model_window: bool = True):
         super().__init__()
         self.attn = attn
+        self.model_window = model_window  # False: attn.window_size is the one given to patch_model
         self.config = config
         self.layer_idx = layer_idx
         self.is_causal = attn.causal
         self.head_dim = attn.head_dim
+        self._register_state_dict_hook(SFTAttentionHF._export_state_dict)
+        self._register_load_state_dict_pre_hook(SFTAttentionHF._import_state_dict, with_module=True)
 
+    # ------------------------------------------------------------------ state dict in HF names
+    @staticmethod
+    def _export_state_dict(module, state_dict, prefix, local_metadata):
+        attn = module.attn
+        expected = attn.hidden_size * (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim // attn.qkv_groups
+        key = prefix + "attn.qkv_proj.weight"
+        if key not in state_dict or state_dict[key].numel() != expected:
+            return state_dict  # partitioned (ZeRO-3) or filtered: leave this module's own keys
+        dense, biases = _dense_qkv(attn)
+        del state_dict[key]
+        state_dict.pop(prefix + "attn.qkv_proj.bias", None)
+        for p in "qkv":
+            state_dict[f"{prefix}{p}_proj.weight"] = dense[p]
+            if biases[p] is not None:
+                state_dict[f"{prefix}{p}_proj.bias"] = biases[p]
+        for suffix in ("weight", "bias"):
+            t = state_dict.pop(f"{prefix}attn.o_proj.{suffix}", None)
+            if t is not None:
+                state_dict[f"{prefix}o_proj.{suffix}"] = t
+        return state_dict
+
+    def _import_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs):
+        names = [f"{prefix}{p}_proj.weight" for p in "qkv"]
+        if not all(n in state_dict for n in names):
+            return
+        attn = self.attn
+        dense = {p: state_dict.pop(f"{prefix}{p}_proj.weight") for p in "qkv"}
+        biases = {p: state_dict.pop(f"{prefix}{p}_proj.bias", None) for p in "qkv"}
+        shapes = {"q": attn.num_heads * attn.head_dim, "k": attn.num_kv_heads * attn.head_dim,
+                  "v": attn.num_kv_heads * attn.head_dim}
+        for p, rows in shapes.items():
+            if tuple(dense[p].shape) != (rows, attn.hidden_size):
+                error_msgs.append(f"size mismatch for {prefix}{p}_proj.weight: checkpoint {tuple(dense[p].shape)}, "
+                                  f"model ({rows}, {attn.hidden_size})")
+                return
+        if (biases["q"] is None) != (attn.qkv_proj.bias is None):
+            error_msgs.append(f"{prefix}: the checkpoint's q/k/v biases do not match the model's")
+            return
+        flat, bias = _flat_qkv(attn, dense, biases)
+        state_dict[prefix + "attn.qkv_proj.weight"] = flat
+        if bias is not None:
+            state_dict[prefix + "attn.qkv_proj.bias"] = bias
+        for suffix in ("weight", "bias"):
+            t = state_dict.pop(f"{prefix}o_proj.{suffix}", None)
+            if t is not None:
+                state_dict[f"{prefix}attn.o_proj.{suffix}"] = t
+
+    # ------------------------------------------------------------------ forward
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else kwargs.pop("past_key_value", None)
         _check_unsupported(self, 0.0, kwargs)
         attn = self.attn
         b, l, _ = hidden_states.shape
-        if cache is None:
-            mask2d = None
-            if attention_mask is not None:
-                if attention_mask.dim() == 2:
-                    q_valid, _ = _valid_from_2d(attention_mask.to(hidden_states.device), l, l)
-                else:
-                    q_valid, _ = _valid_from_4d(attention_mask.to(hidden_states.device), l, l, attn.window_size,
-                                                attn.causal)
-                mask2d = q_valid
-            if mask2d is None and kwargs.get("position_ids") is not None:
-                if _packed_from_position_ids(kwargs["position_ids"], b, l) is not None:
-                    raise ValueError(
-                        "SFTAttentionHF: packed sequences (position_ids restarting within a row) need the attention "
-                        "interface path: use attn_implementation='sft_sliding_window' without patch_model"
-                    )
-            return attn(hidden_states, attention_mask=mask2d, position_embeddings=position_embeddings), None
-        # generation with a KV cache: padded layout
         q, k, v = attn._split_qkv(attn.qkv_proj(hidden_states))
         if position_embeddings is not None:
             cos, sin = position_embeddings
         else:
-            from ..modules.sft_attention import rope_cos_sin
-
             pos = kwargs.get("position_ids")
             if pos is None:
                 raise ValueError("SFTAttentionHF: needs position_embeddings or position_ids")
             cos, sin = rope_cos_sin(pos.expand(b, l), attn.inv_freq, hidden_states.dtype, attn.rope_attention_scaling)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-        transformers = _transformers()
-        if _version_tuple(transformers.__version__) >= (5, 0, 0):
-            kt, vt = cache.update(kt, vt, self.layer_idx, kwargs=kwargs)
-        else:
-            cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
-            kt, vt = cache.update(kt, vt, self.layer_idx, cache_kwargs)
-        out = _attend(self, q, kt.transpose(1, 2), vt.transpose(1, 2), attention_mask, attn.scaling, attn.window_size,
-                      attn.causal, kwargs)
+        if cache is not None:
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+            if _settings["cache_kwargs_dict"]:  # transformers 5.0 - 5.x: update(k, v, layer_idx, cache_kwargs)
+                cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+                kt, vt = cache.update(kt, vt, self.layer_idx, cache_kwargs)
+            else:
+                kt, vt = cache.update(kt, vt, self.layer_idx, kwargs=kwargs)
+            k, v = kt.transpose(1, 2), vt.transpose(1, 2)
+        out = _attend(self, q, k, v, attention_mask, attn.scaling, attn.window_size, attn.causal, kwargs,
+                      model_window=self.model_window, backend=attn.backend)
         return attn.o_proj(out.reshape(b, l, -1)), None
 
 
 def _attention_modules(model: nn.Module):
     for name, module in model.named_modules():
-        if isinstance(module, SFTAttentionHF):
-            continue
         if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             yield name, module
 
@@ -450,20 +740,24 @@ def patch_model(
     """Swap every attention module of a Llama / Mistral / Qwen2 model for :class:`SFTAttentionHF`.
 
     Args:
-        model: a ``*ForCausalLM`` / ``*Model`` of model type llama, mistral or qwen2.
+        model: a ``*ForCausalLM`` / ``*Model`` of model type llama, mistral or qwen2, not yet patched.
         window_size: window for layers where the model has none of its own (see
-            :func:`register`); layers with a model window (Mistral, Qwen2 sliding layers) keep it.
+            :func:`register`); layers with a model window (Mistral, Qwen2 sliding layers) keep
+            it, full-attention layers of a hybrid model stay full.
         qkv_groups: 1 copies the weights exactly (same outputs as before). ``g > 1`` replaces
             Q/K/V by ``g`` block-diagonal groups (g times fewer projection weights): a
-            *different* model, initialised from the diagonal blocks of the dense
-            projections, to be fine-tuned.
-        backend: kernel backend.
+            *different* model, initialised from the diagonal blocks of the dense projections,
+            to be fine-tuned. It saves as dense projections with zero off-diagonal blocks (the
+            same function), which this call with the same ``g`` turns back into the exact blocks.
+        backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"cuda"``, ``"torch"``.
 
-    Returns the model (modified in place). Also registers the ``sft_sliding_window``
-    backend and sets it as the model's attention implementation, so the masks the model
-    builds are the 2D padding masks the patched layers read.
+    Returns the model (modified in place). Also registers the ``sft_sliding_window`` backend
+    (keeping the window registered for unpatched models) and sets it as the model's attention
+    implementation, so the masks the model builds are the ones the patched layers read.
     """
     _transformers()
+    from ..backends import BACKENDS
+
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _SUPPORTED_MODEL_TYPES:
@@ -471,28 +765,31 @@ def patch_model(
             f"patch_model supports model types {_SUPPORTED_MODEL_TYPES}, got {model_type!r}; other models can use "
             "attn_implementation='sft_sliding_window' after register()"
         )
+    if any(isinstance(m, SFTAttentionHF) for m in model.modules()):
+        raise ValueError(
+            "patch_model: the model is already patched (its attention modules are SFTAttentionHF); patch a freshly "
+            "loaded model (a patched model saved with save_pretrained reloads as a plain one)"
+        )
     if isinstance(qkv_groups, bool) or not isinstance(qkv_groups, int) or qkv_groups < 1:
         raise ValueError(f"patch_model: qkv_groups must be a positive int, got {qkv_groups!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"patch_model: backend must be one of {BACKENDS}, got {backend!r}")
     parse_window(window_size, True)
     targets = list(_attention_modules(model))
     if not targets:
         raise ValueError("patch_model: found no attention module with q_proj/k_proj/v_proj/o_proj in the model")
+    model_has_window = (getattr(config, "sliding_window", None) is not None
+                        and getattr(config, "use_sliding_window", True) is not False)
     for name, module in targets:
-        window = hf_layer_window(module, config)
-        if window is None and not (getattr(config, "sliding_window", None) is not None
-                                   and getattr(config, "use_sliding_window", True) is not False):
-            window = window_size  # the model has no window of its own
+        window = hf_layer_window(module, config) if model_has_window else window_size
         sft = SFTAttention.from_hf(module, config, window_size=window, backend=backend)
         if qkv_groups > 1:
             sft = _regroup(sft, qkv_groups)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SFTAttentionHF(sft, config, getattr(module, "layer_idx", None)))
+        setattr(parent, child, SFTAttentionHF(sft, config, getattr(module, "layer_idx", None), model_has_window))
     register(window_size=_settings["window_size"], backend=_settings["backend"])
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    else:  # older versions: the config attribute
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
 
@@ -510,24 +807,13 @@ def _regroup(dense: SFTAttention, g: int) -> SFTAttention:
     new.rope_attention_scaling = dense.rope_attention_scaling
     d, hq, hkv = dense.head_dim, dense.num_heads, dense.num_kv_heads
     w = dense.qkv_proj.blocks()[0]  # (Hq D + 2 Hkv D, C)
-    bias = dense.qkv_proj.bias
     wq, wk, wv = w.split([hq * d, hkv * d, hkv * d], dim=0)
-    cin = dense.hidden_size // g
-    blocks, biases = [], []
-    for i in range(g):
-        rows = []
-        for part, heads in ((wq, hq), (wk, hkv), (wv, hkv)):
-            per = heads // g * d
-            rows.append(part[i * per:(i + 1) * per, i * cin:(i + 1) * cin])
-        blocks.append(torch.cat(rows, 0).reshape(-1))
-        if bias is not None:
-            bq, bk, bv = bias.split([hq * d, hkv * d, hkv * d])
-            biases.append(torch.cat([bq[i * (hq // g) * d:(i + 1) * (hq // g) * d],
-                                     bk[i * (hkv // g) * d:(i + 1) * (hkv // g) * d],
-                                     bv[i * (hkv // g) * d:(i + 1) * (hkv // g) * d]]))
+    bias = dense.qkv_proj.bias
+    biases = dict(zip("qkv", bias.split([hq * d, hkv * d, hkv * d]))) if bias is not None else {p: None for p in "qkv"}
+    flat, flat_bias = _flat_qkv(new, {"q": wq, "k": wk, "v": wv}, biases)
     with torch.no_grad():
-        new.qkv_proj.weight.copy_(torch.cat(blocks))
-        if bias is not None:
-            new.qkv_proj.bias.copy_(torch.cat(biases))
+        new.qkv_proj.weight.copy_(flat)
+        if flat_bias is not None:
+            new.qkv_proj.bias.copy_(flat_bias)
         new.o_proj.load_state_dict(dense.o_proj.state_dict())
     return new

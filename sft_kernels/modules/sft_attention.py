@@ -38,6 +38,7 @@ from .block_diagonal_linear import BlockDiagonalLinear
 __all__ = [
     "SFTAttention",
     "apply_rotary",
+    "autocast_qkv",
     "padded_sliding_window_attention",
     "rope_cos_sin",
     "rope_inv_freq",
@@ -80,6 +81,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos = cos.unsqueeze(-2)
     sin = sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- mixed precision
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under ``torch.autocast`` on q's device, q, k and v in the autocast dtype; else unchanged.
+
+    That is what eager attention's matmuls and SDPA compute in under autocast. It matters
+    because rotary embeddings (float32 cos/sin from float32 positions) promote q and k to
+    float32 while v stays in the autocast dtype of its projection; the kernels need one
+    dtype. The casts are differentiable, so gradients return in each input's own dtype.
+    """
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dt else t for t in (q, k, v))
 
 
 # ----------------------------------------------------------------------------- padding
@@ -365,6 +385,7 @@ class SFTAttention(nn.Module):
             q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
             if use_rope:
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = autocast_qkv(q, k, v)
             out = sliding_window_attention(
                 q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend
             )
@@ -378,6 +399,7 @@ class SFTAttention(nn.Module):
             cos = cos.reshape(b * l, -1).index_select(0, indices)
             sin = sin.reshape(b * l, -1).index_select(0, indices)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = autocast_qkv(q, k, v)
         out = sliding_window_attention(
             q, k, v, self.window_size, self.causal, self.scaling, cu_seqlens_q=cu, cu_seqlens_k=cu,
             max_seqlen_q=max_len, max_seqlen_k=max_len, backend=self.backend,
@@ -430,7 +452,7 @@ class SFTAttention(nn.Module):
         q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
         if use_rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (t.contiguous() for t in autocast_qkv(q, k, v))
         if full_valid is None:
             out = self.sequence_parallel_attention(q, k, v, 0)
         else:
