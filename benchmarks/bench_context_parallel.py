@@ -32,7 +32,8 @@ The measured bytes are counted on the calls the run makes (``batch_isend_irecv``
 the fraction each sends away) and must equal the model on every rank; the analytic table
 at the headline shape (P = 8..64, L = 128k..1M, W = 4096, 32 heads, head_dim 128, bf16;
 MHA and GQA with 8 KV heads) uses the same model. Step time: median over repeats of the
-slowest rank, wall clock, gloo on CPU (P processes share the machine's cores).
+slowest rank, wall clock, gloo on CPU (P processes share the machine's cores; the repeats
+of the four impls are interleaved so that load from elsewhere hits them alike).
 
     python benchmarks/bench_context_parallel.py [--quick] [--worlds 2 4] [--out DIR]
 """
@@ -57,8 +58,8 @@ import common  # noqa: E402
 OP = "context_parallel_attention"
 IMPLS = ("halo", "ulysses", "allgather_kv", "local_only")
 BASELINE = "ulysses"
-CPU_SHAPE = dict(batch=1, heads=8, kv_heads=8, head_dim=64, window=256, dtype="float32")  # MHA: least favourable to halo
-LENGTHS = {False: [512, 1024, 2048, 4096, 8192, 16384], True: [512, 2048]}
+CPU_SHAPE = dict(batch=1, heads=8, kv_heads=4, head_dim=64, window=256, dtype="float32")  # GQA 2:1
+LENGTHS = {False: [264, 512, 1024, 2048, 4096, 8192, 16384], True: [264, 2048]}  # from just above W
 HEADLINE = dict(window=4096, heads=32, head_dim=128, dtype="bfloat16", worlds=[8, 16, 32, 64],
                 lengths=[131072, 262144, 524288, 1048576], kv_heads=[32, 8])
 META_BYTES = 10 * 8  # the consistency all-gather: 10 float64 to each other rank
@@ -251,23 +252,24 @@ def worker(args) -> None:
             q.grad = k.grad = v.grad = None
             return out.detach()
 
-        outs = {}
+        outs, sent, times = {}, {}, {impl: [] for impl in IMPLS}
         for impl in IMPLS:
             counter.take()
             outs[impl] = step(impl)  # warm-up, and the bytes of one layer step
-            sent = counter.take()
-            times = []
-            for _ in range(args.repeats):
+            sent[impl] = counter.take()
+        # interleaved repeats: load from other processes on the machine hits every impl alike
+        for _ in range(args.repeats):
+            for impl in IMPLS:
                 dist.barrier()
-                counter.take()
                 t0 = time.perf_counter()
                 step(impl)
-                times.append(time.perf_counter() - t0)
-            counter.take()
-            ms = torch.tensor([statistics.median(times) * 1e3])
+                times[impl].append(time.perf_counter() - t0)
+        counter.take()
+        for impl in IMPLS:
+            ms = torch.tensor([statistics.median(times[impl]) * 1e3])
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the group waits for its slowest rank
             per_rank = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-            dist.all_gather(per_rank, torch.tensor([sent]))
+            dist.all_gather(per_rank, torch.tensor([sent[impl]]))
             counter.take()
             per_rank = [int(x) for x in per_rank]
             model = model_bytes(impl, world, L, w, sh["heads"], sh["kv_heads"], sh["head_dim"], ELEM[sh["dtype"]])
@@ -322,6 +324,29 @@ def headline_table():
     return rows
 
 
+def measured_p_check(worlds, shape):
+    """Model only, at the measured P: for every L in (W, 8W] (L % P == 0), MHA and the measured
+    heads, does halo send fewer bytes than Ulysses (max over ranks), and is it constant once
+    n >= W - 1? Returns one summary row per (P, kv_heads)."""
+    w, hq, d, e = shape["window"], shape["heads"], shape["head_dim"], ELEM[shape["dtype"]]
+    rows = []
+    for world in worlds:
+        for kv in sorted({hq, shape["kv_heads"]}, reverse=True):
+            not_below, const = [], set()
+            for L in range(w + world - w % world, 8 * w + 1, world):
+                if L <= w:
+                    continue
+                halo = max(model_bytes("halo", world, L, w, hq, kv, d, e))
+                if halo >= model_bytes("ulysses", world, L, w, hq, kv, d, e)[0]:
+                    not_below.append(L)
+                if L // world >= w - 1:
+                    const.add(halo)
+            rows.append(dict(world=world, heads=hq, kv_heads=kv, lengths=f"{w + 1}..{8 * w}",
+                             halo_not_below_ulysses=f"L in [{not_below[0]}, {not_below[-1]}]" if not_below else "none",
+                             halo_bytes_once_n_ge_w=sorted(const)))
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two lengths, fewer repeats")
@@ -349,7 +374,7 @@ def main(argv=None) -> int:
     env["processes_share_cores"] = str(os.cpu_count())
     lengths = args.lengths or LENGTHS[args.quick]
     shape = dict(CPU_SHAPE, **json.loads(args.shape or "{}"))
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 5)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
@@ -362,8 +387,9 @@ def main(argv=None) -> int:
             raise AssertionError(f"measured bytes {r['bytes_per_rank']} != model {r['bytes_model']} for {r['impl']} "
                                  f"{r['shape']}")
     table = headline_table()
+    checks = measured_p_check(args.worlds, shape)
     out_dir = common.result_dir(args.out, "cpu", env)
-    common.write_json(dict(env=env, records=records, headline=dict(HEADLINE, rows=table)),
+    common.write_json(dict(env=env, records=records, headline=dict(HEADLINE, rows=table), measured_p_check=checks),
                       os.path.join(out_dir, "context_parallel.json"))
     with open(os.path.join(out_dir, "context_parallel.md"), "w") as f:
         f.write(f"# context-parallel attention, {env['device_name']}, commit {env['commit']}, {env['date']}\n\n")
@@ -384,6 +410,15 @@ def main(argv=None) -> int:
                          "bytes/rank (MiB)": _mib(r["bytes_max"]),
                          "vs ulysses bytes": f"{r['bytes_max'] / uly['bytes_max']:.3f}",
                          "speedup": f"{r['speedup_vs']['ratio']:.2f}"})
+        f.write(common.markdown_table(rows, cols) + "\n\n")
+        f.write("Model at the measured P for every L in (W, 8W] with L % P == 0, for the measured heads and for "
+                "MHA (heads_kv = heads): where halo does not send fewer bytes than Ulysses (the most any rank "
+                "sends), and halo's bytes once n >= W - 1 (one value: constant in L). With MHA at P = 4 and "
+                "W < L < 2W both move whole shards and tie (halo + the 10-number check).\n\n")
+        cols = ["P", "heads", "kv_heads", "L", "halo not below ulysses", "halo bytes once n >= W-1"]
+        rows = [{"P": c["world"], "heads": c["heads"], "kv_heads": c["kv_heads"], "L": c["lengths"],
+                 "halo not below ulysses": c["halo_not_below_ulysses"],
+                 "halo bytes once n >= W-1": ", ".join(map(str, c["halo_bytes_once_n_ge_w"]))} for c in checks]
         f.write(common.markdown_table(rows, cols) + "\n\n")
         h = HEADLINE
         f.write(f"## Analytic: bytes per rank per layer step at the headline shape\n\n"

@@ -209,3 +209,73 @@ def test_requires_initialised_distributed():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         context_parallel_attention(q, q, q, 3)
+
+
+# ----------------------------------------------------------------------------- benchmark and example
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _bench():
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_context_parallel
+    finally:
+        sys.path.remove(BENCH)
+    return bench_context_parallel
+
+
+def test_bench_model_halo_constant_in_L_and_below_ulysses():
+    """The Done-when of the issue, on the model the benchmark checks its counts against."""
+    b = _bench()
+    for c in b.measured_p_check([2, 4], b.CPU_SHAPE):  # every L in (W, 8W] at the measured P
+        assert len(c["halo_bytes_once_n_ge_w"]) == 1, c  # constant in L
+        if c["kv_heads"] == b.CPU_SHAPE["kv_heads"]:
+            assert c["halo_not_below_ulysses"] == "none", c
+    rows = b.headline_table()
+    for kv in b.HEADLINE["kv_heads"]:
+        for world in b.HEADLINE["worlds"]:
+            mine = [r for r in rows if r["kv_heads"] == kv and r["world"] == world]
+            assert len({r["halo"] for r in mine}) == 1  # 128k..1M: the same halo
+            for r in mine:
+                if r["ulysses_possible"]:
+                    assert r["halo"] < r["ulysses"], r
+
+
+def test_bench_runs_and_counts_match_the_model(tmp_path):
+    """Two gloo processes at a tiny shape; main() itself fails if a count differs from the model."""
+    b = _bench()
+    shape = dict(heads=4, kv_heads=2, head_dim=16, window=24)
+    assert b.main(["--worlds", "2", "--lengths", "64", "128", "--repeats", "1", "--shape", json.dumps(shape),
+                   "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "context_parallel.json").read_text())
+    recs = data["records"]
+    assert {r["impl"] for r in recs} == {"halo", "ulysses", "allgather_kv", "local_only"}
+    keys = {"op", "impl", "device", "dtype", "shape", "ms", "tflops", "gbps", "peak_mem_bytes", "speedup_vs", "env"}
+    for r in recs:
+        assert not keys - set(r) and r["ms"] > 0 and r["bytes_per_rank"] == r["bytes_model"]
+    halo = {r["shape"]["seqlen"]: r["bytes_max"] for r in recs if r["impl"] == "halo"}
+    uly = {r["shape"]["seqlen"]: r["bytes_max"] for r in recs if r["impl"] == "ulysses"}
+    assert halo[64] == halo[128] and all(halo[L] < uly[L] for L in halo)
+    assert uly[128] == 2 * uly[64]
+    assert "| 2 | 128 | 64 | halo |" in (tmp_path / "context_parallel.md").read_text()
+
+
+def test_example_trains(tmp_path):
+    """examples/train_context_parallel.py on 2 ranks (context parallel 2): the loss falls."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    env.pop("TRITON_INTERPRET", None)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_context_parallel.py"), "--cp", "2", "--device", "cpu",
+           "--seqlen", "128", "--steps", "80"]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    # generous: 80 small steps take ~10 s on an idle core, far more on a loaded CI runner
+    logs = [p.communicate(timeout=1800)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    losses = [float(line.split()[-1]) for line in logs[0].splitlines() if line.startswith("step ")]
+    assert len(losses) == 80
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
