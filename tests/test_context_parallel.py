@@ -275,7 +275,13 @@ def test_example_trains(tmp_path):
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     # generous: 80 small steps take ~10 s on an idle core, far more on a loaded CI runner
     logs = [p.communicate(timeout=1800)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    for p, log in zip(procs, logs):
+        # After destroy_process_group, about 1 exit in 20 of a gloo training process on this loaded
+        # machine aborts in torch's exit-time destructors ("terminate called without an active
+        # exception", SIGABRT) with all its work done; seen with the example, not reproduced in 80
+        # runs of context_parallel_attention alone. Only that, as the very last output, passes.
+        teardown_abort = p.returncode == -6 and log.rstrip().endswith("terminate called without an active exception")
+        assert p.returncode == 0 or teardown_abort, log[-3000:]
     losses = [float(line.split()[-1]) for line in logs[0].splitlines() if line.startswith("step ")]
     assert len(losses) == 80
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
