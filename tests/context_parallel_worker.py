@@ -237,7 +237,12 @@ for name, (kw, mask) in LAYER.items():
 if P == 4:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+    import deepspeed.comm.torch as ds_torch
 
+    # DeepSpeed's CPU shared-memory all-reduce op is a JIT build in a cache shared by every venv on
+    # the machine (measured: 10 s when cached, 100+ s when another install rebuilt it); Ulysses'
+    # all-to-alls never use it
+    ds_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     grid = context_parallel_groups(2, 2)
     assert grid.shard_index == RANK and grid.num_shards == 4 and grid.data_parallel_rank == 0
