@@ -412,7 +412,8 @@ def main(argv=None) -> int:
         for r in records:
             sh = r["shape"]
             uly = next(x for x in records if x["impl"] == "ulysses" and x["shape"] == sh)
-            rows.append({"P": sh["world"], "L": sh["seqlen"], "n": sh["shard"], "impl": r["impl"], "ms": f"{r['ms']:.1f}",
+            rows.append({"P": sh["world"], "L": sh["seqlen"], "n": sh["shard"], "impl": r["impl"],
+                         "ms": f"{r['ms']:.1f}",
                          "bytes/rank (MiB)": _mib(r["bytes_max"]),
                          "vs ulysses bytes": f"{r['bytes_max'] / uly['bytes_max']:.3f}",
                          "speedup": f"{r['speedup_vs']['ratio']:.2f}"})
@@ -433,7 +434,8 @@ def main(argv=None) -> int:
                 "rank: W - 1 rows of K and V forward, their dK/dV back). Ulysses needs heads % P == 0 and "
                 "kv_heads % P == 0; where it cannot run its figure is what it would move, marked n/a.\n\n")
         cols = ["kv_heads", "P", "L", "n", "halo MiB", "ulysses MiB", "allgather_kv MiB", "halo / ulysses"]
-        rows = [{"kv_heads": r["kv_heads"], "P": r["world"], "L": r["seqlen"], "n": r["shard"], "halo MiB": _mib(r["halo"]),
+        rows = [{"kv_heads": r["kv_heads"], "P": r["world"], "L": r["seqlen"], "n": r["shard"],
+                 "halo MiB": _mib(r["halo"]),
                  "ulysses MiB": _mib(r["ulysses"]) + ("" if r["ulysses_possible"] else " (n/a)"),
                  "allgather_kv MiB": _mib(r["allgather_kv"]), "halo / ulysses": f"{r['halo_over_ulysses']:.3f}"}
                 for r in table]

@@ -261,8 +261,9 @@ hole = torch.ones(2, L, dtype=torch.long)
 hole[0, 1] = 0
 expect_error("layer-hole", lambda: SFTAttention(**kw, context_parallel_group=dist.group.WORLD)(
     shard(torch.randn(2, L, 16)), attention_mask=shard(hole)))
-expect_error("layer-twosided-padding", lambda: SFTAttention(**kw, causal=False, context_parallel_group=dist.group.WORLD)(
-    shard(torch.randn(2, L, 16)), attention_mask=shard(pad_mask)))
+expect_error("layer-twosided-padding", lambda: SFTAttention(
+    **kw, causal=False, context_parallel_group=dist.group.WORLD)(shard(torch.randn(2, L, 16)),
+                                                                 attention_mask=shard(pad_mask)))
 
 
 # ----------------------------------------------------------------------------- training
