@@ -2,6 +2,8 @@
 
 - :func:`sliding_window_attention`: attention over a band of keys, O(L * w).
 - :func:`block_diag_matmul`: a block-diagonal merged weight applied in one grouped kernel.
+- :func:`context_parallel_attention`: sliding-window attention over a sequence split across
+  ranks, by halo exchange (traffic independent of the sequence length).
 
 ``import sft_kernels`` never imports deepspeed or transformers; their integrations live
 in :mod:`sft_kernels.integrations` and are imported on demand.
@@ -16,6 +18,7 @@ from .ops.block_diag import block_diag_matmul  # noqa: E402
 from .ops.block_diag.reference import block_diag_matmul_reference  # noqa: E402
 from .ops.sliding_window_attention.op import sliding_window_attention  # noqa: E402
 from .ops.sliding_window_attention.reference import sliding_window_attention_reference  # noqa: E402
+from .parallel.context_parallel import context_parallel_attention  # noqa: E402
 from .window import parse_window, resolve_window, sliding_window_to_window_size  # noqa: E402
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "backend_status",
     "block_diag_matmul",
     "block_diag_matmul_reference",
+    "context_parallel_attention",
     "parse_window",
     "resolve_window",
     "sliding_window_attention",

@@ -231,6 +231,15 @@ class SFTAttention(nn.Module):
             the same local length on every rank; rotary positions default to the global ones
             (offset ``r L/P``); an ``attention_mask`` is the local ``(batch, L/P)`` shard (see
             :mod:`sft_kernels.integrations.deepspeed`). Imports deepspeed only when given.
+        context_parallel_group: a ``torch.distributed`` process group of ``P`` ranks for halo
+            context parallelism (:func:`sft_kernels.context_parallel_attention`; None: off).
+            Rank ``r`` holds tokens ``r L/P .. (r+1) L/P - 1``; each rank exchanges only the
+            keys/values its window reaches with its neighbours. Rotary positions are the global
+            ones (offset ``r L/P``); an ``attention_mask`` is the local ``(batch, L/P)`` shard and
+            must be right padding over the whole sequence (``causal=True`` only); ``"sqrt"``
+            windows follow each row's real length, as without parallelism. With
+            ``sequence_parallel_group`` too, Ulysses runs inside each context-parallel shard
+            (see :func:`sft_kernels.parallel.context_parallel_groups`).
 
     Shapes: ``hidden_states (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size)``.
     Parameters: ``qkv_proj.weight`` (flat block-diagonal weight, ``C (Hq + 2 Hkv) D / g``
@@ -254,6 +263,7 @@ class SFTAttention(nn.Module):
         dtype: Optional[torch.dtype] = None,
         device=None,
         sequence_parallel_group=None,
+        context_parallel_group=None,
     ) -> None:
         super().__init__()
         hidden_size = _positive_int("hidden_size", hidden_size)
@@ -306,6 +316,12 @@ class SFTAttention(nn.Module):
         self.sequence_parallel_attention = None
         if sequence_parallel_group is not None:
             self.sequence_parallel_attention = _ulysses_attention(self, sequence_parallel_group)
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_ulysses = None  # Ulysses inside each context-parallel shard
+        self._context_parallel_layout = None
+        if context_parallel_group is not None:
+            self.context_parallel_ulysses = _context_parallel_setup(self, context_parallel_group,
+                                                                    sequence_parallel_group)
 
     # ------------------------------------------------------------------ helpers
     def _split_qkv(self, qkv: torch.Tensor):
@@ -366,6 +382,8 @@ class SFTAttention(nn.Module):
         b, l, c = hidden_states.shape
         if c != self.hidden_size:
             raise ValueError(f"SFTAttention: hidden_states has {c} features, expected hidden_size={self.hidden_size}")
+        if self.context_parallel_group is not None:
+            return self._forward_context_parallel(hidden_states, attention_mask, position_ids, position_embeddings)
         if self.sequence_parallel_attention is not None:
             return self._forward_sequence_parallel(hidden_states, attention_mask, position_ids, position_embeddings)
         valid = None
@@ -461,6 +479,59 @@ class SFTAttention(nn.Module):
         if valid is not None:
             out = out * valid.unsqueeze(-1).to(out.dtype)  # pad rows exactly zero, as without parallelism
         return out
+
+    def _forward_context_parallel(self, hidden_states, attention_mask, position_ids, position_embeddings):
+        """Halo context parallelism: this rank holds ``hidden_states (batch, L/P, C)``, one block of
+        consecutive tokens (with Ulysses inside: block ``cp_rank * U + sp_rank`` of ``P U``).
+
+        Padding stays in place (shards keep equal shapes): the mask must be right padding over
+        the whole sequence (checked across ranks), pad rows of the output are set to zero.
+        """
+        from ..parallel.context_parallel import right_padded_lengths, shard_layout
+
+        if self._context_parallel_layout is None:  # once per layer: a collective on every rank
+            self._context_parallel_layout = shard_layout(self.context_parallel_group, self.sequence_parallel_group)
+        shard, _ = self._context_parallel_layout
+        b, l, c = hidden_states.shape
+        valid = lengths = None
+        if attention_mask is not None:
+            if not self.causal:
+                raise ValueError(
+                    "SFTAttention(context_parallel_group=...): an attention_mask needs causal=True (with a two-sided "
+                    "window real tokens would attend pad keys); pass equal-length rows without a mask"
+                )
+            valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
+            lengths = right_padded_lengths(valid, self.context_parallel_group, self.sequence_parallel_group)
+        use_rope = position_embeddings is not None or self.rope_theta is not None
+        if use_rope and position_embeddings is None:
+            if position_ids is None:  # right padding: a real token's position is its global index
+                pos = (torch.arange(l, device=hidden_states.device) + shard * l).unsqueeze(0).expand(b, l)
+            else:
+                pos = self._positions(None, position_ids, b, l, hidden_states.device)
+            cos, sin = rope_cos_sin(pos, self.inv_freq, hidden_states.dtype, self.rope_attention_scaling)
+        elif use_rope:
+            cos, sin = position_embeddings
+            cos = cos.expand(b, l, self.head_dim)
+            sin = sin.expand(b, l, self.head_dim)
+        q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
+        if use_rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.context_parallel_ulysses is not None:
+            out = self.context_parallel_ulysses(q.contiguous(), k.contiguous(), v.contiguous(), 0, None, lengths)
+        else:
+            out = self._context_parallel_local(q, k, v, lengths)
+        out = self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+        if valid is not None:
+            out = out * valid.unsqueeze(-1).to(out.dtype)  # pad rows exactly zero, as without parallelism
+        return out
+
+    def _context_parallel_local(self, q, k, v, lengths=None):
+        """The halo exchange over the context-parallel group (inside Ulysses' all-to-alls when composed)."""
+        from ..parallel.context_parallel import context_parallel_padded_attention
+
+        return context_parallel_padded_attention(
+            q, k, v, lengths, self.window_size, self.causal, self.scaling, self.context_parallel_group, self.backend
+        )
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
@@ -564,6 +635,26 @@ def _ulysses_attention(layer: "SFTAttention", group):
 
     # (batch, seqlen, heads, head_dim): scatter heads (dim 2), gather the sequence (dim 1)
     return DistributedAttention(layer._local_attention, group, scatter_idx=2, gather_idx=1)
+
+
+def _context_parallel_setup(layer: "SFTAttention", group, sequence_parallel_group):
+    """Checks for ``context_parallel_group``; returns the Ulysses wrapper when both groups are given."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "SFTAttention: context_parallel_group needs torch.distributed to be initialised "
+            "(deepspeed.init_distributed() or torch.distributed.init_process_group())"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError("SFTAttention: this process is not a member of context_parallel_group")
+    if sequence_parallel_group is None:
+        return None
+    from deepspeed.sequence.layer import DistributedAttention  # only here: sft_kernels never imports deepspeed
+
+    # heads were checked against the Ulysses group by _ulysses_attention; each rank of a
+    # Ulysses group then runs the halo exchange on its heads over the whole shard
+    return DistributedAttention(layer._context_parallel_local, sequence_parallel_group, scatter_idx=2, gather_idx=1)
 
 
 # ----------------------------------------------------------------------------- config readers

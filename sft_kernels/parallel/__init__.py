@@ -1,0 +1,18 @@
+"""Splitting one sequence over ranks.
+
+- :func:`context_parallel_attention`: halo exchange for sliding-window attention; rank r
+  holds consecutive tokens and receives only the keys/values its window reaches from its
+  neighbours (traffic O(window), independent of the sequence length).
+- :func:`context_parallel_groups`: the process groups for context parallelism, optionally
+  with DeepSpeed-Ulysses inside each context-parallel shard, and data parallelism across.
+"""
+
+from .context_parallel import (  # noqa: F401
+    HaloPlan,
+    ParallelGroups,
+    context_parallel_attention,
+    context_parallel_groups,
+    halo_plan,
+)
+
+__all__ = ["HaloPlan", "ParallelGroups", "context_parallel_attention", "context_parallel_groups", "halo_plan"]
