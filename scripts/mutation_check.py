@@ -199,6 +199,13 @@ MUTATIONS = [
         "backward row groups one chunk tall whatever the window: groups two apart share dK/dV rows",
     ),
     Mutation(
+        "task_head_slice_torch", f"{ATT}/torch_impl.py",
+        "    per = heads // hkv\n",
+        "    per = 1\n",
+        ["tests/test_torch_path.py"], "pooled",
+        "a task slices query heads with its kv-head range (GQA: the wrong query heads)",
+    ),
+    Mutation(
         "workers_keep_intra_op_team_torch", f"{ATT}/torch_impl.py",
         "    torch.set_num_threads(1)  # its ops run single-threaded: no OpenMP team, no barrier\n",
         "",

@@ -39,7 +39,13 @@ CASES = {
     "diagonal": (1, 50, 50, 2, 2, 8, (0, 0), False),
     "int_window_bidir": (1, 97, 97, 2, 2, 16, 17, False),
     "sqrt_causal": (1, 150, 150, 4, 2, 16, "sqrt", True),
+    # enough row groups that tasks keep several kv heads (forward and backward): the GQA
+    # head mapping inside one task
+    "gqa_many_groups": (1, 400, 400, 6, 2, 16, (7, 0), True),
+    "gqa_many_groups_bidir": (2, 300, 280, 4, 2, 8, (3, 4), False),
 }
+# cases whose plan (at chunk 8, 2 threads) has tasks with more than one kv head
+MULTI_HEAD_TASKS = ("gqa_many_groups", "gqa_many_groups_bidir")
 
 
 @pytest.fixture
@@ -95,8 +101,27 @@ def test_pooled_against_reference(name, pooled, threads):
     _check(*_inputs(b, lq, lk, hq, hkv, d, torch.float64), window, causal)
 
 
+@pytest.mark.parametrize("name", MULTI_HEAD_TASKS)
+def test_multi_head_cases_keep_heads_together(name):
+    """The cases above really put several kv heads (and their query groups) in one task."""
+    b, lq, lk, hq, hkv, d, window, causal = CASES[name]
+    left, right = (window[0], 0 if causal else window[1])
+    seq = torch_impl._Seq(lq, lk, left, right, ())
+    for backward in (False, True):
+        tasks = [t for phase in torch_impl._plan([seq], b, hkv, [8], 2, backward) for t in phase]
+        assert all(t.h1 - t.h0 == hkv for t in tasks), backward
+
+
+def test_serial_plan_keeps_every_head_in_one_task():
+    seq = torch_impl._Seq(90, 90, -1, -1, ())
+    for backward in (False, True):
+        (tasks,) = torch_impl._plan([seq], 2, 4, [8], 1, backward)
+        assert [(t.r0, t.r1, t.b0, t.b1, t.h0, t.h1) for t in tasks] == [(0, 90, 0, 2, 0, 4)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["causal_w20_gqa", "bidir_41_30_mqa", "full_gqa", "q_longer_by_150_left5"])
+@pytest.mark.parametrize("name", ["causal_w20_gqa", "bidir_41_30_mqa", "full_gqa", "q_longer_by_150_left5",
+                                  "gqa_many_groups"])
 def test_pooled_low_precision(name, dtype, pooled):
     b, lq, lk, hq, hkv, d, window, causal = CASES[name]
     _check(*_inputs(b, lq, lk, hq, hkv, d, dtype), window, causal)

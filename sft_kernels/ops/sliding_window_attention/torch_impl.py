@@ -74,8 +74,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _chunks(lq: int, lk: int, left: int, right: int, rows: int, r0: int = 0, r1: Optional[int] = None):
     """Yield (qs, qe, lo, hi, needs_mask) for the query chunks of ``rows`` rows in [r0, r1)."""
     off = lk - lq
-    for qs in range(r0, lq if r1 is None else r1, rows):
-        qe = min(qs + rows, lq)
+    r1 = lq if r1 is None else r1
+    for qs in range(r0, r1, rows):
+        qe = min(qs + rows, r1)
         lo = 0 if left < 0 else max(0, qs + off - left)
         hi = lk if right < 0 else min(lk, qe - 1 + off + right + 1)
         # the mask matters only if some (row, key) pair in [qs,qe) x [lo,hi) is out of band
@@ -227,8 +228,9 @@ def _head_splits(row_tasks: int, want: int, b: int, hkv: int) -> List[Tuple[int,
 
 
 def _plan(seqs: Sequence[_Seq], b: int, hkv: int, rows: Sequence[int], threads: int, backward: bool):
-    """Phases of tasks; the tasks of one phase write disjoint output elements."""
-    want = TASKS_PER_THREAD * threads
+    """Phases of tasks; the tasks of one phase write disjoint output elements. With one
+    thread: one task per row group, every head in it (the chunk loop of a serial run)."""
+    want = TASKS_PER_THREAD * threads if threads > 1 else 1
     if not backward:
         chunks = sum(math.ceil(s.lq / r) for s, r in zip(seqs, rows))
         per_task = max(1, chunks // want)
