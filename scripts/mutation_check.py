@@ -114,8 +114,8 @@ MUTATIONS = [
     ),
     Mutation(
         "top_left_alignment_torch", f"{ATT}/torch_impl.py",
-        "    off = lk - lq\n    rows = _rows_per_chunk(lq, lk, left, right, b * hq)\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
-        "    off = 0\n    rows = _rows_per_chunk(lq, lk, left, right, b * hq)\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
+        "    off = lk - lq\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
+        "    off = 0\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
         ["tests/test_attention.py"], "torch_path",
         "the forward masks with top-left alignment when seqlen_q != seqlen_k",
     ),
@@ -183,6 +183,56 @@ MUTATIONS = [
         "        dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr), b, hkv, g, c)",
         ["tests/test_attention.py"], "torch_path",
         "dQ misses the softmax scale",
+    ),
+    # ------------------------------------------------------------------ PyTorch path: scheduling, empty input
+    Mutation(
+        "backward_one_phase_torch", f"{ATT}/torch_impl.py",
+        "                phases[n % 2].append((i, r0, min(r0 + tall, s.lq)))",
+        "                phases[0].append((i, r0, min(r0 + tall, s.lq)))",
+        ["tests/test_torch_path.py"], "plan",
+        "the backward runs neighbouring row groups together: concurrent adds into the same dK/dV rows",
+    ),
+    Mutation(
+        "row_groups_ignore_window_torch", f"{ATT}/torch_impl.py",
+        "                tall = r * max(1, math.ceil((s.left + s.right) / r))",
+        "                tall = r",
+        ["tests/test_torch_path.py"], "plan",
+        "backward row groups one chunk tall whatever the window: groups two apart share dK/dV rows",
+    ),
+    Mutation(
+        "task_head_slice_torch", f"{ATT}/torch_impl.py",
+        "    per = heads // hkv\n",
+        "    per = 1\n",
+        ["tests/test_torch_path.py"], "pooled",
+        "a task slices query heads with its kv-head range (GQA: the wrong query heads)",
+    ),
+    Mutation(
+        "workers_keep_intra_op_team_torch", f"{ATT}/torch_impl.py",
+        "    torch.set_num_threads(1)  # its ops run single-threaded: no OpenMP team, no barrier\n",
+        "",
+        ["tests/test_torch_path.py"], "single_threaded",
+        "the pool's workers run their ops with the intra-op team (the stall under a competing process)",
+    ),
+    Mutation(
+        "workers_record_autograd_torch", f"{ATT}/torch_impl.py",
+        "    with torch.no_grad():  # a worker thread has its own grad mode; the inputs may require grad\n        fn(task)",
+        "    fn(task)",
+        ["tests/test_torch_path.py"], "single_threaded",
+        "worker threads record autograd graphs on inputs that require grad",
+    ),
+    Mutation(
+        "batch0_crash_torch", f"{ATT}/torch_impl.py",
+        "        if q.numel() and k.numel():\n            left, right = spec.resolve(lk)\n            _forward(",
+        "        if True:\n            left, right = spec.resolve(lk)\n            _forward(",
+        ["tests/test_empty_inputs.py"], "padded_empty and torch",
+        "the PyTorch forward runs its chunk loop on a batch of 0 (issue 16's reshape error)",
+    ),
+    Mutation(
+        "empty_input_reaches_launcher", f"{ATT}/op.py",
+        "    if q.numel() == 0 or k.numel() == 0:\n        # batch 0, no query or no key tokens",
+        "    if False:\n        # batch 0, no query or no key tokens",
+        ["tests/test_empty_inputs.py"], "launches_no_kernel",
+        "op.py hands an empty input to the Triton / CUDA launchers",
     ),
     # ------------------------------------------------------------------ block-diagonal matmul
     Mutation(

@@ -121,6 +121,9 @@ def _swa_forward(
     window_mode: int, left: int, right: int, keys: int, causal: bool, softmax_scale: float, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(window_mode, left, right, keys, causal)
+    if q.numel() == 0 or k.numel() == 0:
+        # batch 0, no query or no key tokens: zeros and lse -inf on every backend, no kernel launched
+        return torch_impl.attention_fwd(q, k, v, spec, softmax_scale, cu_seqlens_q, cu_seqlens_k)
     if backend == "triton":
         from .triton_kernels import swa_fwd_triton
 
@@ -147,6 +150,8 @@ def _swa_backward(
     window_mode: int, left: int, right: int, keys: int, causal: bool, softmax_scale: float, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(window_mode, left, right, keys, causal)
+    if q.numel() == 0 or k.numel() == 0:  # empty input: zero (or empty) gradients, no kernel launched
+        return torch_impl.attention_bwd(do, q, k, v, out, lse, spec, softmax_scale, cu_seqlens_q, cu_seqlens_k)
     if backend == "triton":
         from .triton_kernels import swa_bwd_triton
 

@@ -6,34 +6,77 @@ ever built. The mask is applied only to chunks that cross the band's edges. Forw
 saves ``out`` and the log-sum-exp; backward recomputes the scores chunk by chunk
 (FlashAttention's recomputation, in plain PyTorch), so activations stay O(L * D).
 
-All functions take one padded batch ``(B, L, H, D)``; packed (varlen) input is run one
-sequence at a time by :func:`attention_fwd` / :func:`attention_bwd`.
+Thread policy. A chunk is ~15 small ops. Run with PyTorch's intra-op threads, every op is
+an OpenMP parallel region that ends at a barrier, and when one thread of the team is
+descheduled (another process wants the core) every region waits for it: at L=16384,
+8 heads, D=64, causal window 256, fwd+bwd on 2 cores, 0.87 s idle became 26-41 s beside
+one CPU-bound process, while dense SDPA (one large op) only doubled. So the chunks are
+grouped into tasks and the tasks run on a small pool of worker threads, one per intra-op
+thread, each running its ops single-threaded (no barrier inside an op, no spinning team):
+a worker on a busy core simply takes fewer tasks. At that shape on the 2-core CI machine
+while other jobs loaded it (load average 12-16): the chunk loop on the intra-op team
+32-45 s, dense causal SDPA 29-33 s; this path 1.8 s, and 2.7 s with a pinned busy loop
+beside it (benchmarks/bench_attention.py times both conditions). Larger ops alone do not
+get there within the memory budget: under that load one batched matmul of 8 x (128 x 64 @
+64 x 384) took 18 ms on the 2-thread team against 1.1 ms on one thread, and the team only
+caught up at 8192 rows (~100 ms of work per op), while the O(L * w) peak-memory target
+leaves room for the scores of a few chunks at a time.
+
+Tasks never share an output element: the forward's tasks own disjoint query rows; the
+backward's dK/dV spans of neighbouring row groups overlap, so it runs in two phases (even
+groups, then odd groups, each group at least ``left + right`` rows tall so that the groups
+of one phase touch disjoint keys). That also fixes the order of every sum: runs with the
+same thread count give identical results. Where a window is so wide that there are few row
+groups (unbounded windows: one), tasks also split the batch and kv heads. Calls with
+little work run inline in the calling thread.
+
+All functions take one padded batch ``(B, L, H, D)``; packed (varlen) input is a list of
+``(1, L_i, H, D)`` views, one per sequence, scheduled together.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ...window import WindowSpec, packed_sequences
 
-# Query rows per chunk. Swept on the CI machine (2 cores, fp32, B=1, H=8, D=64, L=16384,
-# causal window 256, forward+backward): 64 -> 1.44 s, 128 -> 1.34 s, 256 -> 1.56 s.
-CHUNK = 128
-# Upper bound on one chunk's score tensor, elements (for wide / unbounded windows).
+# Query rows per chunk. Swept with the single-threaded workers on the CI machine (fp32, B=1,
+# H=8, D=64, L=16384, causal window 256, fwd+bwd; CPU seconds, the work itself, as the machine
+# was loaded by other jobs): 32 -> 0.80-0.87, 64 -> 0.80-0.85, 96 -> 0.97-0.99,
+# 128 -> 0.91-1.08, 256 -> 1.43-1.45. 64 has half the ops of 32 for the same work.
+CHUNK = 64
+# Upper bound on the score tensors of all chunks in flight at once (one per worker),
+# elements (for wide / unbounded windows).
 MAX_SCORE_ELEMS = 1 << 24
+# Calls whose scores (batch * heads * query rows * keys in reach, summed) stay below this
+# run inline in the calling thread: about a millisecond of forward work at head_dim 64, where
+# handing tasks to the workers would cost about as much as it saves.
+INLINE_WORK = 1 << 18
+# Tasks aimed at per worker thread (several, so a worker on a busy core takes fewer).
+TASKS_PER_THREAD = 8
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _chunks(lq: int, lk: int, left: int, right: int, rows: int):
-    """Yield (qs, qe, lo, hi, needs_mask) for query chunks of ``rows`` rows."""
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(lq: int, lk: int, left: int, right: int, rows: int, r0: int = 0, r1: Optional[int] = None):
+    """Yield (qs, qe, lo, hi, needs_mask) for the query chunks of ``rows`` rows in [r0, r1)."""
     off = lk - lq
-    for qs in range(0, lq, rows):
-        qe = min(qs + rows, lq)
+    r1 = lq if r1 is None else r1
+    for qs in range(r0, r1, rows):
+        qe = min(qs + rows, r1)
         lo = 0 if left < 0 else max(0, qs + off - left)
         hi = lk if right < 0 else min(lk, qe - 1 + off + right + 1)
         # the mask matters only if some (row, key) pair in [qs,qe) x [lo,hi) is out of band
@@ -53,8 +96,13 @@ def _band(qs, qe, lo, hi, off, left, right, device):
     return keep
 
 
+def _reach(lk: int, left: int, right: int) -> int:
+    """Keys one query can see at most."""
+    return lk if (left < 0 or right < 0) else min(lk, left + right + 1)
+
+
 def _rows_per_chunk(lq: int, lk: int, left: int, right: int, batch_heads: int) -> int:
-    band = lk if (left < 0 or right < 0) else min(lk, left + right + 1)
+    band = _reach(lk, left, right)
     rows = CHUNK
     while rows > 16 and batch_heads * rows * (rows + band) > MAX_SCORE_ELEMS:
         rows //= 2
@@ -78,8 +126,10 @@ def _to_rows(t: torch.Tensor, b: int, hkv: int, g: int, c: int) -> torch.Tensor:
     return t.view(b, hkv, g, c, -1).permute(0, 3, 1, 2, 4).reshape(b, c, hkv * g, -1)
 
 
-def _fwd_padded(q, k, v, left, right, scale):
-    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out (B, Lq, Hq, D), lse (B, Hq, Lq) fp32.
+# ----------------------------------------------------------------------------- one task
+def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1):
+    """Query rows [r0, r1) of q (B, Lq, Hq, D) against k/v (B, Lk, Hkv, D): writes out
+    (B, Lq, Hq, D) and lse (B, Hkv, G, Lq) there (both pre-filled with 0 / -inf).
 
     Works on the caller's layout a chunk at a time: besides out and lse, memory is one
     chunk's scores (no full-size transposed copies of q, k or v).
@@ -88,12 +138,8 @@ def _fwd_padded(q, k, v, left, right, scale):
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    out = torch.zeros(b, lq, hq, d, dtype=q.dtype, device=q.device)
-    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
-    lse = torch.full((b, hkv, g, lq), float("-inf"), dtype=lse_dtype, device=q.device)
     off = lk - lq
-    rows = _rows_per_chunk(lq, lk, left, right, b * hq)
-    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):
+    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
         if hi <= lo:
             continue  # no key in reach: zeros, lse -inf
         c = qe - qs
@@ -107,28 +153,22 @@ def _fwd_padded(q, k, v, left, right, scale):
         l = p.sum(dim=-1, keepdim=True)
         o = torch.matmul(p, _kv_range(v, lo, hi, cdt)).div_(torch.where(l == 0, torch.ones_like(l), l))
         out[:, qs:qe] = _to_rows(o, b, hkv, g, c)
-        lse[:, :, :, qs:qe] = (m + torch.log(l)).view(b, hkv, g, c).to(lse_dtype)
-    return out, lse.view(b, hq, lq)
+        lse[:, :, :, qs:qe] = (m + torch.log(l)).view(b, hkv, g, c).to(lse.dtype)
 
 
-def _bwd_padded(do, q, k, v, lse, left, right, scale):
-    """Gradients of :func:`_fwd_padded`; scores recomputed per chunk.
+def _bwd_rows(do, q, k, v, lse, dq, dk, dv, left, right, scale, rows, r0, r1):
+    """Gradients of :func:`_fwd_rows` for query rows [r0, r1); scores recomputed per chunk.
 
-    Memory besides dq, dk, dv: one chunk's scores (dk/dv accumulate in fp32 buffers only
-    when the inputs are fp16/bf16).
+    ``lse`` is (B, Hkv, G, Lq) in the compute dtype with +inf on rows that see no key (so
+    p = 0 there). dq (B, Lq, Hq, D) gets rows [r0, r1); dk/dv (B, Lk, Hkv, D, compute dtype)
+    are accumulated over the keys those rows see. Memory: one chunk's scores.
     """
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    lse = lse.view(b, hkv, g, lq).to(cdt)
-    lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # empty rows: p = 0
-    dq = torch.zeros(b, lq, hq, d, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
-    dv = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
     off = lk - lq
-    rows = _rows_per_chunk(lq, lk, left, right, b * hq)
-    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows):
+    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
         if hi <= lo:
             continue
         c = qe - qs
@@ -148,40 +188,252 @@ def _bwd_padded(do, q, k, v, lse, left, right, scale):
         ds = p.mul_(dp.sub_(delta))
         dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr).mul_(scale), b, hkv, g, c)
         dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale).transpose(1, 2)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- scheduling
+@dataclass(frozen=True)
+class _Seq:
+    """One attention problem: (B, Lq, ...) views of the inputs / outputs, its window."""
+
+    lq: int
+    lk: int
+    left: int
+    right: int
+    tensors: Tuple[torch.Tensor, ...]  # sliced per task along batch (dim 0) and heads
+
+
+@dataclass(frozen=True)
+class _Task:
+    seq: int
+    r0: int
+    r1: int
+    b0: int
+    b1: int
+    h0: int  # kv heads [h0, h1); query heads [h0 * G, h1 * G)
+    h1: int
+
+
+def _splits(n: int, parts: int) -> List[Tuple[int, int]]:
+    parts = max(1, min(n, parts))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [(a, z) for a, z in zip(edges, edges[1:])]
+
+
+def _head_splits(row_tasks: int, want: int, b: int, hkv: int) -> List[Tuple[int, int, int, int]]:
+    """(b0, b1, h0, h1) slices so that row_tasks * len(slices) reaches ``want`` if it can."""
+    parts = min(b * hkv, max(1, math.ceil(want / max(row_tasks, 1))))
+    ph = min(hkv, parts)
+    pb = min(b, math.ceil(parts / ph))
+    return [(b0, b1, h0, h1) for b0, b1 in _splits(b, pb) for h0, h1 in _splits(hkv, ph)]
+
+
+def _plan(seqs: Sequence[_Seq], b: int, hkv: int, rows: Sequence[int], threads: int, backward: bool):
+    """Phases of tasks; the tasks of one phase write disjoint output elements. With one
+    thread: one task per row group, every head in it (the chunk loop of a serial run)."""
+    want = TASKS_PER_THREAD * threads if threads > 1 else 1
+    if not backward:
+        chunks = sum(math.ceil(s.lq / r) for s, r in zip(seqs, rows))
+        per_task = max(1, chunks // want)
+        groups = [(i, r0, min(r0 + per_task * r, s.lq)) for i, (s, r) in enumerate(zip(seqs, rows))
+                  for r0 in range(0, s.lq, per_task * r)]
+        phases = [groups]
+    else:
+        # Row groups at least left + right rows tall: the key spans of groups g and g + 2 are
+        # disjoint, so the even groups can run together, then the odd ones.
+        phases = [[], []]
+        for i, (s, r) in enumerate(zip(seqs, rows)):
+            if s.left < 0 or s.right < 0:
+                tall = s.lq
+            else:
+                tall = r * max(1, math.ceil((s.left + s.right) / r))
+            for n, r0 in enumerate(range(0, s.lq, tall)):
+                phases[n % 2].append((i, r0, min(r0 + tall, s.lq)))
+        phases = [p for p in phases if p]
+    out = []
+    for groups in phases:
+        heads = _head_splits(len(groups), want, b, hkv)
+        out.append([_Task(i, r0, r1, *hs) for i, r0, r1 in groups for hs in heads])
+    return out
+
+
+_POOL_LOCK = threading.Lock()
+# threads -> pool of that many workers, for this process (os.getpid() at creation). Never
+# shut down while the process lives: a caller thread with another intra-op thread count
+# gets its own pool rather than closing one another caller may be using.
+_POOLS: Dict[int, ThreadPoolExecutor] = {}
+_POOLS_PID = os.getpid()
+
+
+def _worker_init(barrier: threading.Barrier) -> None:
+    torch.get_num_threads()  # this thread's lazy intra-op initialisation, before the change
+    torch.set_num_threads(1)  # its ops run single-threaded: no OpenMP team, no barrier
+    barrier.wait(timeout=60)
+
+
+def _forget_pools() -> None:  # after fork(): the child has none of the parent's threads
+    global _POOLS, _POOLS_PID
+    _POOLS, _POOLS_PID = {}, os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _executor(threads: int) -> Optional[ThreadPoolExecutor]:
+    """The pool of ``threads`` single-threaded workers (created on first use), or None."""
+    with _POOL_LOCK:
+        if _POOLS_PID != os.getpid():
+            _forget_pools()
+        if threads in _POOLS:
+            return _POOLS[threads]
+        barrier = threading.Barrier(threads + 1)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="sft_kernels_swa", initializer=_worker_init,
+                                  initargs=(barrier,))
+        try:
+            for _ in range(threads):  # each waits in the initializer, so each submit starts a thread
+                pool.submit(int)
+            barrier.wait(timeout=60)
+        except (threading.BrokenBarrierError, RuntimeError):
+            pool.shutdown(wait=False)
+            return None
+        finally:
+            # set_num_threads(1) in a worker also set the default that threads started later
+            # initialise from; give it back (this thread keeps its own count)
+            torch.set_num_threads(threads)
+        _POOLS[threads] = pool
+        return pool
+
+
+def _in_worker(fn: Callable[[_Task], None], task: _Task) -> None:
+    with torch.no_grad():  # a worker thread has its own grad mode; the inputs may require grad
+        fn(task)
+
+
+def _run(phases: List[List[_Task]], fn: Callable[[_Task], None], work: int, threads: int) -> None:
+    """Run every task; a phase finishes before the next starts. Same task order inline."""
+    pool = _executor(threads) if threads > 1 and work >= INLINE_WORK else None
+    for tasks in phases:
+        if pool is None:
+            for t in tasks:
+                fn(t)
+            continue
+        futures = [pool.submit(_in_worker, fn, t) for t in tasks]
+        wait(futures)
+        for f in futures:
+            f.result()  # re-raise a task's error
+
+
+def _work(seqs: Sequence[_Seq], b: int, hq: int) -> int:
+    return sum(b * hq * s.lq * min(_reach(s.lk, s.left, s.right), s.lk) for s in seqs)
+
+
+def _slice(t: torch.Tensor, task: _Task, heads: int, hkv: int, dim: int) -> torch.Tensor:
+    """Batch [b0, b1) and the task's heads of ``t``: ``heads`` heads at dimension ``dim``."""
+    per = heads // hkv
+    return t[task.b0:task.b1].narrow(dim, task.h0 * per, (task.h1 - task.h0) * per)
+
+
+# ----------------------------------------------------------------------------- forward / backward
+def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float) -> None:
+    """Each seq's tensors: q, k, v, out (B, L, H, D) and lse (B, Hkv, G, Lq)."""
+    threads = torch.get_num_threads()
+    work = _work(seqs, b, hq)
+    par = threads if work >= INLINE_WORK else 1
+    rows = [_rows_per_chunk(s.lq, s.lk, s.left, s.right, b * hq * par) for s in seqs]
+
+    def run(t: _Task) -> None:
+        s = seqs[t.seq]
+        q, k, v, out, lse = s.tensors
+        _fwd_rows(_slice(q, t, hq, hkv, 2), _slice(k, t, hkv, hkv, 2), _slice(v, t, hkv, hkv, 2),
+                  _slice(out, t, hq, hkv, 2), _slice(lse, t, hkv, hkv, 1), s.left, s.right, scale, rows[t.seq],
+                  t.r0, t.r1)
+
+    _run(_plan(seqs, b, hkv, rows, par, backward=False), run, work, threads)
+
+
+def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float) -> None:
+    """Each seq's tensors: do, q, k, v (B, L, H, D), lse (B, Hkv, G, Lq; +inf on empty rows),
+    dq (B, Lq, Hq, D), dk, dv (B, Lk, Hkv, D, compute dtype, zeroed)."""
+    threads = torch.get_num_threads()
+    work = _work(seqs, b, hq)
+    par = threads if work >= INLINE_WORK else 1
+    rows = [_rows_per_chunk(s.lq, s.lk, s.left, s.right, b * hq * par) for s in seqs]
+
+    def run(t: _Task) -> None:
+        s = seqs[t.seq]
+        do, q, k, v, lse, dq, dk, dv = s.tensors
+        _bwd_rows(_slice(do, t, hq, hkv, 2), _slice(q, t, hq, hkv, 2), _slice(k, t, hkv, hkv, 2),
+                  _slice(v, t, hkv, hkv, 2), _slice(lse, t, hkv, hkv, 1), _slice(dq, t, hq, hkv, 2),
+                  _slice(dk, t, hkv, hkv, 2), _slice(dv, t, hkv, hkv, 2), s.left, s.right, scale, rows[t.seq],
+                  t.r0, t.r1)
+
+    _run(_plan(seqs, b, hkv, rows, par, backward=True), run, work, threads)
+
+
+def _bwd_lse(lse: torch.Tensor, b: int, hkv: int, g: int, lq: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Hq, Lq) lse -> (B, Hkv, G, Lq) in the compute dtype, +inf where -inf (p = 0)."""
+    lse = lse.reshape(b, hkv, g, lq).to(dtype)
+    return torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
 
 
 def attention_fwd(
     q, k, v, spec: WindowSpec, scale: float, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Padded ``(B, L, H, D)`` or packed ``(T, H, D)`` input -> (out, lse)."""
-    if cu_seqlens_q is None:
-        left, right = spec.resolve(k.shape[1])
-        return _fwd_padded(q, k, v, left, right, scale)
+    """Padded ``(B, L, H, D)`` or packed ``(T, H, D)`` input -> (out, lse).
+
+    Empty input (batch 0, no query or no key) gives zeros and an lse of -inf.
+    """
+    hq, hkv = q.shape[-2], k.shape[-2]
+    g = hq // hkv
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
-    for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
-        if qe == qs:
-            continue
-        o, l = _fwd_padded(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], left, right, scale)
-        out[qs:qe] = o[0]
-        lse[:, qs:qe] = l[0]
-    return out, lse
+    lse_dtype = _lse_dtype(q.dtype)
+    if cu_seqlens_q is None:
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        lse = torch.full((b, hkv, g, lq), float("-inf"), dtype=lse_dtype, device=q.device)
+        if q.numel() and k.numel():
+            left, right = spec.resolve(lk)
+            _forward([_Seq(lq, lk, left, right, (q, k, v, out, lse))], b, hq, hkv, scale)
+        return out, lse.view(b, hq, lq)
+    lse = torch.full((hkv, g, q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    if not (q.numel() and k.numel()):  # no tokens: cu_seqlens are not even read
+        return out, lse.view(hq, q.shape[0])
+    seqs = [
+        _Seq(qe - qs, ke - ks, left, right,
+             (q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], out[None, qs:qe], lse[None, :, :, qs:qe]))
+        for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec)
+        if qe > qs and ke > ks
+    ]
+    if seqs:
+        _forward(seqs, 1, hq, hkv, scale)
+    return out, lse.view(hq, q.shape[0])
 
 
 def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, cu_seqlens_k):
-    """Gradients (dq, dk, dv). ``out`` is not needed: delta is recomputed from P and dP."""
+    """Gradients (dq, dk, dv). ``out`` is not needed: delta is recomputed from P and dP.
+
+    Empty input gives zero (or empty) gradients.
+    """
+    hq, hkv = q.shape[-2], k.shape[-2]
+    g = hq // hkv
+    cdt = _compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
     if cu_seqlens_q is None:
-        left, right = spec.resolve(k.shape[1])
-        return _bwd_padded(do, q, k, v, lse, left, right, scale)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
-        if qe == qs or ke == ks:
-            continue
-        g = _bwd_padded(
-            do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], lse[None, :, qs:qe],
-            left, right, scale,
-        )
-        dq[qs:qe], dk[ks:ke], dv[ks:ke] = g[0][0], g[1][0], g[2][0]
-    return dq, dk, dv
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        if q.numel() and k.numel():
+            left, right = spec.resolve(lk)
+            lse4 = _bwd_lse(lse, b, hkv, g, lq, cdt)
+            _backward([_Seq(lq, lk, left, right, (do, q, k, v, lse4, dq, dk, dv))], b, hq, hkv, scale)
+    elif q.numel() and k.numel():
+        seqs = []
+        for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
+            if qe == qs or ke == ks:
+                continue
+            lse4 = _bwd_lse(lse[:, qs:qe], 1, hkv, g, qe - qs, cdt)
+            seqs.append(_Seq(qe - qs, ke - ks, left, right,
+                             (do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], lse4,
+                              dq[None, qs:qe], dk[None, ks:ke], dv[None, ks:ke])))
+        if seqs:
+            _backward(seqs, 1, hq, hkv, scale)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
