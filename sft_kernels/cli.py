@@ -104,14 +104,14 @@ def main(argv=None) -> int:
 
 
 def console_main() -> int:
-    """The ``sft-kernels`` console script: :func:`main`, then (after a train run) the process
-    group is ended before the interpreter exits."""
+    """The ``sft-kernels`` console script: :func:`main`; a train run ends through
+    :func:`~sft_kernels.train.loop.exit_process` (the process group first, no finalisation)."""
     argv = sys.argv[1:]
     rc = main(argv)
-    if argv[:1] == ["train"] and rc == 0:
-        from .train.loop import shutdown
+    if argv[:1] == ["train"]:
+        from .train.loop import exit_process
 
-        shutdown()
+        exit_process(rc)
     return rc
 
 

@@ -142,10 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sft_kernels.dschat: running {script} with attn_implementation={ATTN_IMPLEMENTATION!r} "
               f"(window for models without their own: {opts.window_size}, backend {opts.backend})", flush=True)
     runpy.run_path(script, run_name="__main__")
-    from .train.loop import shutdown
+    from .train.loop import exit_process
 
-    shutdown()  # DeepSpeed-Chat's scripts leave the process group up; end it before the interpreter's teardown
-    return 0
+    exit_process(0)  # DeepSpeed-Chat's scripts leave the process group up; see exit_process for why
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ json.dump({
     "after_step_equal": [n for n in saved if not torch.equal(after_a[n], after_b[n])],
     "finite": all(bool(torch.isfinite(v).all()) for v in after_a.values()),
 }, open(out_path, "w"))
+from sft_kernels.train.loop import exit_process  # noqa: E402
+exit_process(0)  # the process group, then no interpreter finalisation (exit_process says why)
 '''
 
 CONFIGS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16")]
@@ -278,6 +280,8 @@ for name, p in m.named_parameters():
 out["pretrained_zero3"]["wrong"] = wrong
 out["pretrained_zero3"]["checked"] = sum(n in ref for n, _ in m.named_parameters())
 json.dump(out, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+from sft_kernels.train.loop import exit_process  # noqa: E402
+exit_process(0)  # the process group, then no interpreter finalisation (exit_process says why)
 '''
 
 

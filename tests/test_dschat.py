@@ -27,6 +27,11 @@ from _procs import ROOT, Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs
 STANDIN = os.path.join(ROOT, "tests", "dschat_standin", "training", "step1_supervised_finetuning", "main.py")
 STANDIN_ROOT = os.path.join(ROOT, "tests", "dschat_standin")
 LOSS_RTOL = 1e-5
+# The plain (oracle) run: the script as `python main.py` runs it, then os._exit once it has
+# returned, as the launcher ends (sft_kernels.train.loop.exit_process says why: without it a
+# finished gloo rank sometimes aborts in the interpreter's finalisation). No package code.
+PLAIN = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+         "runpy.run_path(sys.argv[0], run_name='__main__'); sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def _run(root, launcher_opts=None, zero=3):
     cmds = []
     for rank in range(2):
         if launcher_opts is None:
-            cmds.append([sys.executable, "-u", STANDIN, f"--local_rank={rank}", *script_args])
+            cmds.append([sys.executable, "-u", "-c", PLAIN, STANDIN, f"--local_rank={rank}", *script_args])
         else:  # what `deepspeed --module sft_kernels.dschat ...` runs on each rank
             cmds.append([sys.executable, "-u", "-m", "sft_kernels.dschat", f"--local_rank={rank}", *launcher_opts,
                          STANDIN, *script_args])

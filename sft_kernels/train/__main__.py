@@ -1,11 +1,6 @@
 """``python -m sft_kernels.train [flags]`` (what the ``deepspeed`` launcher runs with ``-m``)."""
 
-import sys
-
 from . import main
-from .loop import shutdown
+from .loop import exit_process
 
-rc = main()
-if rc == 0:
-    shutdown()
-sys.exit(rc)
+exit_process(main())

@@ -34,14 +34,16 @@ with a message naming each one; ``--max_steps``, ``--save_steps``, logging flags
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import socket
 import sys
+import threading
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, NoReturn, Optional
 
 import torch
 
@@ -571,10 +573,33 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def shutdown() -> None:
-    """End the process group before the interpreter exits (the command-line entry points call
-    it): a teardown with gloo's threads still running can abort the process after a finished run."""
+    """End the process group (every rank at a barrier first) if one is up."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
             torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()
+
+
+def exit_process(rc: int) -> NoReturn:
+    """How the command-line entry points end: the process group, then the interpreter's exit
+    handlers and a flush, then ``os._exit(rc)``, skipping only the interpreter's finalisation.
+
+    Why: a gloo worker thread that finishes a collective releases its tensors after the
+    collective has completed, and that release takes the GIL. If the main thread has begun
+    finalising by then, Python ends the thread inside a ``noexcept`` destructor and the process
+    aborts (SIGABRT, "terminate called without an active exception") after a finished run;
+    a core dump of a rank shows ``AsyncAllgatherWork::~AsyncAllgatherWork`` ->
+    ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``. ``destroy_process_group`` does not
+    prevent it (DeepSpeed keeps the groups referenced, so their threads live until finalisation);
+    on the loaded 2-core CI machine about one ZeRO-3 run in four ended that way."""
+    try:
+        shutdown()
+    finally:
+        threading_shutdown = getattr(threading, "_shutdown", None)
+        if threading_shutdown is not None:  # join non-daemon threads, end thread pools, as at exit
+            threading_shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)

@@ -87,11 +87,7 @@ def main():
         model.backward(loss)
         model.step()
         print(f"rank {rank} step {step} loss {loss.item():.8f}", flush=True)
-    print(f"rank {rank} done", flush=True)
-    # end the process group before exit: an interpreter teardown with gloo's threads still
-    # running sometimes aborts ("terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    print(f"rank {rank} done", flush=True)  # DeepSpeed-Chat's script leaves the process group up
 
 
 if __name__ == "__main__":
