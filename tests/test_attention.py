@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, assert_close, assert_rel, poison_
+from helpers import TOL, assert_close, assert_fa_bar, assert_rel, poison_
 from sft_kernels import sliding_window_attention, sliding_window_attention_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -63,21 +63,25 @@ def _lse_tol(dtype):
 
 
 def _check_against_reference(q, k, v, window, causal, backend, grads=True, generator=None, fixed_bar=True, **kw):
-    """Run the op, compare out, lse and (optionally) dq, dk, dv with the float64 reference.
+    """Run the op, compare out, lse and (optionally) dq, dk, dv (and d sinks) with the
+    float64 reference. ``kw``: the op's other arguments (cu_seqlens, softcap, sinks, ...).
 
     fp16/bf16 are held to :func:`helpers.assert_close`'s rule, with plain PyTorch in the
     same precision (the reference with ``upcast=False``) as the baseline.
     """
     dtype = q.dtype
-    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend=backend, **kw)
+    sinks = kw.pop("sinks", None)
+    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend=backend, sinks=sinks, **kw)
     assert out.dtype == dtype and out.shape == q.shape
     ref_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items() if not n.startswith("max_")}
-    q64, k64, v64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref, ref_lse = sliding_window_attention_reference(q64, k64, v64, window, causal, **ref_kw)
+    leaves = (q, k, v) + ((sinks,) if sinks is not None else ())
+    q64, k64, v64, *s64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    ref, ref_lse = sliding_window_attention_reference(q64, k64, v64, window, causal, sinks=(s64 or [None])[0], **ref_kw)
     low = None
     if dtype in LOW_PRECISION:
-        ql, kl, vl = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
-        low, _ = sliding_window_attention_reference(ql, kl, vl, window, causal, upcast=False, **ref_kw)
+        ql, kl, vl, *sl = [t.detach().cpu().requires_grad_() for t in leaves]
+        low, _ = sliding_window_attention_reference(ql, kl, vl, window, causal, upcast=False, sinks=(sl or [None])[0],
+                                                    **ref_kw)
     assert_close(out.cpu(), ref, dtype, "out", None if low is None else low.detach(), fixed_bar)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), finite), "lse: -inf rows differ from the reference"
@@ -86,18 +90,17 @@ def _check_against_reference(q, k, v, window, causal, backend, grads=True, gener
     if not grads:
         return
     do = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, dtype)
-    got = torch.autograd.grad(out, (q, k, v), do)
-    want = torch.autograd.grad(ref, (q64, k64, v64), do.cpu().double())
-    lows = torch.autograd.grad(low, (ql, kl, vl), do.cpu()) if low is not None else (None,) * 3
-    for name, g, r, lg in zip(("dq", "dk", "dv"), got, want, lows):
-        assert g.dtype == dtype, f"{name} dtype {g.dtype}"
+    got = torch.autograd.grad(out, leaves, do)
+    want = torch.autograd.grad(ref, [q64, k64, v64] + s64, do.cpu().double())
+    lows = torch.autograd.grad(low, [ql, kl, vl] + sl, do.cpu()) if low is not None else (None,) * len(leaves)
+    for name, g, r, lg, leaf in zip(("dq", "dk", "dv", "dsinks"), got, want, lows, leaves):
+        assert g.dtype == leaf.dtype, f"{name} dtype {g.dtype}"
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         assert_close(g.cpu(), r, dtype, name, lg, fixed_bar)
-    # rows that see no key get an exactly zero dq
-    empty = ~torch.isfinite(ref_lse)  # (batch, heads, Lq) or (heads, total)
+    # rows that see no key (their output is exactly 0) get an exactly zero dq
+    empty = (ref == 0).all(-1)  # (batch, Lq, heads) or (total, heads)
     if empty.any():
-        rows = empty.transpose(-1, -2) if q.dim() == 4 else empty.transpose(0, 1)
-        assert torch.equal(got[0].cpu()[rows], torch.zeros_like(got[0].cpu()[rows])), "dq of rows without keys"
+        assert torch.equal(got[0].cpu()[empty], torch.zeros_like(got[0].cpu()[empty])), "dq of rows without keys"
 
 
 def _check(case, dtype, device, backend, grads=True, **kw):
@@ -279,6 +282,106 @@ def test_triton_backward_is_deterministic(triton_device):
         assert torch.equal(a, b)
 
 
+# ----------------------------------------------------------------------------- softcap and sinks
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window_size, causal, softcap, sinks)
+MODIFIER_CASES = {
+    "softcap5_causal_w16_gqa": (2, 70, 70, 4, 2, 32, (15, 0), True, 5.0, False),
+    "softcap50_bidir": (1, 60, 60, 2, 2, 16, (9, 6), False, 50.0, False),
+    "sinks_causal_w16_gqa": (2, 70, 70, 4, 2, 32, (15, 0), True, 0.0, True),
+    "sinks_mqa_int_window": (1, 65, 65, 4, 1, 16, 9, False, 0.0, True),
+    "both_sqrt_causal": (1, 50, 50, 2, 1, 16, "sqrt", True, 20.0, True),
+    # the first 40 rows see no key: with a sink they give 0 and lse = sink; without, -inf
+    "sinks_empty_rows": (1, 60, 20, 2, 2, 16, (-1, 0), True, 0.0, True),
+    "softcap_empty_rows": (1, 60, 20, 2, 2, 16, (-1, 0), True, 3.0, False),
+    "both_q_shorter": (1, 20, 60, 2, 1, 16, (25, 0), True, 10.0, True),
+}
+
+
+def _modifier_check(case, dtype, device, backend):
+    b, lq, lk, hq, hkv, d, window, causal, softcap, use_sinks = case
+    q, k, v = _inputs(b, lq, lk, hq, hkv, d, dtype, device, scale=2.0)  # large enough scores for the cap to bite
+    sinks_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # a parameter's usual dtype
+    sinks = (torch.randn(hq, device=device, dtype=sinks_dtype) * 2).requires_grad_() if use_sinks else None
+    _check_against_reference(q, k, v, window, causal, backend, softcap=softcap, sinks=sinks)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(MODIFIER_CASES))
+def test_softcap_and_sinks(name, dtype, backend, triton_device):
+    _modifier_check(MODIFIER_CASES[name], dtype, triton_device if backend == "triton" else "cpu", backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_softcap_and_sinks_fp16_and_fp64(backend, triton_device):
+    device = triton_device if backend == "triton" else "cpu"
+    _modifier_check(MODIFIER_CASES["both_sqrt_causal"], torch.float16, device, backend)
+    if backend == "torch":
+        _modifier_check(MODIFIER_CASES["both_q_shorter"], torch.float64, device, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("softcap, use_sinks", [(8.0, False), (0.0, True), (4.0, True)])
+def test_softcap_and_sinks_packed(softcap, use_sinks, backend, triton_device):
+    device = triton_device if backend == "triton" else "cpu"
+    # lengths of q and k differ per sequence, one sequence is empty, one sees no key at all
+    q, k, v, cu_q, cu_k = _varlen([17, 0, 30, 9], [25, 0, 30, 0], 4, 2, 16, torch.float32, device)
+    sinks = torch.randn(4, device=device, requires_grad=True) if use_sinks else None
+    _check_against_reference(q, k, v, "sqrt", True, backend, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softcap=softcap,
+                             sinks=sinks)
+
+
+def test_sinks_rows_without_keys_keep_the_sink_and_its_gradient():
+    q, k, v = _inputs(1, 10, 4, 2, 2, 8, torch.float64, "cpu")
+    sinks = torch.tensor([0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    out, lse = sliding_window_attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    assert torch.equal(out[:, :6], torch.zeros_like(out[:, :6]))  # rows 0-5 see no key
+    assert torch.allclose(lse[0, :, :6], sinks.detach()[:, None].expand(2, 6), rtol=0, atol=1e-15)
+    do = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, sinks, do)
+    # those rows contribute nothing (delta = dO . 0): only rows 6-9 move the sinks
+    (g_tail,) = torch.autograd.grad(sliding_window_attention(q, k, v, causal=True, sinks=sinks)[:, 6:], sinks, do[:, 6:])
+    assert torch.allclose(g, g_tail, rtol=1e-12, atol=0)
+
+
+def test_sinks_keep_their_dtype_and_reach_a_parameter():
+    q, k, v = _inputs(1, 12, 12, 2, 1, 8, torch.bfloat16, "cpu")
+    sinks = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    sliding_window_attention(q, k, v, 5, True, sinks=sinks).float().sum().backward()
+    assert sinks.grad is not None and sinks.grad.dtype == torch.bfloat16 and torch.isfinite(sinks.grad).all()
+    assert (sinks.grad != 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
+        (dict(softcap=float("nan")), ValueError, "softcap"),
+        (dict(softcap=True), ValueError, "softcap"),
+        (dict(sinks=torch.zeros(3)), ValueError, r"sinks must have shape \(heads_q,\) = \(4,\)"),
+        (dict(sinks=torch.zeros(1, 4)), ValueError, "sinks must have shape"),
+        (dict(sinks=torch.zeros(4, dtype=torch.int64)), TypeError, "sinks must be a floating-point tensor"),
+        (dict(sinks=[0.0] * 4), TypeError, "sinks must be a floating-point tensor"),
+    ],
+    ids=["negative", "nan", "bool", "wrong_heads", "2d", "int", "list"],
+)
+def test_bad_score_modifiers(kwargs, exc, match):
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    with pytest.raises(exc, match=match):
+        sliding_window_attention(q, k, v, 4, True, **kwargs)
+
+
+def test_cuda_backend_refuses_score_modifiers_by_name(monkeypatch):
+    from sft_kernels.ops.sliding_window_attention import cuda_backend, op as swa_op
+
+    monkeypatch.setattr(swa_op, "resolve_backend", lambda backend, device, op: "cuda")
+    monkeypatch.setattr(cuda_backend, "check_supported", lambda q: None)
+    q = torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    for kw in (dict(softcap=30.0), dict(sinks=torch.zeros(2))):
+        with pytest.raises(ValueError, match="backend='cuda' supports neither softcap nor sinks; use backend='triton'"):
+            sliding_window_attention(q, q, q, 4, True, backend="cuda", **kw)
+
+
 # ----------------------------------------------------------------------------- robustness
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
 def test_rows_without_keys_are_zero_with_zero_grad(backend, triton_device):
@@ -396,6 +499,8 @@ def test_opcheck():
     cu = torch.tensor([0, 10, 24], dtype=torch.int32)
     qp, kp, vp = [t.detach()[0].requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(torch.ops.sft_kernels.swa_forward.default, (qp, kp, vp, cu, cu, 14, 14, 2, -1, -1, 0, True, 0.3, "torch"))
+    sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.sft_kernels.swa_forward.default, args + (4.0, sinks))
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
@@ -419,6 +524,7 @@ def test_torch_compile_fullgraph(compile_backend):
 # replays from the falsifying example hypothesis prints. The default run draws 500
 # examples on the PyTorch path and 100 + 40 through the Triton kernels; `-m slow` runs
 # ten times as many.
+_SOFTCAPS = st.sampled_from([0.0, 0.0, 3.0, 30.0])  # off half the time
 _WINDOWS = st.one_of(st.tuples(st.integers(-1, 40), st.integers(-1, 40)), st.integers(1, 50), st.just("sqrt"))
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -438,14 +544,24 @@ def _padded_problems(draw, max_len=70, dtypes=_ALL_DTYPES):
     lk = max(8 if low else 1, lq + draw(st.integers(-20, 20)))
     hkv, group = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
     d = draw(st.sampled_from([16, 32] if low else [4, 8, 12, 32]))
-    return b, lq, lk, hkv * group, hkv, d, draw(_WINDOWS), draw(st.booleans()), dtype, draw(st.integers(0, 2**32 - 1))
+    return (b, lq, lk, hkv * group, hkv, d, draw(_WINDOWS), draw(st.booleans()), dtype, draw(_SOFTCAPS),
+            draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
+
+
+def _sinks_for(hq, dtype, device, gen, use):
+    if not use:
+        return None
+    sinks_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.randn(hq, generator=gen, dtype=torch.float64) * 2).to(device, sinks_dtype).requires_grad_()
 
 
 def _padded_property(problem, device, backend):
-    b, lq, lk, hq, hkv, d, window, causal, dtype, seed = problem
+    b, lq, lk, hq, hkv, d, window, causal, dtype, softcap, use_sinks, seed = problem
     gen = torch.Generator().manual_seed(seed)
     q, k, v = _inputs(b, lq, lk, hq, hkv, d, dtype, device, generator=gen)
-    _check_against_reference(q, k, v, window, causal, backend, generator=gen, fixed_bar=False)
+    sinks = _sinks_for(hq, dtype, device, gen, use_sinks)
+    _check_against_reference(q, k, v, window, causal, backend, generator=gen, fixed_bar=False, softcap=softcap,
+                             sinks=sinks)
 
 
 @settings(max_examples=500, **_SETTINGS)
@@ -481,11 +597,11 @@ def _packed_problems(draw):
         lens_q, lens_k = lens_q + [9], lens_k + [9]
     d = 16 if dtype in LOW_PRECISION else draw(st.sampled_from([4, 16]))
     return (lens_q, lens_k, draw(st.sampled_from([1, 2])), d, draw(_WINDOWS), draw(st.booleans()), dtype,
-            draw(st.integers(0, 2**32 - 1)))
+            draw(_SOFTCAPS), draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
 
 
 def _packed_property(problem, device, backend):
-    lens_q, lens_k, group, d, window, causal, dtype, seed = problem
+    lens_q, lens_k, group, d, window, causal, dtype, softcap, use_sinks, seed = problem
     gen = torch.Generator().manual_seed(seed)
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
     cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
@@ -494,8 +610,9 @@ def _packed_property(problem, device, backend):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
 
     q, k, v = rand(sum(lens_q), 2 * group, d), rand(sum(lens_k), 2, d), rand(sum(lens_k), 2, d)
+    sinks = _sinks_for(2 * group, dtype, device, gen, use_sinks)
     _check_against_reference(q, k, v, window, causal, backend, generator=gen, fixed_bar=False, cu_seqlens_q=cu_q,
-                             cu_seqlens_k=cu_k)
+                             cu_seqlens_k=cu_k, softcap=softcap, sinks=sinks)
 
 
 @pytest.mark.interpret
@@ -549,3 +666,55 @@ def test_triton_gpu_varlen_long():
     assert_rel(out, ref, TOL[torch.bfloat16], "out")
     for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
         assert_rel(g, r, TOL[torch.bfloat16], name)
+
+
+# ----------------------------------------------------------------------------- large logits
+# Decision (issue 16), as in FlashAttention: the backward recomputes P = exp(S - LSE) from the
+# forward's LSE, which is kept in fp32. With logits of magnitude |S| the LSE carries an
+# absolute rounding error of about |S| * 2^-24, so P, and with it dq, dk, dv, carry a relative
+# error that grows with the logits: fp32 gradients stay within 4 * 2^-24 * max|S| relative to
+# their largest value (the bar below; measured at logits x100, max|S| ~ 450: 2-5e-5 against
+# the 1e-5 of O(1) logits), while fp16/bf16 stay within FlashAttention's 2x-plain-PyTorch bar
+# at every scale (their input rounding dominates). The forward and the LSE keep full fp32
+# accuracy relative to |S|. The same numbers are in sliding_window_attention's docstring.
+LARGE_LOGITS = (10, 100)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("logits", LARGE_LOGITS)
+def test_large_logits_hold_the_documented_bar(logits, dtype, backend, triton_device):
+    device = triton_device if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(16)
+    b, l, h, d, window = 1, 128, 2, 32, 32
+    q64, k64, v64, do64 = (torch.randn(b, l, h, d, generator=gen, dtype=torch.float64) for _ in range(4))
+    q64, k64 = q64 * logits ** 0.5, k64 * logits ** 0.5  # scores scaled by `logits`
+    q, k, v, do = (t.to(dtype) for t in (q64, k64, v64, do64))  # the inputs every result starts from
+    s_max = (torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(d)).abs().max().item()
+    assert s_max > 3 * logits, s_max  # the scores really are large (x100: max|S| = 446)
+
+    def grads(out, xs, dt):
+        return list(torch.autograd.grad(out, xs, do.to(device=xs[0].device, dtype=dt)))
+
+    def reference(dt, upcast=True):
+        xs = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = sliding_window_attention_reference(*xs, window, True, upcast=upcast)
+        return [out, lse] + grads(out, xs, dt)
+
+    xs = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out, lse = sliding_window_attention(*xs, window, True, backend=backend, return_lse=True)
+    mine = [t.cpu() for t in [out, lse] + grads(out, xs, dtype)]
+    ref = reference(torch.float64)
+    names = ("out", "lse", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        bar = max(TOL[torch.float32], 4 * 2.0 ** -24 * s_max)
+        for name, a, r in zip(names, mine, ref):
+            rel = (a.double() - r).abs().max().item() / r.abs().max().item()
+            assert rel <= bar, f"{name}: relative error {rel:.2e} > {bar:.2e} (max|S| = {s_max:.0f})"
+        return
+    plain = reference(dtype, upcast=False)
+    for name, a, r, p in zip(names, mine, ref, plain):
+        if name == "lse":  # fp32 on every path: relative to |S| as above
+            assert (a.double() - r).abs().max().item() <= max(1e-5, 4 * 2.0 ** -24 * s_max) * r.abs().max().item()
+            continue
+        assert_fa_bar(a, r, p, f"{name} (logits x{logits}, {dtype})")

@@ -231,12 +231,14 @@ def _split_kv(msgs: List[torch.Tensor], hkv: int):
 
 # ----------------------------------------------------------------------------- local parts
 def _swa_bwd(do, q, k, v, out, lse, left: int, right: int, scale: float, impl: str):
-    """The package's backward op for one part (explicit window, non-causal flag, no packing)."""
-    return torch.ops.sft_kernels.swa_backward(
+    """The package's backward op for one part (explicit window, non-causal flag, no packing)
+    -> (dq, dk, dv)."""
+    dq, dk, dv, _dsinks = torch.ops.sft_kernels.swa_backward(
         do=do.contiguous(), q=q, k=k, v=v, out=out.contiguous(), lse=lse.contiguous(), cu_seqlens_q=None,
         cu_seqlens_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], window_mode=MODE_EXPLICIT,
         left=left, right=right, keys=0, causal=False, softmax_scale=scale, backend=impl,
     )
+    return dq, dk, dv
 
 
 def _part_windows(plan: HaloPlan):

@@ -127,9 +127,26 @@ def _to_rows(t: torch.Tensor, b: int, hkv: int, g: int, c: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one task
-def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1):
+def _capped_scores(qc, kr, scale, softcap):
+    """Scores of a chunk, soft-capped (``c * tanh(s / c)``) when ``softcap > 0``; also the
+    cap's derivative ``1 - tanh^2`` for the backward (None without a cap)."""
+    s = torch.matmul(qc, kr.transpose(-1, -2)).mul_(scale)
+    if softcap <= 0:
+        return s, None
+    t = s.div_(softcap).tanh_()
+    return t * softcap, 1.0 - t * t
+
+
+def _sink_column(sinks, b, c):
+    """(Hkv, G) sink logits -> (B, Hkv, G * C, 1), the layout of a chunk's score rows."""
+    hkv, g = sinks.shape
+    return sinks.view(1, hkv, g, 1, 1).expand(b, hkv, g, c, 1).reshape(b, hkv, g * c, 1)
+
+
+def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1, softcap=0.0, sinks=None):
     """Query rows [r0, r1) of q (B, Lq, Hq, D) against k/v (B, Lk, Hkv, D): writes out
-    (B, Lq, Hq, D) and lse (B, Hkv, G, Lq) there (both pre-filled with 0 / -inf).
+    (B, Lq, Hq, D) and lse (B, Hkv, G, Lq) there (pre-filled with 0 and -inf, or with the
+    sink logits when ``sinks`` (Hkv, G) is given: what a row that sees no key keeps).
 
     Works on the caller's layout a chunk at a time: besides out and lse, memory is one
     chunk's scores (no full-size transposed copies of q, k or v).
@@ -143,20 +160,25 @@ def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1):
         if hi <= lo:
             continue  # no key in reach: zeros, lse -inf
         c = qe - qs
-        s = torch.matmul(_q_chunk(q, qs, qe, hkv, cdt), _kv_range(k, lo, hi, cdt).transpose(-1, -2)).mul_(scale)
+        s, _ = _capped_scores(_q_chunk(q, qs, qe, hkv, cdt), _kv_range(k, lo, hi, cdt), scale, softcap)
         if needs_mask:
             keep = _band(qs, qe, lo, hi, off, left, right, q.device)
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
+        if sinks is not None:  # the sink: one more logit in the denominator, value 0
+            sink = _sink_column(sinks, b, c)
+            m = torch.maximum(m, sink)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no key
         p = s.sub_(m).exp_()
         l = p.sum(dim=-1, keepdim=True)
+        if sinks is not None:
+            l = l + torch.exp(sink - m)
         o = torch.matmul(p, _kv_range(v, lo, hi, cdt)).div_(torch.where(l == 0, torch.ones_like(l), l))
         out[:, qs:qe] = _to_rows(o, b, hkv, g, c)
         lse[:, :, :, qs:qe] = (m + torch.log(l)).view(b, hkv, g, c).to(lse.dtype)
 
 
-def _bwd_rows(do, q, k, v, lse, dq, dk, dv, left, right, scale, rows, r0, r1):
+def _bwd_rows(do, q, k, v, lse, dq, dk, dv, left, right, scale, rows, r0, r1, softcap=0.0, delta_out=None):
     """Gradients of :func:`_fwd_rows` for query rows [r0, r1); scores recomputed per chunk.
 
     ``lse`` is (B, Hkv, G, Lq) in the compute dtype with +inf on rows that see no key (so
@@ -175,17 +197,21 @@ def _bwd_rows(do, q, k, v, lse, dq, dk, dv, left, right, scale, rows, r0, r1):
         qc = _q_chunk(q, qs, qe, hkv, cdt)
         doc = _q_chunk(do, qs, qe, hkv, cdt)
         kr, vr = _kv_range(k, lo, hi, cdt), _kv_range(v, lo, hi, cdt)
-        s = torch.matmul(qc, kr.transpose(-1, -2)).mul_(scale)
+        s, cap_grad = _capped_scores(qc, kr, scale, softcap)
         if needs_mask:
             keep = _band(qs, qe, lo, hi, off, left, right, q.device)
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
-        p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()
+        p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()  # lse holds any sink
         dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).transpose(1, 2)  # sums the G query heads
         dp = torch.matmul(doc, vr.transpose(-1, -2))
         # delta = rowsum(P * dP) (= rowsum(dO * O)), from the compute-precision P rather than the
         # saved output: exact for a row that sees one key (dq = 0), and no fp16/bf16 rounding of O
         delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)
+        if delta_out is not None:  # (B, Hkv, G, Lq): kept for the sinks' gradient
+            delta_out[:, :, :, qs:qe] = delta.view(b, hkv, g, c)
         ds = p.mul_(dp.sub_(delta))
+        if cap_grad is not None:
+            ds.mul_(cap_grad)  # d(c tanh(s / c)) / ds
         dq[:, qs:qe] = _to_rows(torch.matmul(ds, kr).mul_(scale), b, hkv, g, c)
         dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale).transpose(1, 2)
 
@@ -334,8 +360,9 @@ def _slice(t: torch.Tensor, task: _Task, heads: int, hkv: int, dim: int) -> torc
 
 
 # ----------------------------------------------------------------------------- forward / backward
-def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float) -> None:
-    """Each seq's tensors: q, k, v, out (B, L, H, D) and lse (B, Hkv, G, Lq)."""
+def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap: float = 0.0, sinks=None) -> None:
+    """Each seq's tensors: q, k, v, out (B, L, H, D) and lse (B, Hkv, G, Lq); ``sinks``
+    (Hkv, G) in the compute dtype, or None."""
     threads = torch.get_num_threads()
     work = _work(seqs, b, hq)
     par = threads if work >= INLINE_WORK else 1
@@ -346,14 +373,15 @@ def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float) -> None:
         q, k, v, out, lse = s.tensors
         _fwd_rows(_slice(q, t, hq, hkv, 2), _slice(k, t, hkv, hkv, 2), _slice(v, t, hkv, hkv, 2),
                   _slice(out, t, hq, hkv, 2), _slice(lse, t, hkv, hkv, 1), s.left, s.right, scale, rows[t.seq],
-                  t.r0, t.r1)
+                  t.r0, t.r1, softcap, None if sinks is None else sinks[t.h0:t.h1])
 
     _run(_plan(seqs, b, hkv, rows, par, backward=False), run, work, threads)
 
 
-def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float) -> None:
+def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap: float = 0.0) -> None:
     """Each seq's tensors: do, q, k, v (B, L, H, D), lse (B, Hkv, G, Lq; +inf on empty rows),
-    dq (B, Lq, Hq, D), dk, dv (B, Lk, Hkv, D, compute dtype, zeroed)."""
+    dq (B, Lq, Hq, D), dk, dv (B, Lk, Hkv, D, compute dtype, zeroed), delta (B, Hkv, G, Lq,
+    zeroed: rowsum(P * dP) is written there) or None."""
     threads = torch.get_num_threads()
     work = _work(seqs, b, hq)
     par = threads if work >= INLINE_WORK else 1
@@ -361,11 +389,11 @@ def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float) -> None
 
     def run(t: _Task) -> None:
         s = seqs[t.seq]
-        do, q, k, v, lse, dq, dk, dv = s.tensors
+        do, q, k, v, lse, dq, dk, dv, delta = s.tensors
         _bwd_rows(_slice(do, t, hq, hkv, 2), _slice(q, t, hq, hkv, 2), _slice(k, t, hkv, hkv, 2),
                   _slice(v, t, hkv, hkv, 2), _slice(lse, t, hkv, hkv, 1), _slice(dq, t, hq, hkv, 2),
                   _slice(dk, t, hkv, hkv, 2), _slice(dv, t, hkv, hkv, 2), s.left, s.right, scale, rows[t.seq],
-                  t.r0, t.r1)
+                  t.r0, t.r1, softcap, None if delta is None else _slice(delta, t, hkv, hkv, 1))
 
     _run(_plan(seqs, b, hkv, rows, par, backward=True), run, work, threads)
 
@@ -376,25 +404,37 @@ def _bwd_lse(lse: torch.Tensor, b: int, hkv: int, g: int, lq: int, dtype: torch.
     return torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
 
 
+def _empty_lse(shape, hkv, g, sinks, dtype, device):
+    """LSE of rows that see no key, ``shape`` ending in (Hkv, G, L): -inf, or each head's
+    sink logit (the sink takes all the mass). A new tensor (never a view of the sinks)."""
+    lse = torch.full(shape, float("-inf"), dtype=dtype, device=device)
+    if sinks is not None:
+        lse.copy_(sinks.view((1,) * (len(shape) - 3) + (hkv, g, 1)).expand(shape))
+    return lse
+
+
 def attention_fwd(
-    q, k, v, spec: WindowSpec, scale: float, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor]
+    q, k, v, spec: WindowSpec, scale: float, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Padded ``(B, L, H, D)`` or packed ``(T, H, D)`` input -> (out, lse).
 
-    Empty input (batch 0, no query or no key) gives zeros and an lse of -inf.
+    Empty input (batch 0, no query or no key) gives zeros and an lse of -inf (the sink's
+    logit with ``sinks``, ``(heads_q,)``).
     """
     hq, hkv = q.shape[-2], k.shape[-2]
     g = hq // hkv
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse_dtype = _lse_dtype(q.dtype)
+    sinks = None if sinks is None else sinks.to(_compute_dtype(q.dtype)).view(hkv, g)
     if cu_seqlens_q is None:
         b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-        lse = torch.full((b, hkv, g, lq), float("-inf"), dtype=lse_dtype, device=q.device)
+        lse = _empty_lse((b, hkv, g, lq), hkv, g, sinks, lse_dtype, q.device)
         if q.numel() and k.numel():
             left, right = spec.resolve(lk)
-            _forward([_Seq(lq, lk, left, right, (q, k, v, out, lse))], b, hq, hkv, scale)
+            _forward([_Seq(lq, lk, left, right, (q, k, v, out, lse))], b, hq, hkv, scale, softcap, sinks)
         return out, lse.view(b, hq, lq)
-    lse = torch.full((hkv, g, q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    lse = _empty_lse((hkv, g, q.shape[0]), hkv, g, sinks, lse_dtype, q.device)
     if not (q.numel() and k.numel()):  # no tokens: cu_seqlens are not even read
         return out, lse.view(hq, q.shape[0])
     seqs = [
@@ -404,12 +444,14 @@ def attention_fwd(
         if qe > qs and ke > ks
     ]
     if seqs:
-        _forward(seqs, 1, hq, hkv, scale)
+        _forward(seqs, 1, hq, hkv, scale, softcap, sinks)
     return out, lse.view(hq, q.shape[0])
 
 
-def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, cu_seqlens_k):
-    """Gradients (dq, dk, dv). ``out`` is not needed: delta is recomputed from P and dP.
+def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, cu_seqlens_k, softcap=0.0,
+                  sinks=None):
+    """Gradients (dq, dk, dv, dsinks); dsinks is None without sinks. ``out`` is not needed:
+    delta is recomputed from P and dP (for the sinks' gradient too).
 
     Empty input gives zero (or empty) gradients.
     """
@@ -419,12 +461,15 @@ def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, 
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    # with sinks: rowsum(P * dP) per row, like lse ((B, Hkv, G, Lq) or (Hkv, G, T)); 0 where no key
+    delta = None if sinks is None else torch.zeros(lse.shape[:-2] + (hkv, g, lse.shape[-1]), dtype=cdt,
+                                                   device=q.device)
     if cu_seqlens_q is None:
         b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         if q.numel() and k.numel():
             left, right = spec.resolve(lk)
             lse4 = _bwd_lse(lse, b, hkv, g, lq, cdt)
-            _backward([_Seq(lq, lk, left, right, (do, q, k, v, lse4, dq, dk, dv))], b, hq, hkv, scale)
+            _backward([_Seq(lq, lk, left, right, (do, q, k, v, lse4, dq, dk, dv, delta))], b, hq, hkv, scale, softcap)
     elif q.numel() and k.numel():
         seqs = []
         for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
@@ -433,7 +478,18 @@ def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, 
             lse4 = _bwd_lse(lse[:, qs:qe], 1, hkv, g, qe - qs, cdt)
             seqs.append(_Seq(qe - qs, ke - ks, left, right,
                              (do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], lse4,
-                              dq[None, qs:qe], dk[None, ks:ke], dv[None, ks:ke])))
+                              dq[None, qs:qe], dk[None, ks:ke], dv[None, ks:ke],
+                              None if delta is None else delta[None, :, :, qs:qe])))
         if seqs:
-            _backward(seqs, 1, hq, hkv, scale)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+            _backward(seqs, 1, hq, hkv, scale, softcap)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), None if sinks is None else _sink_grad(delta, lse, sinks)
+
+
+def _sink_grad(delta, lse, sinks):
+    """d sink_h = -sum over rows of P_sink * delta, P_sink = exp(sink_h - lse): ``delta`` is the
+    backward's rowsum(P * dP) (exact in the compute dtype, 0 on rows that see no key), ``lse``
+    (B, Hq, L) or (Hq, T)."""
+    delta = delta.reshape(lse.shape)
+    p_sink = torch.exp(sinks.to(delta.dtype).view(-1, 1) - lse.to(delta.dtype))
+    dims = tuple(d for d in range(lse.dim()) if d != lse.dim() - 2)
+    return -(p_sink * delta).sum(dims).to(sinks.dtype)

@@ -146,6 +146,62 @@ def _query_phases(start_n, off, left, right, seqlen_q, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
+def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even as the GPU's cvt.rn does. Triton's
+    interpreter (UPCAST) truncates fp32 -> bf16 (1 ulp of error instead of 0.5: 4.528 ->
+    4.5, not 4.53125), so there the rounding is done by hand on the bits first."""
+    if UPCAST and DTYPE == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (the interpreter has no libdevice tanh): a series where
+    ``1 - e^(-2|x|)`` would cancel (|x| < 0.25; next term 2e-9), else (1 - e) / (1 + e)."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * -2.8853900817779268)  # e^(-2a)
+    t = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # div.full (2 ulp): an IEEE divide spilled dQ
+    x2 = x * x
+    series = a * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                     + x2 * 0.021869488536155203))))
+    t = tl.where(a < 0.25, series, t)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, cap_in, qk_scale, SOFTCAP: tl.constexpr):
+    """Raw dot products -> scores in the exp2 domain.
+
+    Without a cap: qk * sm_scale * log2(e). With one (c): c * tanh(qk * sm_scale / c) *
+    log2(e), i.e. ``cap_in = sm_scale / c`` and ``qk_scale = c * log2(e)``.
+    """
+    if SOFTCAP:
+        return _tanh(qk * cap_in) * qk_scale
+    return qk * qk_scale
+
+
+@triton.jit
+def _softcap_grad(p, lse, qk_scale):
+    """``1 - tanh^2`` of the cap, d(c tanh(u)) / du, recovered from p = exp2(c log2(e) t - lse):
+    t = (log2(p) + lse) / qk_scale. Recovering it from p, which the backward holds anyway,
+    keeps no tanh tile alive across the dP dot (with one, the backward spilled under Triton
+    3.6 at D = 64 and 128). Where p = 0 the gradient is 0 whatever the factor."""
+    t = (tl.math.log2(tl.where(p > 0, p, 1.0)) + lse) * (1.0 / qk_scale)  # one scalar divide
+    return tl.where(p > 0, 1.0 - t * t, 0.0)
+
+
+@triton.jit
+def _score_scales(sm_scale, softcap, SOFTCAP: tl.constexpr):
+    """(cap_in, qk_scale) for :func:`_scores`."""
+    if SOFTCAP:
+        return sm_scale / softcap, softcap * 1.4426950408889634
+    return sm_scale * 0.0, sm_scale * 1.4426950408889634
+
+
+@triton.jit
 def _band_mask(rows, cols, off, left, right, seqlen_q, seqlen_k):
     """rows (M, 1) and cols (1, N) -> True where row attends col and both are in range."""
     pos = rows + off
@@ -159,9 +215,9 @@ def _band_mask(rows, cols, off, left, right, seqlen_q, seqlen_k):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right, seqlen_q,
-    seqlen_k, qk_scale, offs_m, offs_n, offs_d,
+    seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online softmax over the key tiles [lo, hi). ``k_src``/``v_src``: tensor descriptors
     (USE_TMA) or the sequence's row-0 pointers."""
@@ -182,7 +238,7 @@ def _fwd_inner(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), cap_in, qk_scale, SOFTCAP)
         if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
             keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
             qk = tl.where(keep, qk, float("-inf"))
@@ -199,18 +255,23 @@ def _fwd_inner(
 
 @triton.jit
 def _swa_fwd_kernel(
-    Q, K, V, O, LSE, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, O, LSE, SINKS, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """One program per (query tile, head, sequence): grid (tiles, heads, batch).
+
+    SOFTCAP: scores ``s`` become ``softcap * tanh(s / softcap)`` before the softmax.
+    HAS_SINKS: ``SINKS[head]`` (fp32) is one more logit in every row's denominator, a key of
+    value 0: the online softmax starts from it (m = sink, l = 1), so a row that sees no
+    key gives out 0 and lse = sink.
 
     USE_TMA (sm_90): Q, K, V and O move through tensor descriptors made per program over
     this sequence and head (shape (seqlen, HEAD_DIM), so the copy engine zero-fills rows
@@ -253,23 +314,27 @@ def _swa_fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
+    if HAS_SINKS:
+        m_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32) * (tl.load(SINKS + off_h) * 1.4426950408889634)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off,
-                               left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
-                               BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC, USE_TMA)
+                               left, right, seqlen_q, seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d,
+                               BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC, USE_TMA, SOFTCAP)
 
-    empty = l_i == 0.0  # no visible key: output 0, lse -inf
+    empty = l_i == 0.0  # no visible key (and no sink): output 0, lse -inf
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     if USE_TMA:  # the store is clipped to (seqlen_q, HEAD_DIM)
         o_desc = tl.make_tensor_descriptor(o_base, [seqlen_q, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
-        o_desc.store([start_m, 0], acc.to(O.dtype.element_ty))
+        o_desc.store([start_m, 0], _cast_out(acc, O.dtype.element_ty, UPCAST))
     else:
         o_offs = tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :]
-        tl.store(o_base + start_m.to(tl.int64) * stride_om + o_offs, acc.to(O.dtype.element_ty), mask=q_ok)
+        tl.store(o_base + start_m.to(tl.int64) * stride_om + o_offs, _cast_out(acc, O.dtype.element_ty, UPCAST), mask=q_ok)
     l_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
     tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
 
@@ -310,8 +375,9 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n, lo, full_lo, full_hi, hi, off,
-    left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d,
+    left, right, seqlen_q, seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     cols = start_n + offs_n
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -330,7 +396,7 @@ def _bwd_dkdv_inner(
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (N, M)
+        qkT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), cap_in, qk_scale, SOFTCAP)  # (N, M)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if (start_m < full_lo) | (start_m >= full_hi):  # edge tile; mask scores: exp2 could overflow
             keep = _band_mask(rows[None, :], cols[:, None], off, left, right, seqlen_q, seqlen_k)
@@ -342,6 +408,8 @@ def _bwd_dkdv_inner(
         pT = tl.math.exp2(qkT - lse[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * _softcap_grad(pT, lse[None, :], qk_scale)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
@@ -356,10 +424,10 @@ def _swa_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program per (key tile, kv head, sequence): dK, dV summed over the band's query
     tiles and over the ``group`` query heads that share this kv head."""
@@ -390,7 +458,7 @@ def _swa_bwd_dkdv_kernel(
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
     lo, full_lo, full_hi, hi = _query_phases(start_n, off, left, right, seqlen_q, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         off_h = (off_hk * group + g).to(tl.int64)
@@ -399,21 +467,24 @@ def _swa_bwd_dkdv_kernel(
         lse_base = LSE + b64 * stride_lb + off_h * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + off_h * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n,
-                                 lo, full_lo, full_hi, hi, off, left, right, seqlen_q, seqlen_k, qk_scale, offs_m,
-                                 tl.arange(0, BLOCK_N), offs_d, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC)
+                                 lo, full_lo, full_hi, hi, off, left, right, seqlen_q, seqlen_k, cap_in, qk_scale,
+                                 offs_m, tl.arange(0, BLOCK_N), offs_d, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC, SOFTCAP)
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + row0 * stride_dkn + tile_n * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + row0 * stride_dvn + tile_n * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(dk_ptrs, _cast_out(dk, DK.dtype.element_ty, UPCAST), mask=kv_ok)
+    tl.store(dv_ptrs, _cast_out(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
 
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right, seqlen_q,
-    seqlen_k, qk_scale, offs_m, offs_n, offs_d,
+    dq, pdp, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off, left, right,
+    seqlen_q, seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
+    """dQ over the key tiles [lo, hi); with HAS_SINKS also ``pdp`` += rowsum(P * dP), the
+    exact delta (from fp32 P, not from the fp16/bf16 O) for the sinks' gradient."""
     d_ok = offs_d[None, :] < HEAD_DIM
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -427,33 +498,41 @@ def _bwd_dq_inner(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), cap_in, qk_scale, SOFTCAP)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
             keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
             qk = tl.where(keep, qk, float("-inf"))
             dp = tl.where(keep, dp, 0.0)  # p is 0 there; keeps dp's layout off [num_warps, 1] (see dK/dV)
         p = tl.math.exp2(qk - lse[:, None])
+        if HAS_SINKS:
+            pdp += tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * _softcap_grad(p, lse[:, None], qk_scale)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    return dq
+    return dq, pdp
 
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, DO, LSE, DELTA, DQ, SINKS, DSINK, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, dsink_tiles, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    """One program per (query tile, head, sequence): dQ over the band's key tiles."""
+    """One program per (query tile, head, sequence): dQ over the band's key tiles.
+
+    HAS_SINKS: also this tile's share of d sink[head] = -sum over its rows of P_sink * delta,
+    P_sink = exp(sink - lse), into DSINK[sequence, head, tile] (``dsink_tiles`` slots per
+    (sequence, head); summed by the launcher: no atomics, a fixed order)."""
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -487,15 +566,19 @@ def _swa_bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
-    qk_scale = sm_scale * 1.4426950408889634
+    cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, off,
-                       left, right, seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, BLOCK_N, HEAD_DIM, UPCAST,
-                       DOT_PREC)
+    dq, pdp = _bwd_dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi,
+                            off, left, right, seqlen_q, seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d, BLOCK_N,
+                            HEAD_DIM, UPCAST, DOT_PREC, SOFTCAP, HAS_SINKS)
+    if HAS_SINKS:  # lse is in the exp2 domain here
+        p_sink = tl.where(r_ok, tl.math.exp2(tl.load(SINKS + off_h) * 1.4426950408889634 - lse), 0.0)
+        tl.store(DSINK + (b64 * tl.num_programs(1) + h64) * dsink_tiles + pid_m, -tl.sum(p_sink * pdp, 0))
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + tile_m * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_ok)
+             _cast_out(dq, DQ.dtype.element_ty, UPCAST), mask=q_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -529,7 +612,9 @@ _CONFIGS = {
     },
     "dq": {
         64: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+        # (128, 64) at D = 128 sits at sm_80's 255 registers and spills there with softcap
+        # under Triton 3.6: Hopper-only
+        128: [(128, 64, 8, 2, (90,)), (128, 32, 8, 2), (64, 32, 4, 2)],
         256: [(64, 32, 8, 2), (128, 16, 8, 2)],
     },
 }
@@ -700,8 +785,10 @@ def _lse_strides(lse, varlen):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
-    """Launch the forward. Inputs already validated; last dim contiguous. -> (out, lse)."""
+def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+                   softcap=0.0, sinks=None):
+    """Launch the forward. Inputs already validated; last dim contiguous; ``sinks`` None or
+    (heads_q,) fp32. -> (out, lse)."""
     varlen = cu_seqlens_q is not None
     batch, lq, lk, cu_q, cu_k, (left, right, keys, scale, bucket), meta = _common(
         q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
@@ -715,30 +802,36 @@ def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, m
     use_tma = _tma_ok(q, k, v, out)
     if use_tma:
         _ensure_allocator(q.device)
+    sinks_arg = sinks if sinks is not None else cu_q
     for b0, nb in _batch_chunks(batch):
         qc, kc, vc, oc, lc = (_rows(t, b0, nb, varlen) for t in (q, k, v, out, lse))
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
         _fwd_tuned(q.shape[-1], _arch(q.device))[grid](
-            qc, kc, vc, oc, lc, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
+            qc, kc, vc, oc, lc, sinks_arg, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
             *_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(oc, varlen), *_lse_strides(lc, varlen),
-            lq, lk, hq // hkv, left, right, keys, scale, bucket, USE_TMA=use_tma, **meta,
+            lq, lk, hq // hkv, left, right, keys, scale, float(softcap), bucket, USE_TMA=use_tma,
+            SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None, **meta,
         )
     return out, lse
 
 
 def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                   max_seqlen_k=0):
-    """Launch the backward: delta pre-pass, dK/dV over key tiles, dQ over query tiles."""
+                   max_seqlen_k=0, softcap=0.0, sinks=None):
+    """Launch the backward: delta pre-pass (and the sinks' gradient), dK/dV over key tiles,
+    dQ over query tiles. -> (dq, dk, dv, dsinks); dsinks is None without sinks."""
     varlen = cu_seqlens_q is not None
     batch, lq, lk, cu_q, cu_k, (left, right, keys, scale, bucket), meta = _common(
         q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
     hq, hkv = q.shape[-2], k.shape[-2]
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-    if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    dsinks = None if sinks is None else torch.zeros(hq, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.numel() == 0:  # (op.py does not launch these) no key: dsinks = 0 too
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
     delta = _empty_like(lse)
     pre_m = 16 if _interpreting() else 64
+    sinks_arg = sinks if sinks is not None else cu_q
+    cap = dict(SOFTCAP=softcap > 0)
     for b0, nb in _batch_chunks(batch):
         oc, doc, qc, kc, vc, lc, dc, dqc, dkc, dvc = (
             _rows(t, b0, nb, varlen) for t in (out, do, q, k, v, lse, delta, dq, dk, dv))
@@ -751,14 +844,24 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
         grid = lambda meta_: (triton.cdiv(lk, meta_["BLOCK_N"]), hkv, nb)  # noqa: E731
         _dkdv_tuned(q.shape[-1], _arch(q.device))[grid](
             qc, kc, vc, doc, lc, dc, dkc, dvc, cq, ck, *common, *_bsh(dkc, varlen), *_bsh(dvc, varlen),
-            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, bucket, **meta,
+            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), bucket, **cap,
+            **meta,
         )
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
-        _dq_tuned(q.shape[-1], _arch(q.device))[grid](
-            qc, kc, vc, doc, lc, dc, dqc, cq, ck, *common, *_bsh(dqc, varlen),
-            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, bucket, **meta,
+        dq_tuned = _dq_tuned(q.shape[-1], _arch(q.device))
+        # one slot per (sequence, head, query tile) at the smallest tile of the list; zeros: a
+        # tile past its sequence's end returns before writing its slot
+        tiles = triton.cdiv(lq, min(c.kwargs["BLOCK_M"] for c in dq_tuned.configs))
+        dsink_part = torch.zeros((nb, hq, tiles) if sinks is not None else (0,), dtype=torch.float32, device=q.device)
+        dq_tuned[grid](
+            qc, kc, vc, doc, lc, dc, dqc, sinks_arg, dsink_part, cq, ck, *common, *_bsh(dqc, varlen),
+            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tiles, bucket,
+            HAS_SINKS=sinks is not None, **cap, **meta,
         )
-    return dq, dk, dv
+        if sinks is not None:
+            dsinks += dsink_part.sum((0, 2))
+    return dq, dk, dv, dsinks
+
 
 
 # ----------------------------------------------------------------------------- GPU compile check
@@ -777,15 +880,15 @@ def _signature(kind: str, dtype: str) -> dict:
     params = inspect.signature(getattr(fn, "fn", fn)).parameters
     sig = {}
     for name in params:
-        if name.isupper() and name not in _TENSOR_ARGS[kind] + ("LSE", "DELTA"):
+        if name.isupper() and name not in _TENSOR_ARGS[kind] + ("LSE", "DELTA", "SINKS", "DSINK"):
             continue  # constexpr
         if name in _TENSOR_ARGS[kind]:
             sig[name] = f"*{dtype}"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "SINKS", "DSINK"):
             sig[name] = "*fp32"
         elif name.startswith("cu_seqlens"):
             sig[name] = "*i32"
-        elif name == "sm_scale":
+        elif name in ("sm_scale", "softcap"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -793,17 +896,24 @@ def _signature(kind: str, dtype: str) -> dict:
 
 
 def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXPLICIT, varlen: bool = False,
-                 causal: bool = True, tma: bool = False, first: bool = False) -> dict:
+                 causal: bool = True, tma: bool = False, first: bool = False, softcap: bool = False,
+                 sinks: bool = False) -> dict:
     """One compile-check spec (``sft_kernels.testing.compile_check``) of ``kind`` in
-    ``dtype`` ("fp16"/"bf16") at ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages[, archs])``."""
+    ``dtype`` ("fp16"/"bf16") at ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages[, archs])``;
+    ``softcap`` / ``sinks`` compile those score modifiers in (sinks: the forward and dQ,
+    where their gradient is summed; dK/dV has none)."""
     bm, bn, warps, stages = cfg[:4]
     archs = (90,) if tma else tuple(_entry_archs(cfg))
     sig = _signature(kind, dtype)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn,
-                      WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False, DOT_PREC="tf32")
+                      WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False, DOT_PREC="tf32",
+                      SOFTCAP=softcap)
     if kind == "fwd":
         constexprs["USE_TMA"] = tma
-    tags = ("tma," if tma else "") + f"D={head_dim},{dtype},BM={bm},BN={bn},w={warps},s={stages}"
+    if kind in ("fwd", "dq"):
+        constexprs["HAS_SINKS"] = sinks
+    tags = (("tma," if tma else "") + ("softcap," if softcap else "") + ("sinks," if sinks else "")
+            + f"D={head_dim},{dtype},BM={bm},BN={bn},w={warps},s={stages}")
     return {
         "name": f"swa_{kind}[{tags}" + (",varlen,sqrt" if varlen else "") + "]",
         "fn": _KERNELS[kind],
@@ -842,6 +952,18 @@ def compile_specs():
                         specs.append(compile_spec(kind, dtype, head_dim, cfg, tma=True, first=first))
         specs.append(compile_spec(kind, "bf16", 80, by_dim[128][0]))
         specs.append(compile_spec(kind, "bf16", 128, by_dim[128][0], mode=MODE_SQRT, varlen=True))
+        # the score modifiers (Gemma 2's softcap, GPT-OSS's sinks) at every head_dim's first
+        # choice on each arch: they must add no spill / serialisation either
+        for head_dim, configs in by_dim.items():
+            firsts = [configs[0]]
+            if 80 not in _entry_archs(configs[0]):
+                firsts += [next(c for c in configs if 80 in _entry_archs(c))]
+            for cfg in firsts:
+                specs.append(compile_spec(kind, "bf16", head_dim, cfg, softcap=True))
+                if kind in ("fwd", "dq"):
+                    specs.append(compile_spec(kind, "bf16", head_dim, cfg, sinks=True, softcap=kind == "dq"))
+            if kind == "fwd":
+                specs.append(compile_spec(kind, "bf16", head_dim, configs[0], sinks=True, softcap=True, tma=True))
         if kind == "fwd":
             specs.append(compile_spec(kind, "bf16", 80, by_dim[128][0], tma=True))
             specs.append(compile_spec(kind, "bf16", 128, by_dim[128][0], mode=MODE_SQRT, varlen=True, tma=True))
