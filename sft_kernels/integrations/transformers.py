@@ -61,9 +61,13 @@ Mixed precision. Under ``torch.autocast`` q, k and v are cast to the autocast dt
 the kernels, as eager's matmuls and SDPA are (rotary embeddings promote q, k to float32
 while v stays bf16); gradients flow back through the casts.
 
+Score modifiers. Gemma2's logit soft-capping (the ``softcap`` its layers pass, from
+``attn_logit_softcapping``) and GPT-OSS's attention sinks (``s_aux``, each layer's ``sinks``
+parameter, trained through the kernels' gradient) go to the op's ``softcap`` / ``sinks``,
+on sliding and full-attention layers alike.
+
 Not supported (a ValueError names what to use instead): attention dropout > 0 in training,
-logit soft-capping (``softcap``, Gemma2's ``attn_logit_softcapping``), attention sinks
-(``s_aux``, GPT-OSS), ``output_attentions=True`` (the kernels never form the attention
+``output_attentions=True`` (the kernels never form the attention
 matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 with
 ``use_bidirectional_attention`` (transformers' layers and masks disagree there).
 """
@@ -181,7 +185,7 @@ def _segments(q_valid: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
     return torch.stack([q, k]).to(torch.int32)
 
 
-def _segments_attention(q, k, v, seg, window, causal, scaling, backend):
+def _segments_attention(q, k, v, seg, window, causal, scaling, backend, **mods):
     """q ``(B, Lq, Hq, D)``, k/v ``(B, Lk, Hkv, D)`` through one packed call over the segments."""
     b, lq = q.shape[:2]
     lk = k.shape[1]
@@ -189,7 +193,7 @@ def _segments_attention(q, k, v, seg, window, causal, scaling, backend):
     out = sliding_window_attention(
         q.reshape(b * lq, *q.shape[2:]), k.reshape(b * lk, *k.shape[2:]), v.reshape(b * lk, *v.shape[2:]),
         window, causal, scaling, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=lq, max_seqlen_k=lk,
-        backend=backend,
+        backend=backend, **mods,
     )
     return out.view(b, lq, *out.shape[1:])
 
@@ -213,7 +217,7 @@ def _(position_ids):
     return position_ids.new_empty((n,), dtype=torch.int32)
 
 
-def _packed_attention(q, k, v, position_ids, window, causal, scaling, backend):
+def _packed_attention(q, k, v, position_ids, window, causal, scaling, backend, **mods):
     """Rows holding several sequences (position_ids restarting): one packed call, or None when
     (eagerly checked) no row restarts. Under torch.compile the split is always made."""
     b, l = q.shape[:2]
@@ -231,7 +235,7 @@ def _packed_attention(q, k, v, position_ids, window, causal, scaling, backend):
     out = sliding_window_attention(
         q.reshape(b * l, *q.shape[2:]), k.reshape(b * l, *k.shape[2:]), v.reshape(b * l, *v.shape[2:]), window,
         causal, scaling, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
-        backend=backend,
+        backend=backend, **mods,
     )
     return out.view(b, l, *out.shape[1:])
 
@@ -356,11 +360,13 @@ def _backend(device: torch.device, backend: Optional[str] = None) -> str:
     return backend
 
 
-def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window=True, backend=None):
+def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window=True, backend=None,
+            **mods):
     """q ``(batch, q_len, Hq, D)``, k/v ``(batch, kv_len, Hkv, D)`` -> ``(batch, q_len, Hq, D)``.
 
     ``window``/``causal``: the layer's; ``model_window``: whether that window is the model's own
-    (a 4D mask then replaces it) or the registered one (applied within a 4D mask)."""
+    (a 4D mask then replaces it) or the registered one (applied within a 4D mask). ``mods``:
+    ``softcap`` / ``sinks`` for :func:`sliding_window_attention`."""
     backend = _backend(q.device, backend)
     q, k, v = autocast_qkv(q, k, v)
     b, q_len = q.shape[:2]
@@ -385,7 +391,7 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
             seg = _segments(k_valid[:, -q_len:], k_valid)
         else:
             raise ValueError(f"sft_sliding_window: attention_mask must be 2D or 4D, got {tuple(attention_mask.shape)}")
-        return _segments_attention(q, k, v, seg, window, causal, scaling, backend)
+        return _segments_attention(q, k, v, seg, window, causal, scaling, backend, **mods)
     # no padding: maybe several sequences packed per row
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
@@ -399,14 +405,25 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
         out = sliding_window_attention(
             q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), window, causal,
             scaling, cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_q=max_q,
-            max_seqlen_k=max_k, backend=backend,
+            max_seqlen_k=max_k, backend=backend, **mods,
         )
         return out.view(b, q_len, *out.shape[1:])
     if q_len == kv_len and kwargs.get("position_ids") is not None:
-        out = _packed_attention(q, k, v, kwargs["position_ids"].to(q.device), window, causal, scaling, backend)
+        out = _packed_attention(q, k, v, kwargs["position_ids"].to(q.device), window, causal, scaling, backend, **mods)
         if out is not None:
             return out
-    return sliding_window_attention(q, k, v, window, causal, scaling, backend=backend)
+    return sliding_window_attention(q, k, v, window, causal, scaling, backend=backend, **mods)
+
+
+def _score_modifiers(kwargs) -> dict:
+    """Gemma2's ``softcap`` (its ``attn_logit_softcapping``) and GPT-OSS's ``s_aux`` (the layer's
+    sinks parameter), as the op's ``softcap`` / ``sinks``; only those given."""
+    mods = {}
+    if kwargs.get("softcap"):
+        mods["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        mods["sinks"] = kwargs["s_aux"]
+    return mods
 
 
 def _attentions_requested(kwargs) -> bool:
@@ -428,9 +445,6 @@ def _check_unsupported(module, dropout, kwargs):
             f"sft_sliding_window: attention dropout {dropout} is not implemented by the sliding-window kernels; "
             "set config.attention_dropout = 0.0"
         )
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"sft_sliding_window: `{name}` is not supported; use attn_implementation='eager'")
     if _attentions_requested(kwargs):
         raise ValueError(
             "sft_sliding_window: output_attentions=True needs the attention weights, which the sliding-window kernels "
@@ -481,7 +495,8 @@ def sft_attention_forward(
         )
     window, model_window = _layer_window(module, kwargs, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    out = _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window)
+    out = _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window,
+                  **_score_modifiers(kwargs))
     return out, None
 
 
