@@ -65,8 +65,14 @@ def reference(layer: SFTAttention, x, mask=None, position_ids=None):
         if right >= 0:
             ok &= j <= i + right
         allowed[r] = ok
+    if layer.softcap:  # Gemma2: c * tanh(s / c) before the mask and the softmax
+        s = layer.softcap * torch.tanh(s / layer.softcap)
     s = s.masked_fill(~allowed[:, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+    if layer.sinks is not None:  # GPT-OSS: one more logit per head in every row, its value dropped
+        sink = layer.sinks.double().view(1, hq, 1, 1).expand(b, hq, l, 1)
+        p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
+    else:
+        p = torch.softmax(s, -1).nan_to_num(0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, l, hq * d)
     out = out @ layer.o_proj.weight.T + (layer.o_proj.bias if layer.o_proj.bias is not None else 0)
     return out * valid[..., None]
@@ -111,6 +117,45 @@ def test_matches_dense_reference(hq, hkv, groups, window, padding):
     grads_ref = torch.autograd.grad(ref, [x] + list(layer.parameters()), dy)
     for name, g, gr in zip(["x"] + [n for n, _ in layer.named_parameters()], grads, grads_ref):
         assert_rel(g, gr, TOL[torch.float64], f"grad {name}")
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("window", [5, "sqrt"])
+@pytest.mark.parametrize("softcap,sinks", [(2.0, False), (0.0, True), (3.0, True)], ids=["softcap", "sinks", "both"])
+def test_softcap_and_sinks_match_dense_reference(softcap, sinks, window, padding):
+    b, l, c = 3, 23, 32
+    layer = SFTAttention(c, 4, 2, head_dim=8, window_size=window, bias=True, dtype=torch.float64, softcap=softcap,
+                         attention_sinks=sinks)
+    if sinks:
+        assert layer.sinks.shape == (4,) and "sinks" in dict(layer.named_parameters())
+        with torch.no_grad():
+            layer.sinks.copy_(torch.tensor([-1.0, 0.5, 2.0, 0.0]))
+    with torch.no_grad():  # scores large enough for the cap to bite
+        layer.qkv_proj.weight.mul_(4.0)
+    x = torch.randn(b, l, c, dtype=torch.float64, requires_grad=True)
+    mask = _mask(padding, b, l)
+    out = layer(x, attention_mask=mask)
+    ref = reference(layer, x, mask)
+    assert_rel(out, ref, TOL[torch.float64], "out")
+    dy = torch.randn_like(out)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    grads = torch.autograd.grad(out, [x] + list(layer.parameters()), dy)
+    grads_ref = torch.autograd.grad(ref, [x] + list(layer.parameters()), dy)
+    for name, g, gr in zip(names, grads, grads_ref):
+        assert_rel(g, gr, TOL[torch.float64], f"grad {name}")
+    # control: the same layer without its modifiers gives another answer
+    plain = SFTAttention(c, 4, 2, head_dim=8, window_size=window, bias=True, dtype=torch.float64)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "sinks"})
+    assert (plain(x, attention_mask=mask) - out).abs().max() > 1e-3
+
+
+def test_softcap_and_sinks_refused_with_parallel_groups():
+    with pytest.raises(ValueError, match="without the parallel groups"):
+        SFTAttention(16, 2, softcap=5.0, context_parallel_group=object())
+    with pytest.raises(ValueError, match="without the parallel groups"):
+        SFTAttention(16, 2, attention_sinks=True, sequence_parallel_group=object())
+    with pytest.raises(ValueError, match="softcap must be"):
+        SFTAttention(16, 2, softcap=-1.0)
 
 
 def test_non_causal_and_position_ids():

@@ -159,6 +159,9 @@ def padded_sliding_window_attention(
     causal: bool,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    *,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sliding-window attention on a padded batch, computed on the unpadded tokens only.
 
@@ -168,7 +171,7 @@ def padded_sliding_window_attention(
             tokens, or both None (no padding). Each row must be one contiguous block;
             queries are bottom-right aligned with the keys of their row (left-padded
             generation with a cache: the queries are the last tokens).
-        window_size, causal, softmax_scale, backend: as in
+        window_size, causal, softmax_scale, backend, softcap, sinks: as in
             :func:`sft_kernels.sliding_window_attention`; an int / ``"sqrt"`` window is
             resolved per row from that row's number of real keys.
 
@@ -178,7 +181,8 @@ def padded_sliding_window_attention(
     if (q_valid is None) != (k_valid is None):
         raise ValueError("q_valid and k_valid must both be given or both be None")
     if q_valid is None:
-        return sliding_window_attention(q, k, v, window_size, causal, softmax_scale, backend=backend)
+        return sliding_window_attention(q, k, v, window_size, causal, softmax_scale, backend=backend,
+                                        softcap=softcap, sinks=sinks)
     b, lq = q.shape[:2]
     lk = k.shape[1]
     idx_q, cu_q, max_q = unpad_mask(q_valid)
@@ -188,7 +192,7 @@ def padded_sliding_window_attention(
     vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
     out = sliding_window_attention(
         qp, kp, vp, window_size, causal, softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend,
+        max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend, softcap=softcap, sinks=sinks,
     )
     return _pad_rows(out, idx_q, b, lq)
 
@@ -231,6 +235,11 @@ class SFTAttention(nn.Module):
             the same local length on every rank; rotary positions default to the global ones
             (offset ``r L/P``); an ``attention_mask`` is the local ``(batch, L/P)`` shard (see
             :mod:`sft_kernels.integrations.deepspeed`). Imports deepspeed only when given.
+        softcap: logit soft-cap ``c`` (scores become ``c * tanh(s / c)``; Gemma2's
+            ``attn_logit_softcapping``); 0 = none.
+        attention_sinks: a learned sink logit per query head (GPT-OSS): the parameter
+            ``sinks`` ``(num_heads,)``, initialised to 0, joins every row's softmax denominator.
+            Softcap and sinks run on the triton and torch backends, without the parallel groups.
         context_parallel_group: a ``torch.distributed`` process group of ``P`` ranks for halo
             context parallelism (:func:`sft_kernels.context_parallel_attention`; None: off).
             Rank ``r`` holds tokens ``r L/P .. (r+1) L/P - 1``; each rank exchanges only the
@@ -264,6 +273,8 @@ class SFTAttention(nn.Module):
         device=None,
         sequence_parallel_group=None,
         context_parallel_group=None,
+        softcap: float = 0.0,
+        attention_sinks: bool = False,
     ) -> None:
         super().__init__()
         hidden_size = _positive_int("hidden_size", hidden_size)
@@ -291,6 +302,15 @@ class SFTAttention(nn.Module):
         if rope_theta is not None and head_dim % 2 != 0:
             raise ValueError(f"SFTAttention: rotary embeddings need an even head_dim, got {head_dim}")
         self.window_spec = parse_window(window_size, causal)  # validates window_size and causal
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
+            raise ValueError(f"SFTAttention: softcap must be a finite float >= 0 (0 = no cap), got {softcap!r}")
+        if (softcap > 0 or attention_sinks) and (sequence_parallel_group is not None
+                                                 or context_parallel_group is not None):
+            raise ValueError(
+                "SFTAttention: softcap / attention_sinks do not run with sequence_parallel_group or "
+                "context_parallel_group yet; use them without the parallel groups"
+            )
+        self.softcap = float(softcap)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -312,6 +332,7 @@ class SFTAttention(nn.Module):
                                 **factory)
         inv_freq = rope_inv_freq(head_dim, rope_theta) if rope_theta is not None else torch.empty(0)
         self.register_buffer("inv_freq", inv_freq.to(device=device), persistent=False)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if attention_sinks else None
         self.sequence_parallel_group = sequence_parallel_group
         self.sequence_parallel_attention = None
         if sequence_parallel_group is not None:
@@ -405,7 +426,8 @@ class SFTAttention(nn.Module):
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             q, k, v = autocast_qkv(q, k, v)
             out = sliding_window_attention(
-                q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend
+                q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend, softcap=self.softcap,
+                sinks=self.sinks,
             )
             return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
 
@@ -420,7 +442,8 @@ class SFTAttention(nn.Module):
         q, k, v = autocast_qkv(q, k, v)
         out = sliding_window_attention(
             q, k, v, self.window_size, self.causal, self.scaling, cu_seqlens_q=cu, cu_seqlens_k=cu,
-            max_seqlen_q=max_len, max_seqlen_k=max_len, backend=self.backend,
+            max_seqlen_q=max_len, max_seqlen_k=max_len, backend=self.backend, softcap=self.softcap,
+            sinks=self.sinks,
         )
         out = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
         return _pad_rows(out, indices, b, l)
@@ -611,6 +634,7 @@ class SFTAttention(nn.Module):
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, window_size={self.window_size!r}, causal={self.causal}, "
             f"qkv_groups={self.qkv_groups}, rope_theta={self.rope_theta}, backend={self.backend!r}"
+            + (f", softcap={self.softcap}" if self.softcap else "") + (", attention_sinks=True" if self.sinks is not None else "")
         )
 
 
