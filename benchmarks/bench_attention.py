@@ -16,7 +16,12 @@ written for the backward.
     python benchmarks/bench_attention.py [--quick | --headline | --toy] [--providers a,b] [--device cpu|cuda] [--out DIR]
 
 ``--headline``: the target shapes only (GPU: bf16, batch 2, 16 heads, head_dim 128, causal
-window 4096, L = 16k and 32k, fwd and fwd+bwd), what ``scripts/gpu_check.sh`` times first.
+window 4096, L = 16k and 32k, fwd and fwd+bwd), what ``scripts/gpu_check.sh`` times first,
+then the same shape at L = 16k with Gemma2's soft-cap (50) and with GPT-OSS-style sinks.
+
+A config's ``mod`` (absent: none) is ``"softcap"`` (``softcap=50``) or ``"sinks"`` (a
+``(heads,)`` parameter). Providers without the modifier are skipped for it, with the reason;
+FlexAttention runs the soft-cap as a ``score_mod``.
 ``--toy``: tiny shapes that exercise every step of the script on CPU in seconds (the GPU
 check's ``--dry-run``).
 """
@@ -44,6 +49,8 @@ from sft_kernels.window import band_mask, isqrt, keys_seen  # noqa: E402
 
 OP = "sliding_window_attention"
 BASELINE = "sdpa_causal"
+SOFTCAP = 50.0  # Gemma2's attn_logit_softcapping
+MOD_PROVIDERS = {"softcap": ("sft_triton", "sft_torch", "flex"), "sinks": ("sft_triton", "sft_torch")}
 
 
 def resolve(window, L):
@@ -59,6 +66,19 @@ def setup(cfg, device):
     q, k, v = (torch.randn(b, L, h, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
     do = torch.randn(b, L, h, d, device=device, dtype=dtype)
     return q, k, v, do
+
+
+def modifiers(cfg, device):
+    """The op's score-modifier arguments for ``cfg['mod']``: {} / softcap / sinks."""
+    mod = cfg.get("mod")
+    if mod is None:
+        return {}
+    if mod == "softcap":
+        return {"softcap": SOFTCAP}
+    if mod == "sinks":
+        torch.manual_seed(0)
+        return {"sinks": torch.randn(cfg["heads"], device=device, requires_grad=cfg["mode"] == "fwd+bwd")}
+    raise ValueError(f"unknown mod {mod!r}")
 
 
 def flops(cfg, impl):
@@ -82,9 +102,12 @@ def _sdpa_layout(x):
 def make_call(impl, cfg, q, k, v):
     """A zero-argument forward for ``impl``, or raise RuntimeError with the reason to skip."""
     L, w = cfg["seqlen"], resolve(cfg["window"], cfg["seqlen"])
+    mod = cfg.get("mod")
+    if mod is not None and impl not in MOD_PROVIDERS[mod]:
+        raise RuntimeError(f"{impl} has no {mod}")
     if impl.startswith("sft_"):
-        backend = impl[4:]
-        return lambda: sliding_window_attention(q, k, v, w, causal=True, backend=backend)
+        backend, extra = impl[4:], modifiers(cfg, q.device)
+        return lambda: sliding_window_attention(q, k, v, w, causal=True, backend=backend, **extra)
     if impl == "sdpa_causal":
         if q.is_cuda:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -107,9 +130,13 @@ def make_call(impl, cfg, q, k, v):
         def window_mask(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
 
+        def softcap(score, b, h, q_idx, kv_idx):
+            return SOFTCAP * torch.tanh(score / SOFTCAP)
+
         block = create_block_mask(window_mask, None, None, L, L, device=str(q.device))
         flex = torch.compile(flex_attention, dynamic=False)
-        return lambda: flex(*map(_sdpa_layout, (q, k, v)), block_mask=block).transpose(1, 2)
+        mods = {"score_mod": softcap} if mod == "softcap" else {}
+        return lambda: flex(*map(_sdpa_layout, (q, k, v)), block_mask=block, **mods).transpose(1, 2)
     raise ValueError(impl)
 
 
@@ -189,6 +216,8 @@ def _cudnn_fn(cfg, q, k, v, do):
 
 
 def make_fn(impl, cfg, q, k, v, do):
+    if impl == "cudnn" and cfg.get("mod") is not None:
+        raise RuntimeError(f"cudnn has no {cfg['mod']} here")
     if impl == "cudnn":
         return _cudnn_fn(cfg, q, k, v, do)
     call = make_call(impl, cfg, q, k, v)
@@ -218,6 +247,9 @@ def headline(device):
     for L in (16384, 32768):
         for mode in ("fwd", "fwd+bwd"):
             yield dict(HEADLINE, seqlen=L, mode=mode)
+    for mod in ("softcap", "sinks"):  # issue 13: the modifiers at the headline shape
+        for mode in ("fwd", "fwd+bwd"):
+            yield dict(HEADLINE, seqlen=16384, mode=mode, mod=mod)
 
 
 def toy(device):
@@ -226,6 +258,9 @@ def toy(device):
         for mode in ("fwd", "fwd+bwd"):
             yield dict(batch=1, heads=2, head_dim=16, dtype="float32" if device == "cpu" else "bfloat16",
                        seqlen=L, window=32, mode=mode)
+    for mod in ("softcap", "sinks"):
+        yield dict(batch=1, heads=2, head_dim=16, dtype="float32" if device == "cpu" else "bfloat16",
+                   seqlen=128, window=32, mode="fwd+bwd", mod=mod)
 
 
 def sweep(device, quick):
@@ -247,6 +282,8 @@ def sweep(device, quick):
         for w in windows:
             yield dict(base, seqlen=L, window=w, mode="fwd+bwd")
     yield dict(base, seqlen=16384, window=256, mode="fwd")
+    for mod in ("softcap", "sinks"):
+        yield dict(base, seqlen=16384, window=256, mode="fwd+bwd", mod=mod)
 
 
 def skip_on_cpu(impl, cfg):
@@ -305,7 +342,7 @@ def run(args):
             rec = dict(op=OP, impl=impl, device=device, dtype=cfg["dtype"], shape=shape, env=env)
             base_key = (cfg["seqlen"], cfg["head_dim"], cfg["mode"])
             reason = skip_on_cpu(impl, cfg) if device == "cpu" else None
-            if impl == "sdpa_causal" and base_key in baseline_ms:
+            if impl == "sdpa_causal" and base_key in baseline_ms and cfg.get("mod") is None:
                 continue  # window-independent: measured once per (L, D, mode)
             if reason is None:
                 try:
@@ -330,7 +367,8 @@ def run(args):
             records.append(rec)
             common.append_partial(args.out, "attention", rec)
             common.progress(f"[{n + 1}/{len(configs)}] L={cfg['seqlen']} w={cfg['window']} D={cfg['head_dim']} "
-                            f"{cfg['mode']:8s} {impl:15s} {rec['ms']:9.2f} ms  {rec['tflops']:7.2f} TFLOP/s")
+                            f"{cfg['mode']:8s} {cfg.get('mod') or '':7s} {impl:15s} {rec['ms']:9.2f} ms  "
+                            f"{rec['tflops']:7.2f} TFLOP/s")
         del q, k, v, do
     for rec in records:
         base = baseline_ms.get((rec["shape"]["seqlen"], rec["shape"]["head_dim"], rec["shape"]["mode"]))
@@ -363,14 +401,14 @@ def summarize(records):
         s = r["shape"]
         competing = r.get("condition") == "competing"
         rows.append(dict(
-            L=s["seqlen"], window=s["window"], D=s["head_dim"], mode=s["mode"],
+            L=s["seqlen"], window=s["window"], D=s["head_dim"], mode=s["mode"], mod=s.get("mod") or "",
             impl=r["impl"] + (" (beside a CPU-bound process)" if competing else ""),
             ms=r.get("ms"), tflops=r.get("tflops"),
             speedup=(r.get("speedup_vs") or {}).get("ratio"),
             mem_mb=(r["peak_mem_bytes"] / 2**20) if r.get("peak_mem_bytes") is not None else None,
         ))
     f = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
-    return common.markdown_table(rows, ["L", "window", "D", "mode", "impl", "ms", "tflops", "speedup", "mem_mb"],
+    return common.markdown_table(rows, ["L", "window", "D", "mode", "mod", "impl", "ms", "tflops", "speedup", "mem_mb"],
                                  {"ms": f, "tflops": f, "speedup": f, "mem_mb": lambda x: "" if x is None else f"{x:.0f}"})
 
 
@@ -385,6 +423,8 @@ def plot(records, path_prefix):
         if "ms" not in r or r.get("condition") == "competing":
             continue
         s = r["shape"]
+        if s.get("mod"):
+            continue  # one length per modifier: in the table, not a curve
         key = (s["window"], s["head_dim"], s["mode"])
         groups.setdefault(key, {}).setdefault(r["impl"], []).append((s["seqlen"], r["ms"], r["tflops"]))
     paths = []
@@ -468,6 +508,7 @@ def targets(records, device):
     def find(impl, condition="idle", **shape):
         for r in records:
             if (r["impl"] == impl and "ms" in r and r.get("condition", "idle") == condition
+                    and r["shape"].get("mod") == shape.get("mod")
                     and all(r["shape"].get(k) == v for k, v in shape.items())):
                 return r
         return None
@@ -531,7 +572,8 @@ def main(argv=None):
         f.write("".join(f"- {_target_line(t)}\n" for t in tg))
         if skipped:
             f.write("\n## Skipped\n\n" + "".join(
-                f"- {s['impl']} L={s['shape']['seqlen']} w={s['shape']['window']} {s['shape']['mode']}: {s['reason']}\n"
+                f"- {s['impl']} L={s['shape']['seqlen']} w={s['shape']['window']} {s['shape']['mode']}"
+                f"{' ' + s['shape']['mod'] if s['shape'].get('mod') else ''}: {s['reason']}\n"
                 for s in skipped))
     plot(measured, os.path.join(out_dir, "attention"))
     print(table)

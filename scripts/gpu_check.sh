@@ -7,7 +7,8 @@
 #   1. environment, then the Triton GPU tests of both ops (every autotune candidate too)
 #   2. attention benchmark at the headline shapes (bf16, batch 2, 16 heads, d128, causal
 #      window 4096, L 16k and 32k, fwd and fwd+bwd) against FlexAttention, dense flash
-#      SDPA and cuDNN's sliding-window SDPA (when nvidia-cudnn-frontend imports)
+#      SDPA and cuDNN's sliding-window SDPA (when nvidia-cudnn-frontend imports); then
+#      L 16k with Gemma2's soft-cap 50 (against FlexAttention's score_mod) and with sinks
 #   3. block-diagonal benchmark against torch.bmm, the F.linear loop and grouped_mm
 #   4. the CUDA extension build (this GPU's architecture) and its GPU tests
 #   5. one end-to-end training-step benchmark

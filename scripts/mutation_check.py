@@ -283,6 +283,70 @@ MUTATIONS = [
         ["tests/test_cuda_build.py"], "emulated",
         "the dQ kernel prefetches the next K/V tile before the barrier",
     ),
+    # ------------------------------------------------------------------ softcap and sinks
+    Mutation(
+        "softcap_grad_missing_torch", f"{ATT}/torch_impl.py",
+        "            ds.mul_(cap_grad)  # d(c tanh(s / c)) / ds",
+        "            pass  # d(c tanh(s / c)) / ds",
+        ["tests/test_attention.py"], "torch and (softcap or property)",
+        "the PyTorch backward leaves out the cap's derivative 1 - tanh^2",
+    ),
+    Mutation(
+        "softcap_grad_missing_triton", f"{ATT}/triton_kernels.py",
+        "            ds = ds * _softcap_grad(p, lse[:, None], qk_scale)",
+        "            ds = ds",
+        ["tests/test_attention.py"], "triton and softcap",
+        "the Triton dQ kernel leaves out the cap's derivative",
+    ),
+    Mutation(
+        "tanh_not_odd_triton", f"{ATT}/triton_kernels.py",
+        "    return tl.where(x < 0, -t, t)",
+        "    return t",
+        ["tests/test_attention.py"], "triton and softcap",
+        "the Triton tanh returns |tanh| (negative scores capped to positive ones)",
+    ),
+    Mutation(
+        "sink_not_in_denominator_torch", f"{ATT}/torch_impl.py",
+        "            l = l + torch.exp(sink - m)",
+        "            l = l",
+        ["tests/test_attention.py"], "torch and (sink or property)",
+        "the PyTorch forward takes the sink into the running max but not into the denominator",
+    ),
+    Mutation(
+        "sink_not_in_denominator_triton", f"{ATT}/triton_kernels.py",
+        "        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)",
+        "        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)",
+        ["tests/test_attention.py"], "triton and sink",
+        "the Triton forward starts the denominator at 0 instead of the sink's exp(sink - m) = 1",
+    ),
+    Mutation(
+        "dsinks_sign_torch", f"{ATT}/torch_impl.py",
+        "    return -(p_sink * delta).sum(dims).to(sinks.dtype)",
+        "    return (p_sink * delta).sum(dims).to(sinks.dtype)",
+        ["tests/test_attention.py"], "torch and sink",
+        "the PyTorch sinks gradient has the wrong sign",
+    ),
+    Mutation(
+        "dsinks_sign_triton", f"{ATT}/triton_kernels.py",
+        "-tl.sum(p_sink * pdp, 0))",
+        "tl.sum(p_sink * pdp, 0))",
+        ["tests/test_attention.py"], "triton and sink",
+        "the Triton sinks gradient has the wrong sign",
+    ),
+    Mutation(
+        "hf_sinks_dropped", "sft_kernels/integrations/transformers.py",
+        '        mods["sinks"] = kwargs["s_aux"]',
+        "        pass",
+        ["tests/test_hf_matrix.py"], "gpt",
+        "the Hugging Face backend drops GPT-OSS's s_aux sinks",
+    ),
+    Mutation(
+        "hf_softcap_dropped", "sft_kernels/integrations/transformers.py",
+        '        mods["softcap"] = float(kwargs["softcap"])',
+        "        pass",
+        ["tests/test_hf_matrix.py"], "softcap",
+        "the Hugging Face backend drops Gemma2's attention logit softcap",
+    ),
 ]
 
 
