@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, assert_close, assert_fa_bar, assert_rel, poison_
+from helpers import TOL, _max_abs, assert_close, assert_fa_bar, assert_rel, poison_
 from sft_kernels import sliding_window_attention, sliding_window_attention_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -93,14 +93,73 @@ def _check_against_reference(q, k, v, window, causal, backend, grads=True, gener
     got = torch.autograd.grad(out, leaves, do)
     want = torch.autograd.grad(ref, [q64, k64, v64] + s64, do.cpu().double())
     lows = torch.autograd.grad(low, [ql, kl, vl] + sl, do.cpu()) if low is not None else (None,) * len(leaves)
+    if low is not None and not kw.get("softcap"):
+        lows = _fa_design_baseline(lows, want, ref, q64, k64, v64, (s64 or [None])[0], do.cpu().double(), window,
+                                   causal, ref_kw, dtype)
     for name, g, r, lg, leaf in zip(("dq", "dk", "dv", "dsinks"), got, want, lows, leaves):
         assert g.dtype == leaf.dtype, f"{name} dtype {g.dtype}"
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        if name == "dsinks" and dtype != torch.float64:  # a signed sum over every row: see _assert_sum_close
+            _assert_sum_close(g.cpu(), r, _sink_terms(s64[0], ref, ref_lse, do.cpu().double()), TOL[dtype], "dsinks")
+            if lg is not None:
+                assert_close(g.cpu(), r, dtype, name, lg, fixed_bar=False)  # and FlashAttention's bar
+            continue
         assert_close(g.cpu(), r, dtype, name, lg, fixed_bar)
     # rows that see no key (their output is exactly 0) get an exactly zero dq
     empty = (ref == 0).all(-1)  # (batch, Lq, heads) or (total, heads)
     if empty.any():
         assert torch.equal(got[0].cpu()[empty], torch.zeros_like(got[0].cpu()[empty])), "dq of rows without keys"
+
+
+def _fa_design_baseline(lows, want, ref, q64, k64, v64, sinks64, do64, window, causal, ref_kw, dtype):
+    """fp16/bf16: the low-precision baseline for dq and dk becomes whichever is
+    further from the exact gradient, plain PyTorch or FlashAttention's algorithm in exact
+    arithmetic except for its one rounding, delta = rowsum(dO * O) from O rounded to the
+    output dtype (both backends keep that design, as FlashAttention and FlexAttention do).
+
+    That rounding moves dS_ij = P_ij (dP_ij - delta_i) by P_ij (delta_i - delta'_i), so
+    dq_i by scale * (delta_i - delta'_i) * sum_j P_ij k_j (attention with k as values) and
+    dk_j by scale * sum_i P_ij (delta_i - delta'_i) q_i (the value gradient for those
+    upstream rows): both from the float64 reference. Where dS is a small difference (rows
+    that see one or two keys; with a sink taking little of such a row) this rounding
+    dominates (seen: dk 3.4x plain PyTorch's error at window (0, 0) with sinks, dq 4.2x on
+    packed fp16 rows with two keys); plain PyTorch's softmax backward takes delta from P
+    and is not affected. Measured on those cases, this baseline reproduces the kernels'
+    error to 1% (dq 7.40e-3 against 7.38e-3, dk 1.217e-2 against 1.206e-2).
+    """
+    scale = ref_kw.get("softmax_scale") or 1.0 / math.sqrt(q64.shape[-1])
+    dd = (do64 * (ref.detach() - ref.detach().to(dtype).double())).sum(-1, keepdim=True)  # delta - delta'
+    args = {n: t for n, t in ref_kw.items() if n != "softmax_scale"}
+    sinks64 = None if sinks64 is None else sinks64.detach()
+    attend_k, _ = sliding_window_attention_reference(q64.detach(), k64.detach(), k64.detach(), window, causal,
+                                                     scale, sinks=sinks64, **args)
+    v_leaf = v64.detach().clone().requires_grad_()
+    o_v, _ = sliding_window_attention_reference(q64.detach(), k64.detach(), v_leaf, window, causal, scale,
+                                                sinks=sinks64, **args)
+    dk_shift, = torch.autograd.grad(o_v, v_leaf, scale * dd * q64.detach())
+    fa = [want[0] + scale * dd * attend_k, want[1] + dk_shift]
+    return [f if _max_abs(f, w) > _max_abs(lw, w) else lw for f, w, lw in zip(fa, want[:2], lows[:2])] + list(lows[2:])
+
+
+def _sink_terms(sinks64, ref, ref_lse, do64):
+    """Per head, the sum over rows of |P_sink * rowsum(dO * O)|, from the reference's values:
+    the magnitude of the terms whose signed sum is d sinks."""
+    delta = (do64 * ref.detach()).sum(-1)  # (B, Lq, H) or (T, H)
+    if ref_lse.dim() == 3:
+        delta, p_sink = delta.transpose(1, 2), torch.exp(sinks64.detach().view(1, -1, 1) - ref_lse)
+    else:
+        delta, p_sink = delta.T, torch.exp(sinks64.detach().view(-1, 1) - ref_lse)
+    return (p_sink * delta).abs().sum(tuple(d for d in range(delta.dim()) if d != delta.dim() - 2))
+
+
+def _assert_sum_close(out, ref, terms, tol, what):
+    """A sum over the whole sequence (d sinks): error within ``tol`` of the magnitude of its
+    terms (the fixed relative bar of the other gradients, made cancellation-aware). Rows of
+    either sign cancel, so relative to the sum itself the error is as large as the
+    cancellation (seen in fp32: 2e-5 of a d sink of 0.05 whose terms add up to 0.6)."""
+    err = (out.double() - ref).abs()
+    bar = tol * torch.maximum(terms, ref.abs())
+    assert (err <= bar).all(), f"{what}: errors {err.tolist()} above {bar.tolist()} ({tol} of the terms' magnitude)"
 
 
 def _check(case, dtype, device, backend, grads=True, **kw):

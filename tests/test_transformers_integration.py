@@ -378,8 +378,8 @@ def test_unsupported_features_raise():
         ours(input_ids=ids)
     module = ours.model.layers[0].self_attn
     q = torch.randn(1, 4, 5, 16)
-    with pytest.raises(ValueError, match="softcap"):
-        sft_tf.sft_attention_forward(module.eval(), q, q[:, :2], q[:, :2], None, softcap=30.0)
+    with pytest.raises(ValueError, match="softcap must be"):  # passed to the op, which checks it
+        sft_tf.sft_attention_forward(module.eval(), q, q[:, :2], q[:, :2], None, softcap=-30.0)
 
 
 def test_register_validates_and_checks_version(monkeypatch):

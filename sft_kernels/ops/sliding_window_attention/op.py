@@ -285,7 +285,10 @@ def sliding_window_attention(
     backends, against the 3e-7 of O(1) scores). The output and LSE keep fp32 accuracy, and
     fp16 / bf16 results stay within FlashAttention's bar (twice plain PyTorch's error in that
     precision) at every scale: at logits x100, 6-110x below it. fp64 (torch backend) is
-    exact to fp64 rounding.
+    exact to fp64 rounding. Also FlashAttention's design: the backward takes delta =
+    rowsum(dO * O) from the fp16/bf16 output, so where dS is a small difference (rows that
+    see one or two keys, or whose sink takes little) dq / dk carry that rounding, up to 3-4x
+    plain PyTorch's error there (whose softmax backward takes delta from P).
     """
     spec = parse_window(window_size, causal)
     max_seqlen_q, max_seqlen_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -178,8 +178,13 @@ def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1, softcap=0.0, 
         lse[:, :, :, qs:qe] = (m + torch.log(l)).view(b, hkv, g, c).to(lse.dtype)
 
 
-def _bwd_rows(do, q, k, v, lse, dq, dk, dv, left, right, scale, rows, r0, r1, softcap=0.0, delta_out=None):
+def _bwd_rows(do, q, k, v, out, lse, dq, dk, dv, left, right, scale, rows, r0, r1, softcap=0.0, delta_out=None):
     """Gradients of :func:`_fwd_rows` for query rows [r0, r1); scores recomputed per chunk.
+
+    ``out`` is the rows' whole attention output (as in FlashAttention's backward, delta =
+    rowsum(dO * O) comes from it): the context-parallel merge runs this backward on a part
+    of each row's keys with the merged output and LSE, where rowsum(P * dP) over the part
+    would be wrong.
 
     ``lse`` is (B, Hkv, G, Lq) in the compute dtype with +inf on rows that see no key (so
     p = 0 there). dq (B, Lq, Hq, D) gets rows [r0, r1); dk/dv (B, Lk, Hkv, D, compute dtype)
@@ -204,11 +209,10 @@ def _bwd_rows(do, q, k, v, lse, dq, dk, dv, left, right, scale, rows, r0, r1, so
         p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()  # lse holds any sink
         dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).transpose(1, 2)  # sums the G query heads
         dp = torch.matmul(doc, vr.transpose(-1, -2))
-        # delta = rowsum(P * dP) (= rowsum(dO * O)), from the compute-precision P rather than the
-        # saved output: exact for a row that sees one key (dq = 0), and no fp16/bf16 rounding of O
-        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)
-        if delta_out is not None:  # (B, Hkv, G, Lq): kept for the sinks' gradient
-            delta_out[:, :, :, qs:qe] = delta.view(b, hkv, g, c)
+        delta = doc.mul(_q_chunk(out, qs, qe, hkv, cdt)).sum(-1, keepdim=True)  # rowsum(dO * O)
+        if delta_out is not None:  # (B, Hkv, G, Lq) for the sinks' gradient: rowsum(P * dP) (with
+            # sinks every row is whole here), from the compute-precision P, not the rounded O
+            delta_out[:, :, :, qs:qe] = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).view(b, hkv, g, c)
         ds = p.mul_(dp.sub_(delta))
         if cap_grad is not None:
             ds.mul_(cap_grad)  # d(c tanh(s / c)) / ds
@@ -379,9 +383,9 @@ def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap:
 
 
 def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap: float = 0.0) -> None:
-    """Each seq's tensors: do, q, k, v (B, L, H, D), lse (B, Hkv, G, Lq; +inf on empty rows),
-    dq (B, Lq, Hq, D), dk, dv (B, Lk, Hkv, D, compute dtype, zeroed), delta (B, Hkv, G, Lq,
-    zeroed: rowsum(P * dP) is written there) or None."""
+    """Each seq's tensors: do, q, k, v, out (B, L, H, D), lse (B, Hkv, G, Lq; +inf on empty
+    rows), dq (B, Lq, Hq, D), dk, dv (B, Lk, Hkv, D, compute dtype, zeroed), delta (B, Hkv, G,
+    Lq, zeroed: rowsum(P * dP) is written there, for the sinks' gradient) or None."""
     threads = torch.get_num_threads()
     work = _work(seqs, b, hq)
     par = threads if work >= INLINE_WORK else 1
@@ -389,9 +393,10 @@ def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap
 
     def run(t: _Task) -> None:
         s = seqs[t.seq]
-        do, q, k, v, lse, dq, dk, dv, delta = s.tensors
+        do, q, k, v, out, lse, dq, dk, dv, delta = s.tensors
         _bwd_rows(_slice(do, t, hq, hkv, 2), _slice(q, t, hq, hkv, 2), _slice(k, t, hkv, hkv, 2),
-                  _slice(v, t, hkv, hkv, 2), _slice(lse, t, hkv, hkv, 1), _slice(dq, t, hq, hkv, 2),
+                  _slice(v, t, hkv, hkv, 2), _slice(out, t, hq, hkv, 2), _slice(lse, t, hkv, hkv, 1),
+                  _slice(dq, t, hq, hkv, 2),
                   _slice(dk, t, hkv, hkv, 2), _slice(dv, t, hkv, hkv, 2), s.left, s.right, scale, rows[t.seq],
                   t.r0, t.r1, softcap, None if delta is None else _slice(delta, t, hkv, hkv, 1))
 
@@ -450,8 +455,10 @@ def attention_fwd(
 
 def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, cu_seqlens_k, softcap=0.0,
                   sinks=None):
-    """Gradients (dq, dk, dv, dsinks); dsinks is None without sinks. ``out`` is not needed:
-    delta is recomputed from P and dP (for the sinks' gradient too).
+    """Gradients (dq, dk, dv, dsinks); dsinks is None without sinks. ``out`` is the forward's
+    output (delta = rowsum(dO * O)), or, for a part of each row's keys, the whole rows'
+    merged output with their merged ``lse``. The sinks' gradient takes rowsum(P * dP) (rows
+    are whole with sinks), exact in the compute precision.
 
     Empty input gives zero (or empty) gradients.
     """
@@ -469,7 +476,8 @@ def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, 
         if q.numel() and k.numel():
             left, right = spec.resolve(lk)
             lse4 = _bwd_lse(lse, b, hkv, g, lq, cdt)
-            _backward([_Seq(lq, lk, left, right, (do, q, k, v, lse4, dq, dk, dv, delta))], b, hq, hkv, scale, softcap)
+            _backward([_Seq(lq, lk, left, right, (do, q, k, v, out, lse4, dq, dk, dv, delta))], b, hq, hkv, scale,
+                      softcap)
     elif q.numel() and k.numel():
         seqs = []
         for qs, qe, ks, ke, left, right in packed_sequences(cu_seqlens_q, cu_seqlens_k, spec):
@@ -477,7 +485,7 @@ def attention_bwd(do, q, k, v, out, lse, spec: WindowSpec, scale, cu_seqlens_q, 
                 continue
             lse4 = _bwd_lse(lse[:, qs:qe], 1, hkv, g, qe - qs, cdt)
             seqs.append(_Seq(qe - qs, ke - ks, left, right,
-                             (do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], lse4,
+                             (do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], out[None, qs:qe], lse4,
                               dq[None, qs:qe], dk[None, ks:ke], dv[None, ks:ke],
                               None if delta is None else delta[None, :, :, qs:qe])))
         if seqs:

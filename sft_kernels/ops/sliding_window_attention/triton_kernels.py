@@ -851,8 +851,8 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
         dq_tuned = _dq_tuned(q.shape[-1], _arch(q.device))
         # one slot per (sequence, head, query tile) at the smallest tile of the list; zeros: a
         # tile past its sequence's end returns before writing its slot
-        tiles = triton.cdiv(lq, min(c.kwargs["BLOCK_M"] for c in dq_tuned.configs))
-        dsink_part = torch.zeros((nb, hq, tiles) if sinks is not None else (0,), dtype=torch.float32, device=q.device)
+        tiles = triton.cdiv(lq, min(c.kwargs["BLOCK_M"] for c in dq_tuned.configs)) if sinks is not None else 0
+        dsink_part = torch.zeros((nb, hq, tiles), dtype=torch.float32, device=q.device)
         dq_tuned[grid](
             qc, kc, vc, doc, lc, dc, dqc, sinks_arg, dsink_part, cq, ck, *common, *_bsh(dqc, varlen),
             *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tiles, bucket,
