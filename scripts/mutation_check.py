@@ -151,8 +151,8 @@ MUTATIONS = [
     ),
     Mutation(
         "dk_dv_swapped_triton", f"{ATT}/triton_kernels.py",
-        "    return dq, dk, dv\n\n\n# ----------------------------------------------------------------------------- GPU compile check",
-        "    return dq, dv, dk\n\n\n# ----------------------------------------------------------------------------- GPU compile check",
+        "    return dq, dk, dv, dsinks\n",
+        "    return dq, dv, dk, dsinks\n",
         ["tests/test_attention.py"], "triton",
         "the Triton backward returns dV as dK and dK as dV",
     ),
