@@ -231,3 +231,21 @@ def test_block_diag_reference_zero_tokens():
     blocks = [torch.randn(2, 3), torch.randn(4, 1)]
     y = block_diag_matmul_reference(torch.randn(0, 4), blocks, torch.randn(6))
     assert y.shape == (0, 6)
+
+
+@pytest.mark.parametrize("shape", [(0, 10), (2, 0)], ids=["batch0", "seqlen0"])
+@pytest.mark.parametrize("mask", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
+def test_sft_attention_empty_batch(shape, mask, sinks):
+    """The module on batch 0 / no tokens, with and without an attention_mask: an empty
+    output and zero parameter gradients (a padded empty batch used to fail unpadding)."""
+    from sft_kernels import SFTAttention
+
+    layer = SFTAttention(32, 4, 2, window_size=8, bias=True, attention_sinks=sinks)
+    x = torch.randn(*shape, 32, requires_grad=True)
+    out = layer(x, attention_mask=torch.ones(shape, dtype=torch.long) if mask else None)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        assert p.grad is None or not p.grad.any(), name

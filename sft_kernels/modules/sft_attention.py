@@ -180,7 +180,7 @@ def padded_sliding_window_attention(
     """
     if (q_valid is None) != (k_valid is None):
         raise ValueError("q_valid and k_valid must both be given or both be None")
-    if q_valid is None:
+    if q_valid is None or q_valid.numel() == 0 or k_valid.numel() == 0:  # no padding, or nothing to unpad
         return sliding_window_attention(q, k, v, window_size, causal, softmax_scale, backend=backend,
                                         softcap=softcap, sinks=sinks)
     b, lq = q.shape[:2]
@@ -411,6 +411,8 @@ class SFTAttention(nn.Module):
         if attention_mask is not None:
             valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
             _check_contiguous("attention_mask", valid)
+            if valid.numel() == 0:  # batch 0 or no token: nothing to unpad, the empty result as without a mask
+                valid = None
         use_rope = position_embeddings is not None or self.rope_theta is not None
         if use_rope and position_embeddings is None:
             pos = self._positions(valid, position_ids, b, l, hidden_states.device)
@@ -436,8 +438,8 @@ class SFTAttention(nn.Module):
         x = hidden_states.reshape(b * l, c).index_select(0, indices)
         q, k, v = self._split_qkv(self.qkv_proj(x))
         if use_rope:
-            cos = cos.reshape(b * l, -1).index_select(0, indices)
-            sin = sin.reshape(b * l, -1).index_select(0, indices)
+            cos = cos.reshape(b * l, cos.shape[-1]).index_select(0, indices)
+            sin = sin.reshape(b * l, sin.shape[-1]).index_select(0, indices)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = autocast_qkv(q, k, v)
         out = sliding_window_attention(
