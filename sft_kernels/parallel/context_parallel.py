@@ -26,13 +26,14 @@ Forward, per call:
    explicit window and ``seqlen_k != seqlen_q`` (bottom-right alignment, see below);
 5. the parts are merged by log-sum-exp.
 
-Backward: for attention over disjoint key sets whose merged output is ``O`` with merged
-log-sum-exp ``L``, the gradients of ``q`` and of each key set's ``k, v`` are exactly the
-attention backward over that key set evaluated with the merged ``O`` and ``L`` (``P = exp(S
-- L)``, ``delta = rowsum(dO * O)``). So the package's backward op runs once per part with
-the merged ``out``/``lse``: the halo parts first, their ``dK``/``dV`` go back to the ranks
-that own those keys (posted asynchronously), the local part runs while they travel, and
-each owner adds what it receives to its own ``dK``/``dV``. ``dq`` is the sum over parts.
+Backward: the gradients of attention whose merged output is ``O`` with merged log-sum-exp
+``L`` are the attention backward over all the keys a row sees, with ``P = exp(S - L)`` and
+``delta = rowsum(dO * O)``. So the package's backward op runs once, on the keys ``[left halo,
+shard, right halo]`` (contiguous positions; explicit window ``(left + hr, right - hr)`` for the
+bottom-right alignment, ``hr`` = right halo length), with the merged ``out``/``lse``. One call,
+not one per part: the PyTorch path takes ``delta`` as ``rowsum(P * dP)`` over the keys of its
+call, a partial sum for a part. The halo's ``dK``/``dV`` then go back to the ranks that own
+those keys, and each owner adds what it receives to its own ``dK``/``dV``.
 
 Alignment of a halo part. The kernels place query ``i`` of ``seqlen_q`` at key position
 ``i + seqlen_k - seqlen_q`` (bottom-right). For the left halo (``h`` keys at global
@@ -41,9 +42,9 @@ queries cannot reach it), query ``i`` may see key ``j`` iff ``j >= i + h - left`
 ``seqlen_q = m, seqlen_k = h`` that is the explicit window ``(left - m, -1)``. For the right
 halo (``h`` keys at ``(r+1) n ..``) and the last ``m = min(n, right)`` queries (local row
 ``i' = i - (n - m)``), ``j <= i' + right - m``, which is the window ``(-1, right - h)``.
-(Concatenating ``[left halo, shard, right halo]`` into one key tensor would misalign the
-queries by the right halo's length.) Both windows are >= 0 because ``m <= left`` and
-``h <= right``.
+(Concatenating ``[left halo, shard, right halo]`` into one key tensor misaligns the
+queries by the right halo's length, which the backward's window corrects.) Both windows are
+>= 0 because ``m <= left`` and ``h <= right``.
 """
 
 from __future__ import annotations
@@ -326,26 +327,29 @@ class _HaloAttention(torch.autograd.Function):
         dout = dout.contiguous()
         b, n, _, d = q.shape
         hkv = k.shape[2]
-        left_part, right_part = _part_windows(plan)
-        # halo parts first, so that their dK/dV travel while the local backward runs
-        sends, dq_parts = [], []
-        for part, kh, vh, pieces in ((left_part, kl, vl, plan.recv_left), (right_part, kr, vr, plan.recv_right)):
-            if part is None:
-                continue
-            rows, (wl, wr) = part
-            dq_p, dk_p, dv_p = _swa_bwd(dout[:, rows], q[:, rows], kh, vh, out[:, rows], lse[:, :, rows], wl, wr,
-                                        scale, impl)
-            dq_parts.append((rows, dq_p))
-            off = 0
-            for p in pieces:  # back to the owners, in the pieces they sent
-                sends.append((p.peer, _kv_rows(dk_p, dv_p, off, off + p.rows)))
-                off += p.rows
+        # One backward call over the keys [left halo, shard, right halo] (contiguous global
+        # positions), not one per part: the backward's delta must be the whole row's
+        # rowsum(dO * O), and the PyTorch path takes it as rowsum(P * dP) over the keys of the call
+        # (per part that is a partial sum: dq and dk were wrong, dv right). Query i sits at key
+        # hl + i of the concatenation while the kernel aligns it at hl + hr + i (bottom-right),
+        # hence the explicit window (left + hr, right - hr); both are >= 0 (hr <= right).
+        hl = kl.shape[1] if kl is not None else 0
+        hr = kr.shape[1] if kr is not None else 0
+        kc = torch.cat([t for t in (kl, k, kr) if t is not None], dim=1) if hl or hr else k
+        vc = torch.cat([t for t in (vl, v, vr) if t is not None], dim=1) if hl or hr else v
+        dq, dkc, dvc = _swa_bwd(dout, q, kc, vc, out, lse, plan.left + hr, plan.right - hr, scale, impl)
+        sends, off = [], 0
+        for p in plan.recv_left:  # back to the owners, in the pieces they sent
+            sends.append((p.peer, _kv_rows(dkc, dvc, off, off + p.rows)))
+            off += p.rows
+        off = hl + n
+        for p in plan.recv_right:
+            sends.append((p.peer, _kv_rows(dkc, dvc, off, off + p.rows)))
+            off += p.rows
         owned = plan.send_left + plan.send_right
         recvs = [(p.peer, (b, p.rows, 2 * hkv, d)) for p in owned]
         reqs, bufs = _post(sends, recvs, group, k)
-        dq, dk, dv = _swa_bwd(dout, q, k, v, out, lse, plan.left, plan.right, scale, impl)
-        for rows, dq_p in dq_parts:
-            dq[:, rows] += dq_p
+        dk, dv = dkc[:, hl:hl + n].clone(), dvc[:, hl:hl + n].clone()
         _wait(reqs)
         for p, g in zip(owned, bufs):
             dk[:, p.start:p.stop] += g[:, :, :hkv]
@@ -497,6 +501,9 @@ def context_parallel_attention(
         out, lse = sliding_window_attention(q, k, v, (left, right), False, scale, return_lse=True, backend=impl)
         return (out, lse) if return_lse else out
     plan = halo_plan(rank, world, n, left, right)
+    # the backward calls the raw backward op on the saved tensors, which reads them as contiguous
+    # (Hugging Face hands over transposed views: the gradients were wrong without this)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, lse = _HaloAttention.apply(q, k, v, plan, scale, impl, group)
     return (out, lse) if return_lse else out
 
@@ -600,13 +607,27 @@ def right_padded_lengths(valid: torch.Tensor, context_parallel_group, sequence_p
     padded (not packed) shard cannot exclude.
     """
     b, n = valid.shape
-    count = valid.sum(dim=1)
-    prefix = (torch.arange(n, device=valid.device).unsqueeze(0) < count.unsqueeze(1)) == valid
-    mine = torch.where(prefix.all(dim=1), count, torch.full_like(count, -1)).tolist()  # -1: a hole in this shard
+    mine = local_prefix_counts(valid)  # -1: a hole in this shard
     if sequence_parallel_group is not None:
         mine = [x for m in all_gather_ints(mine, sequence_parallel_group) for x in m]
     shards = [x for m in all_gather_ints(mine, context_parallel_group) for x in m]
-    per_shard = [shards[s * b:(s + 1) * b] for s in range(len(shards) // b)]  # (num_shards, batch)
+    return lengths_from_shard_counts([shards[s * b:(s + 1) * b] for s in range(len(shards) // b)], n)
+
+
+def local_prefix_counts(valid: torch.Tensor) -> List[int]:
+    """Per row of this rank's ``(batch, n)`` mask slice: its real tokens when they are a prefix of
+    the slice, else -1 (a hole, or padding before a token)."""
+    n = valid.shape[1]
+    count = valid.sum(dim=1)
+    prefix = (torch.arange(n, device=valid.device).unsqueeze(0) < count.unsqueeze(1)) == valid
+    return torch.where(prefix.all(dim=1), count, torch.full_like(count, -1)).tolist()
+
+
+def lengths_from_shard_counts(per_shard: Sequence[Sequence[float]], n: int) -> List[int]:
+    """Global real lengths per row from every shard's :func:`local_prefix_counts` (in sequence
+    order, ``(num_shards, batch)``); ValueError unless each row is right-padded over the whole
+    sequence."""
+    b = len(per_shard[0]) if per_shard else 0
     lengths = []
     for row in range(b):
         counts = [int(c[row]) for c in per_shard]
