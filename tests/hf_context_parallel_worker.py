@@ -205,6 +205,8 @@ expect_error("sinks", lambda: sft_hf.sft_attention_forward(Layer(), q, kv, kv, N
 cu = torch.tensor([0, N, 2 * N, 3 * N], dtype=torch.int32)
 expect_error("cu-seq-lens", lambda: sft_hf.sft_attention_forward(Layer(), q, kv, kv, None, position_ids=pos,
                                                                  cu_seq_lens_q=cu, cu_seq_lens_k=cu))
+mask4d = torch.zeros(B, 1, N, N, dtype=torch.float64)
+expect_error("4d-mask", lambda: sft_hf.sft_attention_forward(Layer(), q, kv, kv, mask4d, position_ids=pos))
 sft_hf.register(window_size=(3, 3), context_parallel_group=dist.group.WORLD)
 expect_error("two-sided-with-padding", lambda: sft_hf.sft_attention_forward(
     Layer(), q, kv, kv, mask[:, lo:hi], is_causal=False, position_ids=pos))
