@@ -1,5 +1,5 @@
-"""``sft-kernels train --context_parallel_size N``: the process groups DeepSpeed is given, the
-sharding of each batch's sequence dimension, and the loss that equals the unsharded one.
+"""``sft-kernels train --context_parallel_size N``: the sharding of each batch's sequence
+dimension over a context-parallel group, and a loss whose gradients are the unsharded ones.
 
 Layout (:func:`sft_kernels.parallel.context_parallel_groups` with ``C = N``, no Ulysses): the
 world is ``D = world / N`` data-parallel replicas of ``N`` consecutive ranks; rank ``j`` of a
@@ -7,26 +7,26 @@ replica holds the ``j``-th of ``N`` consecutive blocks of every sequence of its 
 batch. The data sampler runs over the ``D`` replicas (all ranks of a replica read the same
 batch).
 
-DeepSpeed is handed an ``mpu`` with DeepSpeed's sequence-parallel interface (the one its
-Ulysses training uses): the context-parallel group is its *sequence-parallel* group, all
-ranks of the replicas together its *sequence-data-parallel* group, over which ZeRO partitions
-parameters, gradients and optimizer state and reduces gradients (summed over the ``N`` ranks
-of a sequence, averaged over the ``D`` replicas: DeepSpeed divides by ``world / N``). The
-*data-parallel* group (the ranks holding the same block in every replica) sizes the global
-batch (``train_batch_size = micro x accumulation x D``). There is no model parallelism: its
-group is this rank alone. Every parameter is replicated on all ranks before ZeRO, so ZeRO over
-all of them is what DeepSpeed does for Ulysses too; ZeRO over the data-parallel group alone
-would leave the gradients of the ``N`` blocks unsummed.
-
 Per micro-batch on every rank of a replica: the right-padded ``(batch, L)`` batch is padded
 to ``L' = N ceil(L / N)`` (pad id, mask 0, label -100), the labels are shifted *before*
 sharding (the label of a block's last token is the first token of the next block), the
 position_ids are the global ``0 .. L'-1``, and the block ``[j L'/N, (j+1) L'/N)`` goes
 through the model, whose ``sft_sliding_window`` layers exchange halos
 (:func:`sft_kernels.integrations.transformers.register` with ``context_parallel_group``).
-The loss of the rank is the sum of its tokens' losses over the number of label tokens of the
-whole micro-batch, so the sum over the group is the unsharded mean token loss and the
-gradients DeepSpeed sums are the unsharded ones.
+The block's loss ``l_j`` is the sum of its tokens' losses over the number of label tokens of
+the whole micro-batch, so ``sum_j l_j`` is the unsharded mean token loss, and the gradient of
+the replicated parameters is ``sum_j grad l_j`` (the halo exchange returns each block's share
+of its neighbours' gradients in the backward).
+
+DeepSpeed. The parameters are replicated on all ranks, so ZeRO partitions and reduces over all
+of them, as plain data parallelism over the world: DeepSpeed averages the ranks' gradients,
+and each rank backpropagates ``N l_j``, whose average over the world is ``sum_j grad l_j``
+averaged over the replicas. (DeepSpeed's own sequence-parallel ``mpu`` interface, which should
+sum over a sequence's ranks, does so in ZeRO 0-2 but not in ZeRO-3's default reduce-scatter
+path of DeepSpeed 0.19.8, which averages over them: gradients 1/N, measured as a halved gradient
+norm at N = 2. Scaling the loss is right on every path.) DeepSpeed's own sample counters and
+``train_batch_size`` therefore count each sequence N times; this command's logs and metrics count
+it once.
 """
 
 from __future__ import annotations
@@ -38,67 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-
-
-class ContextParallelMPU:
-    """DeepSpeed's ``mpu`` interface for data x context parallelism (module docstring)."""
-
-    def __init__(self, groups):
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(), dist.get_rank()
-        self._cp = groups.context_parallel_group
-        self._dp = groups.data_parallel_group
-        self._all = dist.new_group(list(range(world)))  # collective: every rank creates every group
-        self._mp = None
-        for r in range(world):
-            g = dist.new_group([r])
-            if r == rank:
-                self._mp = g
-        self._dist = dist
-
-    # the data-parallel replicas (global batch size; the sampler)
-    def get_data_parallel_group(self):
-        return self._dp
-
-    def get_data_parallel_world_size(self):
-        return self._dist.get_world_size(self._dp)
-
-    def get_data_parallel_rank(self):
-        return self._dist.get_rank(self._dp)
-
-    def get_data_parallel_group_ranks(self):
-        return self._dist.get_process_group_ranks(self._dp)
-
-    # the ranks sharing one sequence
-    def get_sequence_parallel_group(self):
-        return self._cp
-
-    def get_sequence_parallel_world_size(self):
-        return self._dist.get_world_size(self._cp)
-
-    def get_sequence_parallel_rank(self):
-        return self._dist.get_rank(self._cp)
-
-    # ZeRO's partitioning and gradient reduction
-    def get_sequence_data_parallel_group(self):
-        return self._all
-
-    def get_sequence_data_parallel_world_size(self):
-        return self._dist.get_world_size(self._all)
-
-    def get_sequence_data_parallel_rank(self):
-        return self._dist.get_rank(self._all)
-
-    # no model parallelism: this rank alone
-    def get_model_parallel_group(self):
-        return self._mp
-
-    def get_model_parallel_world_size(self):
-        return 1
-
-    def get_model_parallel_rank(self):
-        return 0
 
 
 class ContextShards:
@@ -135,10 +74,11 @@ class ContextShards:
                                reduction="sum")
 
     def train_loss(self, engine, batch) -> Tuple[torch.Tensor, float]:
-        """(this rank's loss to backpropagate, the whole micro-batch's mean token loss)."""
+        """(this rank's loss to backpropagate: ``N l_j``, see the module docstring; the whole
+        micro-batch's mean token loss)."""
         inputs, labels, count = self.shard(batch)
         logits = engine(**inputs).logits
         loss = self.token_loss_sum(logits, labels) / max(count, 1)
         shown = loss.detach().clone()
         torch.distributed.all_reduce(shown, group=self.group)
-        return loss, shown.item()
+        return loss * self.size, shown.item()

@@ -158,10 +158,6 @@ def _check_args(args) -> None:
             raise ValueError(f"--context_parallel_size {cp} splits each sequence over ranks, which only the "
                              "sft_sliding_window attention handles (halo exchange); --attn_implementation "
                              f"{args.attn_implementation} would attend within each block only")
-        if args.zero_stage == 3 and args.qkv_groups > 1:
-            raise ValueError("--context_parallel_size with --zero_stage 3 and --qkv_groups > 1 is not supported: that "
-                             "model is built whole and DeepSpeed would partition it over the data-parallel group "
-                             "instead of all ranks; use --zero_stage 2, or --qkv_groups 1")
     dtype = resolve_dtype(args)
     if dtype == "fp16" and not torch.cuda.is_available():
         from deepspeed.accelerator import get_accelerator
@@ -420,14 +416,12 @@ def run(args):
     from transformers import get_scheduler
 
     cp = getattr(args, "context_parallel_size", 1)
-    mpu = shards = cp_group = None
+    shards = cp_group = None
     dp_rank, dp_world = rank, world
     if cp > 1:
         from ..parallel.context_parallel import context_parallel_groups
-        from .context_parallel import ContextParallelMPU
 
         groups = context_parallel_groups(cp, 1)
-        mpu = ContextParallelMPU(groups)
         cp_group, dp_rank, dp_world = groups.context_parallel_group, groups.data_parallel_rank, world // cp
 
     torch.manual_seed(args.seed)
@@ -456,7 +450,7 @@ def run(args):
     if state is not None:
         check_resume(state, settings, ckpt_dir)  # before DeepSpeed sees a checkpoint it cannot load
 
-    config = ds_config(args, dp_world)
+    config = ds_config(args, world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
     model = build_model(args, tokenizer, ds_config=config, context_parallel_group=cp_group)
     n_params = sum(_numel(p) for p in model.parameters())
     n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
@@ -465,7 +459,7 @@ def run(args):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=schedule_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config, dist_init_required=False, mpu=mpu)
+                                           config=config, dist_init_required=False)
     _say(rank, f"model: {type(model).__name__} {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained"
                + (f", LoRA r={args.lora_dim} on '{args.lora_module_name}'" if args.lora_dim else "")
                + f"), attention {args.attn_implementation}, window {model_window(model, args)}, qkv_groups "
