@@ -176,7 +176,8 @@ lo, hi = RANK * N, (RANK + 1) * N
 pos = torch.arange(lo, hi).expand(B, N)
 left_pad = torch.ones(B, L, dtype=torch.long)
 left_pad[1, :3] = 0
-expect_error("left-padding", lambda: model(input_ids=ids[:, lo:hi], attention_mask=left_pad[:, lo:hi], position_ids=pos))
+expect_error("left-padding",
+             lambda: model(input_ids=ids[:, lo:hi], attention_mask=left_pad[:, lo:hi], position_ids=pos))
 expect_error("local-positions", lambda: model(input_ids=ids[:, lo:hi], attention_mask=mask[:, lo:hi]))
 packed = torch.cat([torch.arange(8), torch.arange(16)]).expand(B, L)[:, lo:hi]  # a second sequence starts at 8
 expect_error("packed-rows", lambda: model(input_ids=ids[:, lo:hi], position_ids=packed))

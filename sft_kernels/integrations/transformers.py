@@ -66,6 +66,14 @@ Score modifiers. Gemma2's logit soft-capping (the ``softcap`` its layers pass, f
 parameter, trained through the kernels' gradient) go to the op's ``softcap`` / ``sinks``,
 on sliding and full-attention layers alike.
 
+Context parallelism. ``register(context_parallel_group=group)`` (or the
+:func:`context_parallel` block) runs every layer through
+:func:`sft_kernels.context_parallel_attention`: each rank of the group feeds its block of
+consecutive tokens with their global position_ids and its slice of a right-padded mask; the mask
+function then returns that slice and each layer checks positions and padding across the group
+(one all-gather) before the halo exchange. No caches, packing, 4D masks, softcap / sinks or
+torch.compile there (ValueErrors on every rank of the group).
+
 Not supported (a ValueError names what to use instead): attention dropout > 0 in training,
 ``output_attentions=True`` (the kernels never form the attention
 matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 with
@@ -431,10 +439,10 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     Each row must be right-padded over the whole sequence, and the (real) tokens' position_ids
     must be their global index ``r n + j``; one all-gather per call checks both (with the rows'
     real lengths, which every rank needs), so a bad shard raises on every rank together."""
-    from ..parallel.context_parallel import (context_parallel_padded_attention, lengths_from_shard_counts,
-                                             local_prefix_counts, all_gather_ints)
-
     import torch.distributed as dist
+
+    from ..parallel.context_parallel import (all_gather_ints, context_parallel_padded_attention,
+                                             lengths_from_shard_counts, local_prefix_counts)
 
     group = _settings["context_parallel_group"]
     if torch.compiler.is_compiling():
@@ -458,7 +466,7 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
         )
     if attention_mask is None:
         valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
-    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and tuple(attention_mask.shape) == (b, n):
+    elif isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) == (b, n):
         valid = attention_mask.to(device=q.device, dtype=torch.bool)
     else:
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
