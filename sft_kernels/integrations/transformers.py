@@ -66,6 +66,14 @@ Score modifiers. Gemma2's logit soft-capping (the ``softcap`` its layers pass, f
 parameter, trained through the kernels' gradient) go to the op's ``softcap`` / ``sinks``,
 on sliding and full-attention layers alike.
 
+Context parallelism. ``register(context_parallel_group=group)`` (or the
+:func:`context_parallel` block) runs every layer through
+:func:`sft_kernels.context_parallel_attention`: each rank of the group feeds its block of
+consecutive tokens with their global position_ids and its slice of a right-padded mask; the mask
+function then returns that slice and each layer checks positions and padding across the group
+(one all-gather) before the halo exchange. No caches, packing, 4D masks, softcap / sinks or
+torch.compile there (ValueErrors on every rank of the group).
+
 Not supported (a ValueError names what to use instead): attention dropout > 0 in training,
 ``output_attentions=True`` (the kernels never form the attention
 matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 with
@@ -74,6 +82,7 @@ matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 w
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 from typing import Optional
@@ -96,6 +105,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "MIN_TRANSFORMERS_VERSION",
     "SFTAttentionHF",
+    "context_parallel",
     "patch_model",
     "register",
     "sft_attention_forward",
@@ -109,7 +119,7 @@ _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Set by register(): the window for models that have none of their own, and the backend.
 # "auto" is resolved here, once, rather than inside every (possibly compiled) call.
 _settings = {"window_size": None, "backend": "auto", "cuda_backend": "torch", "collector": None,
-             "cache_kwargs_dict": False}
+             "cache_kwargs_dict": False, "context_parallel_group": None}
 
 # Sequences per row in the segment table: left-pad queries, left-pad keys, real, right-pad
 # queries, right-pad keys.
@@ -369,6 +379,8 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
     ``softcap`` / ``sinks`` for :func:`sliding_window_attention`."""
     backend = _backend(q.device, backend)
     q, k, v = autocast_qkv(q, k, v)
+    if _settings["context_parallel_group"] is not None:
+        return _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods)
     b, q_len = q.shape[:2]
     kv_len = k.shape[1]
     if attention_mask is not None:
@@ -413,6 +425,118 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
         if out is not None:
             return out
     return sliding_window_attention(q, k, v, window, causal, scaling, backend=backend, **mods)
+
+
+
+# ----------------------------------------------------------------------------- context parallelism
+_CP = "sft_sliding_window with a context_parallel_group"
+
+
+def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods):
+    """This rank's shard ``q (batch, n, Hq, D)``, ``k/v (batch, n, Hkv, D)`` of a sequence of
+    ``P n`` tokens split over the registered group, through the halo exchange.
+
+    Each row must be right-padded over the whole sequence, and the (real) tokens' position_ids
+    must be their global index ``r n + j``; one all-gather per call checks both (with the rows'
+    real lengths, which every rank needs), so a bad shard raises on every rank together."""
+    import torch.distributed as dist
+
+    from ..parallel.context_parallel import (all_gather_ints, context_parallel_padded_attention,
+                                             lengths_from_shard_counts, local_prefix_counts)
+
+    group = _settings["context_parallel_group"]
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{_CP}: runs eagerly (its checks and exchange read values on the host); do not wrap the "
+                         "model in torch.compile while context parallelism is on")
+    if mods:
+        raise ValueError(
+            f"{_CP}: {' / '.join(sorted(mods))} (Gemma2's attn_logit_softcapping, GPT-OSS's attention sinks) are not "
+            "supported through the halo exchange; run such models without context_parallel_group"
+        )
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        raise ValueError(
+            f"{_CP}: packed rows (cu_seq_lens_q/k, DataCollatorWithFlattening) are not supported: sequences would "
+            "cross rank boundaries with their own windows; pad the rows (right padding) instead"
+        )
+    b, n = q.shape[:2]
+    if k.shape[1] != n:
+        raise ValueError(
+            f"{_CP}: got {n} queries and {k.shape[1]} keys; a KV cache (generation, decoding) is not supported "
+            "under context parallelism, each rank holds only its shard's keys; generate without context_parallel_group"
+        )
+    if attention_mask is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
+    elif isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) == (b, n):
+        valid = attention_mask.to(device=q.device, dtype=torch.bool)
+    else:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(
+            f"{_CP}: the attention_mask must be this rank's (batch, {n}) slice of the 2D padding mask, got {shape}; "
+            "4D masks cannot be checked across shards, use the 2D padding mask"
+        )
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise ValueError(f"{_CP}: needs the position_ids the model passes to its attention layers (Llama, Mistral, "
+                         "Qwen2 and most decoders do); this model does not pass them")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    pos = pos.to(q.device).reshape(-1, pos.shape[-1])
+    if pos.shape[-1] != n or pos.shape[0] not in (1, b):
+        raise ValueError(f"{_CP}: position_ids must be (batch, {n}) or (1, {n}), got {tuple(pos.shape)}")
+    want = torch.arange(n, device=q.device) + rank * n
+    pos_ok = ((pos.expand(b, n) == want) | ~valid).all(dim=1).to(torch.int64).tolist()
+    metas = all_gather_ints(local_prefix_counts(valid) + pos_ok, group)  # every rank: its counts and verdicts
+    bad = [r for r, m in enumerate(metas) if not all(m[b:])]
+    if bad:
+        raise ValueError(
+            f"{_CP}: position_ids must be the global positions of each rank's tokens (rank r of {world} holds tokens "
+            f"[r*{n}, (r+1)*{n}): pass position_ids=torch.arange(r*{n}, (r+1)*{n}) or the shard of the full "
+            f"sequence's position_ids); wrong on group rank(s) {bad}. Packed rows (positions restarting) are not "
+            "supported under context parallelism"
+        )
+    lengths = lengths_from_shard_counts([m[:b] for m in metas], n)
+    if all(x == world * n for x in lengths):
+        lengths = None
+    out = context_parallel_padded_attention(q, k, v, lengths, window, causal, scaling, group, backend)
+    if lengths is not None:
+        out = out * valid[:, :, None, None].to(out.dtype)  # pad rows zero, as without context parallelism
+    return out
+
+
+def _context_parallel_mask(q_length, kv_length, q_offset, kv_offset, attention_mask):
+    """The mask function's answer under context parallelism: this rank's 2D padding slice (or None);
+    the attention function checks it across the group. A cache (keys beyond the queries) is refused."""
+    if isinstance(q_offset, torch.Tensor) or q_offset != 0 or kv_offset != 0 or kv_length != q_length or (
+            attention_mask is not None and attention_mask.shape[-1] != q_length):
+        raise ValueError(
+            f"{_CP}: a KV cache (generation, decoding, or a forward with past_key_values) is not supported: each rank "
+            "holds only its shard's keys; run generation without context_parallel_group"
+        )
+    return None if attention_mask is None else attention_mask.to(torch.bool)
+
+
+@contextlib.contextmanager
+def context_parallel(group):
+    """Within the block, ``sft_sliding_window`` attention runs context-parallel over ``group``
+    (see :func:`register`'s ``context_parallel_group``); the previous setting is restored after."""
+    previous = _settings["context_parallel_group"]
+    _settings["context_parallel_group"] = _check_context_parallel_group(group)
+    try:
+        yield group
+    finally:
+        _settings["context_parallel_group"] = previous
+
+
+def _check_context_parallel_group(group):
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("context_parallel_group: torch.distributed is not initialised (init_process_group() or "
+                         "deepspeed.init_distributed() first)")
+    if dist.get_rank(group) < 0:
+        raise ValueError("context_parallel_group: this process is not a member of the group")
+    return group
 
 
 def _score_modifiers(kwargs) -> dict:
@@ -532,6 +656,8 @@ def sft_attention_mask(
             raise TypeError("sft_attention_mask: needs q_length (and q_offset) or cache_position")
         q_length = cache_position.shape[0]
         q_offset = cache_position[0] if compiling else int(cache_position[0])
+    if _settings["context_parallel_group"] is not None:
+        return _context_parallel_mask(q_length, kv_length, q_offset, kv_offset, attention_mask)
     device = kwargs.get("device")
     if device is None:
         ref = attention_mask if attention_mask is not None else cache_position
@@ -559,7 +685,7 @@ def sft_attention_mask(
     return _segments(q_valid, k_valid)
 
 
-def register(window_size: WindowArg = None, backend: str = "auto") -> str:
+def register(window_size: WindowArg = None, backend: str = "auto", context_parallel_group=None) -> str:
     """Register ``attn_implementation="sft_sliding_window"`` with transformers.
 
     Args:
@@ -570,6 +696,18 @@ def register(window_size: WindowArg = None, backend: str = "auto") -> str:
             Models with their own window (Mistral, Qwen2 sliding layers) always keep it, and
             their full-attention layers stay full.
         backend: ``"auto"`` (Triton on CUDA tensors, PyTorch on CPU), ``"triton"``, ``"torch"``, ``"cuda"``.
+        context_parallel_group: a ``torch.distributed`` process group of ``P`` ranks (None: off).
+            Every rank of it runs the model on its own shard: ``input_ids (batch, L/P)`` holding
+            the tokens ``[r L/P, (r+1) L/P)`` of the sequence (rank order = sequence order),
+            ``position_ids`` their **global** positions ``r L/P + j``, and the
+            ``attention_mask`` slice (right padding over the whole sequence only). Each
+            attention layer then runs :func:`sft_kernels.context_parallel_attention` (halo
+            exchange; the window resolved from the global length) and every rank gets its
+            shard's outputs of the whole-sequence model, forward and backward; gradients of
+            the parameters are the sum over the group. Refused with a ValueError on every rank:
+            packed rows, a KV cache (generation), position_ids that are not the global ones,
+            padding other than right padding, softcap / sinks, two-sided windows with padding.
+            :func:`context_parallel` sets it for a block only.
 
     Returns:
         the name to pass as ``attn_implementation`` (``"sft_sliding_window"``).
@@ -582,6 +720,7 @@ def register(window_size: WindowArg = None, backend: str = "auto") -> str:
 
     if backend not in BACKENDS:
         raise ValueError(f"register: backend must be one of {BACKENDS}, got {backend!r}")
+    _settings["context_parallel_group"] = _check_context_parallel_group(context_parallel_group)
     _settings["window_size"] = window_size
     _settings["backend"] = backend
     _settings["cuda_backend"] = "torch" if _triton_import_error() else "triton"
@@ -803,7 +942,8 @@ def patch_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SFTAttentionHF(sft, config, getattr(module, "layer_idx", None), model_has_window))
-    register(window_size=_settings["window_size"], backend=_settings["backend"])
+    register(window_size=_settings["window_size"], backend=_settings["backend"],
+             context_parallel_group=_settings["context_parallel_group"])
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 

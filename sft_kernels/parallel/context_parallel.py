@@ -29,7 +29,8 @@ Forward, per call:
 Backward: for attention over disjoint key sets whose merged output is ``O`` with merged
 log-sum-exp ``L``, the gradients of ``q`` and of each key set's ``k, v`` are exactly the
 attention backward over that key set evaluated with the merged ``O`` and ``L`` (``P = exp(S
-- L)``, ``delta = rowsum(dO * O)``). So the package's backward op runs once per part with
+- L)``, ``delta = rowsum(dO * O)``; every backend takes delta from the ``out`` it is given).
+So the package's backward op runs once per part with
 the merged ``out``/``lse``: the halo parts first, their ``dK``/``dV`` go back to the ranks
 that own those keys (posted asynchronously), the local part runs while they travel, and
 each owner adds what it receives to its own ``dK``/``dV``. ``dq`` is the sum over parts.
@@ -497,6 +498,9 @@ def context_parallel_attention(
         out, lse = sliding_window_attention(q, k, v, (left, right), False, scale, return_lse=True, backend=impl)
         return (out, lse) if return_lse else out
     plan = halo_plan(rank, world, n, left, right)
+    # the backward calls the raw backward op on the saved tensors, which reads them as contiguous
+    # (Hugging Face hands over transposed views: the gradients were wrong without this)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, lse = _HaloAttention.apply(q, k, v, plan, scale, impl, group)
     return (out, lse) if return_lse else out
 
@@ -600,13 +604,27 @@ def right_padded_lengths(valid: torch.Tensor, context_parallel_group, sequence_p
     padded (not packed) shard cannot exclude.
     """
     b, n = valid.shape
-    count = valid.sum(dim=1)
-    prefix = (torch.arange(n, device=valid.device).unsqueeze(0) < count.unsqueeze(1)) == valid
-    mine = torch.where(prefix.all(dim=1), count, torch.full_like(count, -1)).tolist()  # -1: a hole in this shard
+    mine = local_prefix_counts(valid)  # -1: a hole in this shard
     if sequence_parallel_group is not None:
         mine = [x for m in all_gather_ints(mine, sequence_parallel_group) for x in m]
     shards = [x for m in all_gather_ints(mine, context_parallel_group) for x in m]
-    per_shard = [shards[s * b:(s + 1) * b] for s in range(len(shards) // b)]  # (num_shards, batch)
+    return lengths_from_shard_counts([shards[s * b:(s + 1) * b] for s in range(len(shards) // b)], n)
+
+
+def local_prefix_counts(valid: torch.Tensor) -> List[int]:
+    """Per row of this rank's ``(batch, n)`` mask slice: its real tokens when they are a prefix of
+    the slice, else -1 (a hole, or padding before a token)."""
+    n = valid.shape[1]
+    count = valid.sum(dim=1)
+    prefix = (torch.arange(n, device=valid.device).unsqueeze(0) < count.unsqueeze(1)) == valid
+    return torch.where(prefix.all(dim=1), count, torch.full_like(count, -1)).tolist()
+
+
+def lengths_from_shard_counts(per_shard: Sequence[Sequence[float]], n: int) -> List[int]:
+    """Global real lengths per row from every shard's :func:`local_prefix_counts` (in sequence
+    order, ``(num_shards, batch)``); ValueError unless each row is right-padded over the whole
+    sequence."""
+    b = len(per_shard[0]) if per_shard else 0
     lengths = []
     for row in range(b):
         counts = [int(c[row]) for c in per_shard]

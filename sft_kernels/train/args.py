@@ -18,7 +18,8 @@ flag                        DeepSpeed-Chat              here
 
 This package's additions are in the last groups (``--loss_on``, ``--window_size``,
 ``--attn_implementation``, ``--qkv_groups``, ``--eval_fraction``, ``--max_steps``,
-``--save_steps``, ``--no_progress``). New flags go into :func:`add_package_args` (or a new
+``--save_steps``, ``--no_progress``, ``--context_parallel_size``). New flags go into
+:func:`add_package_args` (or a new
 ``add_*`` function called from :func:`build_parser`).
 """
 
@@ -179,6 +180,11 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_steps", type=_non_negative_int, default=0,
                    help="also write a DeepSpeed checkpoint every N optimizer steps (0: at the end only)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (a line every 10%% of the run)")
+    g.add_argument("--context_parallel_size", type=_positive_int, default=1,
+                   help="N > 1: halo context parallelism (sft_kernels.context_parallel_attention): each sequence is "
+                        "split into N consecutive blocks held by N ranks (world size = N x data-parallel size); the "
+                        "ranks of a group share a batch, ZeRO partitions over all ranks (DeepSpeed's "
+                        "sequence-parallel groups). Needs --attn_implementation sft_sliding_window")
 
 
 def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argparse.ArgumentParser:

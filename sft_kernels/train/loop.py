@@ -54,7 +54,7 @@ RESUME_SETTINGS = ("model_name_or_path", "data", "max_seq_len", "loss_on", "per_
                    "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                    "num_train_epochs", "weight_decay", "window", "qkv_groups", "dropout", "lora_dim",
                    "lora_module_name", "only_optimize_lora", "lora_learning_rate", "zero_stage", "dtype", "offload",
-                   "world_size", "add_eot_token", "eot_token")
+                   "world_size", "add_eot_token", "eot_token", "context_parallel_size")
 PERPLEXITY_DEFINITIONS = {
     "dschat_perplexity": "exp(mean over ranks of the mean over the rank's eval batches of each batch's mean token "
                          "loss): DeepSpeed-Chat's evaluation()",
@@ -148,6 +148,16 @@ def _check_args(args) -> None:
         raise ValueError("--offload moves ZeRO state to CPU and needs --zero_stage 1, 2 or 3")
     if args.save_steps and not args.output_dir:
         raise ValueError("--save_steps writes checkpoints into --output_dir; give one")
+    cp = getattr(args, "context_parallel_size", 1)
+    if cp > 1:
+        world = torch.distributed.get_world_size()
+        if world % cp:
+            raise ValueError(f"--context_parallel_size {cp} must divide the world size {world} (world = context "
+                             "parallel x data parallel)")
+        if args.attn_implementation != "sft_sliding_window":
+            raise ValueError(f"--context_parallel_size {cp} splits each sequence over ranks, which only the "
+                             "sft_sliding_window attention handles (halo exchange); --attn_implementation "
+                             f"{args.attn_implementation} would attend within each block only")
     dtype = resolve_dtype(args)
     if dtype == "fp16" and not torch.cuda.is_available():
         from deepspeed.accelerator import get_accelerator
@@ -215,13 +225,27 @@ def local_parameter_bytes(model) -> int:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(engine, batches, device) -> Dict[str, float]:
-    """Both perplexities (module docstring) over the supervised (label != -100) tokens."""
+def evaluate(engine, batches, device, shards=None) -> Dict[str, float]:
+    """Both perplexities (module docstring) over the supervised (label != -100) tokens.
+
+    ``shards`` (a :class:`~sft_kernels.train.context_parallel.ContextShards`): each rank of a
+    context-parallel group evaluates its block of the same batches; token sums add up over all
+    ranks, a batch's mean is taken over its whole group."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # token loss sum, token count
     means = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch means, batches (this rank)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        if shards is not None:
+            inputs, labels, _ = shards.shard(batch)
+            loss = shards.token_loss_sum(engine(**inputs).logits, labels).double()
+            n = (labels != -100).sum().double()
+            total += torch.stack([loss, n])
+            whole = torch.stack([loss, n])
+            torch.distributed.all_reduce(whole, group=shards.group)  # the batch over its whole group
+            if whole[1] > 0:
+                means += torch.stack([whole[0] / whole[1], torch.ones_like(n)])
+            continue
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
@@ -231,7 +255,8 @@ def evaluate(engine, batches, device) -> Dict[str, float]:
         if n > 0:
             means += torch.stack([loss / n, torch.ones_like(n)])
     # DeepSpeed-Chat all-reduces each rank's mean of batch means and divides by the world size;
-    # a rank without eval batches (fewer eval examples than ranks) is left out of that mean.
+    # a rank without eval batches (fewer eval examples than ranks) is left out of that mean. (With
+    # context parallelism the ranks of a group hold the same means: the mean over replicas.)
     rank_mean = torch.stack([means[0] / means[1].clamp_min(1), (means[1] > 0).double()])
     torch.distributed.all_reduce(total)
     torch.distributed.all_reduce(rank_mean)
@@ -296,6 +321,8 @@ def run_settings(args, world: int, data_key: str) -> Dict:
     window = resolve_window(args)
     values = {k: getattr(args, k) for k in RESUME_SETTINGS if hasattr(args, k)}
     values.update(data=data_key, window=window, dtype=resolve_dtype(args), world_size=world)
+    cp = getattr(args, "context_parallel_size", 1)
+    values["context_parallel_size"] = cp if cp > 1 else None  # None: as in checkpoints written before the flag
     if not values.get("lora_dim"):  # the LoRA details mean nothing without LoRA
         for k in ("lora_module_name", "only_optimize_lora", "lora_learning_rate"):
             values[k] = None
@@ -388,13 +415,26 @@ def run(args):
     import deepspeed
     from transformers import get_scheduler
 
+    cp = getattr(args, "context_parallel_size", 1)
+    shards = cp_group = None
+    dp_rank, dp_world = rank, world
+    if cp > 1:
+        from ..parallel.context_parallel import context_parallel_groups
+
+        groups = context_parallel_groups(cp, 1)
+        cp_group, dp_rank, dp_world = groups.context_parallel_group, groups.data_parallel_rank, world // cp
+
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         tokenizer.add_special_token(args.eot_token)
     data = prepare(args, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), barrier=torch.distributed.barrier)
     batches = TrainBatches(data.train, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
-                           rank, world, tokenizer.pad_token_id)
+                           dp_rank, dp_world, tokenizer.pad_token_id)  # all ranks of a context-parallel group: one
+    if cp > 1:
+        from .context_parallel import ContextShards
+
+        shards = ContextShards(groups, cp, tokenizer.pad_token_id)
     schedule_steps = args.num_train_epochs * batches.steps_per_epoch
     total_steps = schedule_steps if args.max_steps is None else min(schedule_steps, args.max_steps)
     _say(rank, f"data: {data.description}"
@@ -410,8 +450,8 @@ def run(args):
     if state is not None:
         check_resume(state, settings, ckpt_dir)  # before DeepSpeed sees a checkpoint it cannot load
 
-    config = ds_config(args, world)
-    model = build_model(args, tokenizer, ds_config=config)
+    config = ds_config(args, world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
+    model = build_model(args, tokenizer, ds_config=config, context_parallel_group=cp_group)
     n_params = sum(_numel(p) for p in model.parameters())
     n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     held = local_parameter_bytes(model)
@@ -424,7 +464,8 @@ def run(args):
                + (f", LoRA r={args.lora_dim} on '{args.lora_module_name}'" if args.lora_dim else "")
                + f"), attention {args.attn_implementation}, window {model_window(model, args)}, qkv_groups "
                  f"{args.qkv_groups}, ZeRO {args.zero_stage} ({held / 2**20:.1f} MiB of parameters on rank 0 at load), "
-                 f"{resolve_dtype(args)}, {world} process(es) on {device.type}")
+                 f"{resolve_dtype(args)}, {world} process(es) on {device.type}"
+               + (f" ({dp_world} data parallel x {cp} context parallel)" if cp > 1 else ""))
 
     step = 0
     history = {"train_losses": [], "evals": []}
@@ -437,11 +478,11 @@ def run(args):
         history = state["history"]
         _say(rank, f"resumed from {path} at step {step}")
 
-    eval_input = lambda: eval_batches(data.eval, args.per_device_eval_batch_size, rank, world,  # noqa: E731
+    eval_input = lambda: eval_batches(data.eval, args.per_device_eval_batch_size, dp_rank, dp_world,  # noqa: E731
                                       tokenizer.pad_token_id)
 
     def run_eval(epoch: int, tag: str) -> Dict:
-        r = dict(evaluate(engine, eval_input(), device), epoch=epoch, step=step)
+        r = dict(evaluate(engine, eval_input(), device, shards), epoch=epoch, step=step)
         history["evals"].append(r)
         if progress is None:
             _say(rank, _eval_line(tag, r))
@@ -459,7 +500,7 @@ def run(args):
 
     progress = _Progress(total_steps, step, enabled=not args.no_progress, quiet=rank != 0)
     engine.train()
-    t_train, tokens_seen, steps_here = time.perf_counter(), 0, 0
+    t_train, tokens_seen, steps_here, grad_norms = time.perf_counter(), 0, 0, []
     gas = args.gradient_accumulation_steps
     while step < total_steps:
         epoch = step // spe
@@ -467,22 +508,28 @@ def run(args):
         step_loss, step_tokens, micro = 0.0, 0, start_micro
         for batch in batches.epoch(epoch, start_micro):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            if shards is None:
+                loss = engine(**batch).loss
+                shown = loss.item()
+            else:  # this rank's block; shown: the whole micro-batch's loss
+                loss, shown = shards.train_loss(engine, batch)
             if args.print_loss:
-                print(f"Epoch: {epoch}, Step: {micro}, Rank: {rank}, loss = {loss.item()}", flush=True)
+                print(f"Epoch: {epoch}, Step: {micro}, Rank: {rank}, loss = {shown}", flush=True)
             engine.backward(loss)
             engine.step()
-            step_loss += loss.item() / gas
+            step_loss += shown / gas
             step_tokens += int(batch["attention_mask"].sum())
             micro += 1
             if micro % gas:
                 continue
             step += 1
             steps_here += 1
+            norm = engine.get_global_grad_norm()  # before clipping; None where DeepSpeed does not compute it
+            grad_norms.append([step, None if norm is None else float(norm)])
             mean = torch.tensor([step_loss], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(mean)
             step_loss = mean.item() / world
-            tokens_seen += step_tokens * world
+            tokens_seen += step_tokens * dp_world  # the ranks of a context-parallel group share a batch
             rate = tokens_seen / (time.perf_counter() - t_train)
             history["train_losses"].append([step, step_loss])
             progress.update(step_loss, rate, engine.get_lr()[0])
@@ -529,6 +576,7 @@ def run(args):
         "resumed_from_step": resumed_from,
         "train_losses": history["train_losses"],
         "train_losses_this_run": history["train_losses"][len(history["train_losses"]) - steps_here:],
+        "train_grad_norms_this_run": grad_norms,
         "train_seconds": train_seconds,
         "train_tokens_per_s": this_run["train_tokens_per_s"],
         "total_seconds": this_run["total_seconds"],
@@ -536,6 +584,7 @@ def run(args):
         "trainable_parameters": n_train,
         "rank0_parameter_bytes_at_load": held,
         "world_size": world,
+        "context_parallel_size": cp,
         "device": device.type,
         "settings": settings,
         "args": this_run["args"],

@@ -165,13 +165,15 @@ def zero3_partitioned_init(ds_config: Optional[Dict]):
         unset_hf_deepspeed_config()
 
 
-def build_model(args, tokenizer, ds_config: Optional[Dict] = None):
+def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_parallel_group=None):
     """The ``*ForCausalLM`` (fp32 parameters; DeepSpeed casts for fp16/bf16), with the chosen
     attention implementation and window, dropout, LoRA, gradient checkpointing and ``qkv_groups``.
 
     ``ds_config`` with ZeRO stage 3: built partitioned (see :func:`zero3_partitioned_init`),
     except with ``--qkv_groups > 1``, whose module swap copies full weights: that model is
     built whole on every rank and partitioned by ``deepspeed.initialize``.
+    ``context_parallel_group``: the ``sft_sliding_window`` layers run context-parallel over it
+    (``register(context_parallel_group=...)``; each rank then feeds its block of the sequence).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -192,7 +194,7 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None):
     if impl == "sft_sliding_window":
         from ..integrations.transformers import register
 
-        register(window_size=extra_window)
+        register(window_size=extra_window, context_parallel_group=context_parallel_group)
     partitioned = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3 and args.qkv_groups == 1
     torch.manual_seed(args.seed)
     with zero3_partitioned_init(ds_config if partitioned else None):
