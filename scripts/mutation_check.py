@@ -283,6 +283,20 @@ MUTATIONS = [
         ["tests/test_cuda_build.py"], "emulated",
         "the dQ kernel prefetches the next K/V tile before the barrier",
     ),
+    Mutation(
+        "delta_from_partial_keys_torch", f"{ATT}/torch_impl.py",
+        "        delta = doc.mul(_q_chunk(out, qs, qe, hkv, cdt)).sum(-1, keepdim=True)  # rowsum(dO * O)",
+        "        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)",
+        ["tests/test_context_parallel.py"], "op_float64",
+        "the PyTorch backward takes delta over the keys of its call, not from the given out (halo parts)",
+    ),
+    Mutation(
+        "sft_attention_empty_batch_mask", "sft_kernels/modules/sft_attention.py",
+        "            if valid.numel() == 0:",
+        "            if False:",
+        ["tests/test_empty_inputs.py"], "sft_attention",
+        "SFTAttention unpads an empty batch with a mask",
+    ),
     # ------------------------------------------------------------------ softcap and sinks
     Mutation(
         "softcap_grad_missing_torch", f"{ATT}/torch_impl.py",
