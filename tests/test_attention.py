@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, _max_abs, assert_close, assert_fa_bar, assert_rel, poison_
+from helpers import TOL, _max_abs, assert_close, assert_fa_bar, assert_rel, poison_, rel_err
 from sft_kernels import sliding_window_attention, sliding_window_attention_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -91,11 +91,12 @@ def _check_against_reference(q, k, v, window, causal, backend, grads=True, gener
         return
     do = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, dtype)
     got = torch.autograd.grad(out, leaves, do)
+    shift = _fa_design_shift(ref, ref_lse, q64, k64, do.cpu().double(), out) if dtype != torch.float64 else None
     want = torch.autograd.grad(ref, [q64, k64, v64] + s64, do.cpu().double())
     lows = torch.autograd.grad(low, [ql, kl, vl] + sl, do.cpu()) if low is not None else (None,) * len(leaves)
-    if low is not None and not kw.get("softcap"):
-        lows = _fa_design_baseline(lows, want, ref, q64, k64, v64, (s64 or [None])[0], do.cpu().double(), window,
-                                   causal, ref_kw, dtype)
+    fa = [w + d for w, d in zip(want[:2], shift)] if shift is not None else None
+    if low is not None:  # dq, dk: the further of plain PyTorch and FlashAttention's design from exact
+        lows = [f if _max_abs(f, w) > _max_abs(lw, w) else lw for f, w, lw in zip(fa, want, lows)] + list(lows[2:])
     for name, g, r, lg, leaf in zip(("dq", "dk", "dv", "dsinks"), got, want, lows, leaves):
         assert g.dtype == leaf.dtype, f"{name} dtype {g.dtype}"
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
@@ -104,6 +105,9 @@ def _check_against_reference(q, k, v, window, causal, backend, grads=True, gener
             if lg is not None:
                 assert_close(g.cpu(), r, dtype, name, lg, fixed_bar=False)  # and FlashAttention's bar
             continue
+        if dtype == torch.float32 and name in ("dq", "dk"):  # the table's bar, plus twice the design's own error
+            assert_rel(g.cpu(), r, TOL[dtype] + 2 * rel_err(fa[name == "dk"], r), name)
+            continue
         assert_close(g.cpu(), r, dtype, name, lg, fixed_bar)
     # rows that see no key (their output is exactly 0) get an exactly zero dq
     empty = (ref == 0).all(-1)  # (batch, Lq, heads) or (total, heads)
@@ -111,34 +115,34 @@ def _check_against_reference(q, k, v, window, causal, backend, grads=True, gener
         assert torch.equal(got[0].cpu()[empty], torch.zeros_like(got[0].cpu()[empty])), "dq of rows without keys"
 
 
-def _fa_design_baseline(lows, want, ref, q64, k64, v64, sinks64, do64, window, causal, ref_kw, dtype):
-    """fp16/bf16: the low-precision baseline for dq and dk becomes whichever is
-    further from the exact gradient, plain PyTorch or FlashAttention's algorithm in exact
-    arithmetic except for its one rounding, delta = rowsum(dO * O) from O rounded to the
-    output dtype (both backends keep that design, as FlashAttention and FlexAttention do).
+def _fa_design_shift(ref, ref_lse, q64, k64, do64, out):
+    """fp32/fp16/bf16: how far FlashAttention's algorithm, exact but for its input delta, moves
+    dq and dk from the exact gradient. Its delta is rowsum(dO * O) from the forward's output
+    ``out`` (rounded to the output dtype, and checked against the reference on its own bar
+    above), not from the exact O (both backends keep the design, as FlashAttention and
+    FlexAttention do): so this is the backward's error that the forward's output explains.
 
-    That rounding moves dS_ij = P_ij (dP_ij - delta_i) by P_ij (delta_i - delta'_i), so
-    dq_i by scale * (delta_i - delta'_i) * sum_j P_ij k_j (attention with k as values) and
-    dk_j by scale * sum_i P_ij (delta_i - delta'_i) q_i (the value gradient for those
-    upstream rows): both from the float64 reference. Where dS is a small difference (rows
-    that see one or two keys; with a sink taking little of such a row) this rounding
-    dominates (seen: dk 3.4x plain PyTorch's error at window (0, 0) with sinks, dq 4.2x on
-    packed fp16 rows with two keys); plain PyTorch's softmax backward takes delta from P
-    and is not affected. Measured on those cases, this baseline reproduces the kernels'
-    error to 1% (dq 7.40e-3 against 7.38e-3, dk 1.217e-2 against 1.206e-2).
+    It moves dS_ij = P_ij c'_ij (dP_ij - delta_i) (c' the soft-cap's derivative, 1 without)
+    by P_ij c'_ij (delta_i - delta'_i), which is the gradient of sum_i (delta_i - delta'_i)
+    lse_i with respect to the raw scores: so the shift of dq, dk is that sum's gradient, taken
+    through the float64 reference (its masks, sinks, soft-cap and packing included). Where dS
+    is a small difference (rows that see one or two keys; a sink taking little of such a row)
+    this rounding dominates: seen, dk 3.4x plain PyTorch's error at window (0, 0) with sinks,
+    dq 4.2x on packed fp16 rows with two keys, and the baseline reproduces the kernels' error
+    there to 1% (dq 7.40e-3 against 7.38e-3, dk 1.217e-2 against 1.206e-2). Plain PyTorch's
+    softmax backward takes delta from P and is not affected, so the test's baseline is the
+    further of the two from exact. In fp32 the same amplification of the forward's few-ulp
+    output error exceeds the table's 1e-5 on a row that sees one key beside a sink that holds
+    little of it (seen: dq 1.045e-5 on the PyTorch path, where this shift is 3.2e-6: that
+    row's dS is P (1 - P) dP with 1 - P = p_sink = 0.1, so any 1-ulp difference of the
+    forward's scale is amplified 10x), so fp32 dq and dk are held to 1e-5 plus twice this
+    shift.
     """
-    scale = ref_kw.get("softmax_scale") or 1.0 / math.sqrt(q64.shape[-1])
-    dd = (do64 * (ref.detach() - ref.detach().to(dtype).double())).sum(-1, keepdim=True)  # delta - delta'
-    args = {n: t for n, t in ref_kw.items() if n != "softmax_scale"}
-    sinks64 = None if sinks64 is None else sinks64.detach()
-    attend_k, _ = sliding_window_attention_reference(q64.detach(), k64.detach(), k64.detach(), window, causal,
-                                                     scale, sinks=sinks64, **args)
-    v_leaf = v64.detach().clone().requires_grad_()
-    o_v, _ = sliding_window_attention_reference(q64.detach(), k64.detach(), v_leaf, window, causal, scale,
-                                                sinks=sinks64, **args)
-    dk_shift, = torch.autograd.grad(o_v, v_leaf, scale * dd * q64.detach())
-    fa = [want[0] + scale * dd * attend_k, want[1] + dk_shift]
-    return [f if _max_abs(f, w) > _max_abs(lw, w) else lw for f, w, lw in zip(fa, want[:2], lows[:2])] + list(lows[2:])
+    o = ref.detach()
+    c = (do64 * (o - out.detach().cpu().double())).sum(-1)  # delta - delta', (B, Lq, H) or (T, H)
+    c = c.transpose(1, 2) if ref_lse.dim() == 3 else c.T  # lse's layout
+    lse = torch.where(torch.isfinite(ref_lse), ref_lse, torch.zeros_like(ref_lse))
+    return torch.autograd.grad((c * lse).sum(), [q64, k64], retain_graph=True)
 
 
 def _sink_terms(sinks64, ref, ref_lse, do64):

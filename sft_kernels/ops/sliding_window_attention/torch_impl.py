@@ -127,14 +127,16 @@ def _to_rows(t: torch.Tensor, b: int, hkv: int, g: int, c: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one task
-def _capped_scores(qc, kr, scale, softcap):
-    """Scores of a chunk, soft-capped (``c * tanh(s / c)``) when ``softcap > 0``; also the
-    cap's derivative ``1 - tanh^2`` for the backward (None without a cap)."""
+def _capped_scores(qc, kr, scale, softcap, grad=False):
+    """Scores of a chunk, soft-capped (``c * tanh(s / c)``) when ``softcap > 0``; with ``grad``
+    also the cap's derivative for the backward (None without a cap), as ``1 / cosh^2(s / c)``:
+    ``1 - tanh^2`` from the rounded tanh cancels where the cap saturates (|tanh| -> 1)."""
     s = torch.matmul(qc, kr.transpose(-1, -2)).mul_(scale)
     if softcap <= 0:
         return s, None
-    t = s.div_(softcap).tanh_()
-    return t * softcap, 1.0 - t * t
+    u = s.div_(softcap)
+    cap_grad = torch.cosh(u).reciprocal_().square_() if grad else None  # 0 where cosh overflows: the limit
+    return u.tanh_().mul_(softcap), cap_grad
 
 
 def _sink_column(sinks, b, c):
@@ -202,7 +204,7 @@ def _bwd_rows(do, q, k, v, out, lse, dq, dk, dv, left, right, scale, rows, r0, r
         qc = _q_chunk(q, qs, qe, hkv, cdt)
         doc = _q_chunk(do, qs, qe, hkv, cdt)
         kr, vr = _kv_range(k, lo, hi, cdt), _kv_range(v, lo, hi, cdt)
-        s, cap_grad = _capped_scores(qc, kr, scale, softcap)
+        s, cap_grad = _capped_scores(qc, kr, scale, softcap, grad=True)
         if needs_mask:
             keep = _band(qs, qe, lo, hi, off, left, right, q.device)
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
