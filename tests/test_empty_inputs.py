@@ -85,16 +85,22 @@ PACKED_EMPTY = {
 }
 
 
+def _packed_inputs(lens_q, lens_k, device):
+    """cu_seqlens for the given per-sequence lengths and packed q (4 heads), k, v (2 heads), d 16."""
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    q = _rand(sum(lens_q), 4, 16, device=device)
+    k, v = _rand(sum(lens_k), 2, 16, device=device), _rand(sum(lens_k), 2, 16, device=device)
+    return cu_q, cu_k, q, k, v
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window, causal", WINDOWS, ids=WINDOW_IDS)
 @pytest.mark.parametrize("name", list(PACKED_EMPTY))
 def test_attention_packed_no_tokens(name, window, causal, backend, triton_device):
     lens_q, lens_k = PACKED_EMPTY[name]
     device = _device(backend, triton_device)
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    q = _rand(sum(lens_q), 4, 16, device=device)
-    k, v = _rand(sum(lens_k), 2, 16, device=device), _rand(sum(lens_k), 2, 16, device=device)
+    cu_q, cu_k, q, k, v = _packed_inputs(lens_q, lens_k, device)
     out, lse = sliding_window_attention(q, k, v, window, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                         return_lse=True, backend=backend)
     ref, ref_lse = sliding_window_attention_reference(*(t.detach().cpu().double() for t in (q, k, v)), window, causal,
@@ -119,10 +125,7 @@ PACKED_MIXED = {
 def test_attention_packed_zero_length_sequences(name, window, causal, backend, triton_device):
     lens_q, lens_k = PACKED_MIXED[name]
     device = _device(backend, triton_device)
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    q = _rand(sum(lens_q), 4, 16, device=device)
-    k, v = _rand(sum(lens_k), 2, 16, device=device), _rand(sum(lens_k), 2, 16, device=device)
+    cu_q, cu_k, q, k, v = _packed_inputs(lens_q, lens_k, device)
     out, lse = sliding_window_attention(q, k, v, window, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                         return_lse=True, backend=backend)
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))

@@ -371,6 +371,17 @@ class SFTAttention(nn.Module):
             return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         return torch.arange(seqlen, device=device).unsqueeze(0).expand(batch, seqlen)
 
+    def _cos_sin(self, position_embeddings, positions, b, l, dtype):
+        """Rotary ``(cos, sin)``, each ``(b, l, head_dim)``, or None without rotary: the model's
+        own ``position_embeddings`` when given, else the module's tables at ``positions()``
+        (called only then)."""
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            return cos.expand(b, l, self.head_dim), sin.expand(b, l, self.head_dim)
+        if self.rope_theta is None:
+            return None
+        return rope_cos_sin(positions(), self.inv_freq, dtype, self.rope_attention_scaling)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -413,19 +424,14 @@ class SFTAttention(nn.Module):
             _check_contiguous("attention_mask", valid)
             if valid.numel() == 0:  # batch 0 or no token: nothing to unpad, the empty result as without a mask
                 valid = None
-        use_rope = position_embeddings is not None or self.rope_theta is not None
-        if use_rope and position_embeddings is None:
-            pos = self._positions(valid, position_ids, b, l, hidden_states.device)
-            cos, sin = rope_cos_sin(pos, self.inv_freq, hidden_states.dtype, self.rope_attention_scaling)
-        elif use_rope:
-            cos, sin = position_embeddings
-            cos = cos.expand(b, l, self.head_dim)
-            sin = sin.expand(b, l, self.head_dim)
+        dev = hidden_states.device
+        rope = self._cos_sin(position_embeddings, lambda: self._positions(valid, position_ids, b, l, dev), b, l,
+                             hidden_states.dtype)
 
         if valid is None:
             q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
-            if use_rope:
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             q, k, v = autocast_qkv(q, k, v)
             out = sliding_window_attention(
                 q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend, softcap=self.softcap,
@@ -437,9 +443,8 @@ class SFTAttention(nn.Module):
         indices, cu, max_len = unpad_mask(valid)
         x = hidden_states.reshape(b * l, c).index_select(0, indices)
         q, k, v = self._split_qkv(self.qkv_proj(x))
-        if use_rope:
-            cos = cos.reshape(b * l, cos.shape[-1]).index_select(0, indices)
-            sin = sin.reshape(b * l, sin.shape[-1]).index_select(0, indices)
+        if rope is not None:
+            cos, sin = (t.reshape(b * l, t.shape[-1]).index_select(0, indices) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = autocast_qkv(q, k, v)
         out = sliding_window_attention(
@@ -478,23 +483,18 @@ class SFTAttention(nn.Module):
             dist.all_gather(parts, valid.contiguous(), group=group)
             full_valid = torch.cat(parts, dim=1)
             _check_contiguous("attention_mask (all-gathered over the sequence parallel group)", full_valid)
-        use_rope = position_embeddings is not None or self.rope_theta is not None
-        if use_rope and position_embeddings is None:
-            if position_ids is None:
-                if full_valid is not None:
-                    pos = (full_valid.long().cumsum(-1) - 1).clamp_(min=0)[:, offset:offset + l]
-                else:
-                    pos = (torch.arange(l, device=hidden_states.device) + offset).unsqueeze(0).expand(b, l)
-            else:
-                pos = self._positions(None, position_ids, b, l, hidden_states.device)
-            cos, sin = rope_cos_sin(pos, self.inv_freq, hidden_states.dtype, self.rope_attention_scaling)
-        elif use_rope:
-            cos, sin = position_embeddings
-            cos = cos.expand(b, l, self.head_dim)
-            sin = sin.expand(b, l, self.head_dim)
+
+        def positions():
+            if position_ids is not None:
+                return self._positions(None, position_ids, b, l, hidden_states.device)
+            if full_valid is not None:
+                return (full_valid.long().cumsum(-1) - 1).clamp_(min=0)[:, offset:offset + l]
+            return (torch.arange(l, device=hidden_states.device) + offset).unsqueeze(0).expand(b, l)
+
+        rope = self._cos_sin(position_embeddings, positions, b, l, hidden_states.dtype)
         q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
-        if use_rope:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = (t.contiguous() for t in autocast_qkv(q, k, v))
         if full_valid is None:
             out = self.sequence_parallel_attention(q, k, v, 0)
@@ -527,20 +527,17 @@ class SFTAttention(nn.Module):
                 )
             valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
             lengths = right_padded_lengths(valid, self.context_parallel_group, self.sequence_parallel_group)
-        use_rope = position_embeddings is not None or self.rope_theta is not None
-        if use_rope and position_embeddings is None:
-            if position_ids is None:  # right padding: a real token's position is its global index
-                pos = (torch.arange(l, device=hidden_states.device) + shard * l).unsqueeze(0).expand(b, l)
-            else:
-                pos = self._positions(None, position_ids, b, l, hidden_states.device)
-            cos, sin = rope_cos_sin(pos, self.inv_freq, hidden_states.dtype, self.rope_attention_scaling)
-        elif use_rope:
-            cos, sin = position_embeddings
-            cos = cos.expand(b, l, self.head_dim)
-            sin = sin.expand(b, l, self.head_dim)
+
+        def positions():
+            if position_ids is not None:
+                return self._positions(None, position_ids, b, l, hidden_states.device)
+            # right padding: a real token's position is its global index
+            return (torch.arange(l, device=hidden_states.device) + shard * l).unsqueeze(0).expand(b, l)
+
+        rope = self._cos_sin(position_embeddings, positions, b, l, hidden_states.dtype)
         q, k, v = self._split_qkv(self.qkv_proj(hidden_states))
-        if use_rope:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.context_parallel_ulysses is not None:
             out = self.context_parallel_ulysses(q.contiguous(), k.contiguous(), v.contiguous(), 0, None, lengths)
         else:

@@ -366,13 +366,19 @@ def _slice(t: torch.Tensor, task: _Task, heads: int, hkv: int, dim: int) -> torc
 
 
 # ----------------------------------------------------------------------------- forward / backward
-def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap: float = 0.0, sinks=None) -> None:
-    """Each seq's tensors: q, k, v, out (B, L, H, D) and lse (B, Hkv, G, Lq); ``sinks``
-    (Hkv, G) in the compute dtype, or None."""
+def _schedule(seqs: Sequence[_Seq], b: int, hq: int):
+    """(intra-op threads, work, workers to plan for, query rows per chunk of each seq): what
+    the forward and the backward both plan their tasks from."""
     threads = torch.get_num_threads()
     work = _work(seqs, b, hq)
     par = threads if work >= INLINE_WORK else 1
-    rows = [_rows_per_chunk(s.lq, s.lk, s.left, s.right, b * hq * par) for s in seqs]
+    return threads, work, par, [_rows_per_chunk(s.lq, s.lk, s.left, s.right, b * hq * par) for s in seqs]
+
+
+def _forward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap: float = 0.0, sinks=None) -> None:
+    """Each seq's tensors: q, k, v, out (B, L, H, D) and lse (B, Hkv, G, Lq); ``sinks``
+    (Hkv, G) in the compute dtype, or None."""
+    threads, work, par, rows = _schedule(seqs, b, hq)
 
     def run(t: _Task) -> None:
         s = seqs[t.seq]
@@ -388,10 +394,7 @@ def _backward(seqs: List[_Seq], b: int, hq: int, hkv: int, scale: float, softcap
     """Each seq's tensors: do, q, k, v, out (B, L, H, D), lse (B, Hkv, G, Lq; +inf on empty
     rows), dq (B, Lq, Hq, D), dk, dv (B, Lk, Hkv, D, compute dtype, zeroed), delta (B, Hkv, G,
     Lq, zeroed: rowsum(P * dP) is written there, for the sinks' gradient) or None."""
-    threads = torch.get_num_threads()
-    work = _work(seqs, b, hq)
-    par = threads if work >= INLINE_WORK else 1
-    rows = [_rows_per_chunk(s.lq, s.lk, s.left, s.right, b * hq * par) for s in seqs]
+    threads, work, par, rows = _schedule(seqs, b, hq)
 
     def run(t: _Task) -> None:
         s = seqs[t.seq]
