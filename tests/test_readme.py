@@ -8,8 +8,9 @@
 - every module run with ``python -m sft_kernels...`` / ``--module sft_kernels...`` exists;
 - every docs page is linked from the README, and the README's two commands are the
   Makefile's targets (``.ci/run`` calls ``make test``);
-- each ```python block of README.md runs as written, in a fresh process on CPU (CUDA
-  hidden), within a time limit.
+- each ```python block of README.md, and each example block of docs/*.md (one that imports
+  something; a bare signature is not run), runs as written, in a fresh process on CPU
+  (CUDA hidden), within a time limit.
 """
 
 import glob
@@ -135,19 +136,23 @@ def test_readme_names_the_two_commands():
     assert "make test" in _read(os.path.join(ROOT, ".ci", "run"))
 
 
-BLOCKS = re.findall(r"^```python\n(.*?)^```", _read(README), re.S | re.M)
+def _blocks(page):
+    return re.findall(r"^```python\n(.*?)^```", _read(page), re.S | re.M)
+
+
+BLOCKS = _blocks(README)
+DOC_BLOCKS = [(page, i) for page in DOCS for i, code in enumerate(_blocks(page))
+              if re.search(r"^\s*(from|import) ", code, re.M)]
 
 
 def test_readme_has_examples():
     assert len(BLOCKS) >= 3, "the README shows one example per op and the Hugging Face one"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"python-block-{i}")
-def test_readme_example_runs(index, tmp_path):
-    code = BLOCKS[index]
+def _run_block(code, name, tmp_path):
     if re.search(r"^\s*(from|import) transformers\b", code, re.M):
         pytest.importorskip("transformers")
-    script = tmp_path / f"readme_block_{index}.py"
+    script = tmp_path / "block.py"
     script.write_text(code)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the package as this interpreter has it
     env.pop("TRITON_INTERPRET", None)
@@ -155,6 +160,16 @@ def test_readme_example_runs(index, tmp_path):
         proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=EXAMPLE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"README python block {index} ran past {EXAMPLE_TIMEOUT_S} s:\n{code}")
-    assert proc.returncode == 0, (f"README python block {index} failed:\n{textwrap.indent(code, '  ')}\n"
+        pytest.fail(f"{name} ran past {EXAMPLE_TIMEOUT_S} s:\n{code}")
+    assert proc.returncode == 0, (f"{name} failed:\n{textwrap.indent(code, '  ')}\n"
                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"python-block-{i}")
+def test_readme_example_runs(index, tmp_path):
+    _run_block(BLOCKS[index], f"README.md python block {index}", tmp_path)
+
+
+@pytest.mark.parametrize("page,index", DOC_BLOCKS, ids=[f"{_rel(p)}-{i}" for p, i in DOC_BLOCKS])
+def test_docs_example_runs(page, index, tmp_path):
+    _run_block(_blocks(page)[index], f"{_rel(page)} python block {index}", tmp_path)
