@@ -11,7 +11,11 @@
 - Padding: a Hugging Face ``attention_mask`` ``(batch, seqlen)`` of 1 (token) / 0 (pad),
   right or left padded. Tokens are *unpadded* into one packed batch with ``cu_seqlens``
   before the projections, so a pad token is never attended, never attends, costs no
-  FLOPs, and its output row is exactly zero.
+  FLOPs, and its output row is exactly zero. (With ``causal=False`` this is not what eager
+  attention computes: eager masks only keys, so its pad rows attend the real keys. Such rows
+  are padding and this module drops them by design; a model whose head reads a pad position,
+  such as a left-padded BERT classifier's CLS token, should use the Hugging Face backend,
+  which matches eager there.)
 
 Layout of the fused projection's output (what :meth:`SFTAttention.from_hf` relies on):
 group ``i`` (of ``g``) produces ``[q heads, k heads, v heads]`` of that group,
@@ -234,7 +238,10 @@ class SFTAttention(nn.Module):
             query and ``Hkv/P`` key/value heads. Needs ``Hq % P == 0``, ``Hkv % P == 0`` and
             the same local length on every rank; rotary positions default to the global ones
             (offset ``r L/P``); an ``attention_mask`` is the local ``(batch, L/P)`` shard (see
-            :mod:`sft_kernels.integrations.deepspeed`). Imports deepspeed only when given.
+            :mod:`sft_kernels.integrations.deepspeed`). Imports deepspeed only when given, and
+            needs ``deepspeed.init_distributed()`` to have run on every rank (the all-to-all goes
+            through ``deepspeed.comm``; ``torch.distributed.init_process_group()`` alone raises a
+            ValueError here).
         softcap: logit soft-cap ``c`` (scores become ``c * tanh(s / c)``; Gemma2's
             ``attn_logit_softcapping``); 0 = none.
         attention_sinks: a learned sink logit per query head (GPT-OSS): the parameter
@@ -249,6 +256,12 @@ class SFTAttention(nn.Module):
             windows follow each row's real length, as without parallelism. With
             ``sequence_parallel_group`` too, Ulysses runs inside each context-parallel shard
             (see :func:`sft_kernels.parallel.context_parallel_groups`).
+
+            With either group, every rank first shares its shard's shape, dtype and whether it
+            has an ``attention_mask`` (one fixed-size all-gather per group); a bad shard on one
+            rank, a different batch or length, or a mask on some ranks only raises the same
+            ValueError on every rank of the group(s), never a hang or an abort in a later
+            collective.
 
     Shapes: ``hidden_states (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size)``.
     Parameters: ``qkv_proj.weight`` (flat block-diagonal weight, ``C (Hq + 2 Hkv) D / g``
@@ -382,6 +395,72 @@ class SFTAttention(nn.Module):
             return None
         return rope_cos_sin(positions(), self.inv_freq, dtype, self.rope_attention_scaling)
 
+    # ------------------------------------------------------------------ input checks
+    def _check_hidden(self, hidden_states) -> Tuple[int, int, int]:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            raise ValueError(
+                "SFTAttention: hidden_states must be a tensor (batch, seqlen, hidden_size), got "
+                f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}"
+            )
+        b, l, c = hidden_states.shape
+        if c != self.hidden_size:
+            raise ValueError(f"SFTAttention: hidden_states has {c} features, expected hidden_size={self.hidden_size}")
+        return b, l, c
+
+    def _check_shard(self, hidden_states, attention_mask, position_ids, position_embeddings) -> None:
+        """Everything one rank of a parallel group can check alone (raises ValueError / TypeError)."""
+        b, l, _ = self._check_hidden(hidden_states)
+        if attention_mask is not None:
+            if self.context_parallel_group is not None and not self.causal:
+                raise ValueError(
+                    "SFTAttention(context_parallel_group=...): an attention_mask needs causal=True (with a two-sided "
+                    "window real tokens would attend pad keys); pass equal-length rows without a mask"
+                )
+            _as_bool_mask("attention_mask", attention_mask, (b, l))
+        if position_ids is not None:
+            self._positions(None, position_ids, b, l, hidden_states.device)
+        if position_embeddings is not None:
+            want = (b, l, self.head_dim)
+            parts = tuple(position_embeddings) if isinstance(position_embeddings, (tuple, list)) else ()
+            if len(parts) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() == 3 and all(
+                    s in (1, w) for s, w in zip(t.shape, want)) for t in parts):
+                raise ValueError(
+                    f"SFTAttention: position_embeddings must be (cos, sin), each broadcastable to {want}, got "
+                    f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts] or type(position_embeddings).__name__}"
+                )
+
+    def _agree_parallel_inputs(self, hidden_states, attention_mask, position_ids, position_embeddings) -> None:
+        """Check this rank's shard, then agree with the group(s) in one fixed-size all-gather each.
+
+        The collectives after this one (the mask's all-gather, the halo exchange, Ulysses'
+        all-to-alls) have sizes that depend on the batch, the shard length and whether a mask is
+        given; gloo aborts the process when they differ between ranks. So every rank first
+        shares ``[its verdict, batch, seqlen, features, dtype, mask given]`` and every rank
+        raises the same ValueError when one rank's inputs are bad or the ranks differ. With both
+        groups, the Ulysses group goes first and its verdict travels in the context-parallel
+        round, so a problem anywhere in the grid stops every rank.
+        """
+        import torch.distributed as dist
+
+        from ..parallel.context_parallel import _DTYPE_CODES, all_gather_ints
+
+        error = None
+        try:
+            self._check_shard(hidden_states, attention_mask, position_ids, position_embeddings)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        shape = tuple(hidden_states.shape) if error is None else (-1, -1, -1)
+        dtype = _DTYPE_CODES.get(hidden_states.dtype, 0) if error is None else -1
+        meta = [*shape, dtype, int(attention_mask is not None)]
+        groups = [("sequence_parallel_group", self.sequence_parallel_group),
+                  ("context_parallel_group", self.context_parallel_group)]
+        for name, group in ((n, g) for n, g in groups if g is not None):
+            metas = all_gather_ints([int(error is None)] + meta, group)
+            if error is None:
+                error = _group_disagreement(name, metas, dist.get_rank(group))
+        if error is not None:
+            raise error
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -395,7 +474,9 @@ class SFTAttention(nn.Module):
         Args:
             attention_mask: ``(batch, seqlen)``, 1 on tokens and 0 on padding (right or left
                 padded; bool, int or float 0/1). Pad tokens are dropped before the
-                projections and their output rows are zero. None = no padding.
+                projections and their output rows are zero (also with ``causal=False``, where
+                eager attention would give pad rows an average of the real tokens' values).
+                None = no padding.
             position_ids: ``(batch, seqlen)`` or ``(1, seqlen)`` rotary positions. Default:
                 ``0, 1, ...`` counted over real tokens only (so a left-padded row gets the
                 same positions as the unpadded sequence).
@@ -406,21 +487,16 @@ class SFTAttention(nn.Module):
         Returns:
             ``(batch, seqlen, hidden_size)``.
         """
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-            raise ValueError(
-                "SFTAttention: hidden_states must be a tensor (batch, seqlen, hidden_size), got "
-                f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}"
-            )
-        b, l, c = hidden_states.shape
-        if c != self.hidden_size:
-            raise ValueError(f"SFTAttention: hidden_states has {c} features, expected hidden_size={self.hidden_size}")
-        if self.context_parallel_group is not None:
-            return self._forward_context_parallel(hidden_states, attention_mask, position_ids, position_embeddings)
-        if self.sequence_parallel_attention is not None:
+        if self.context_parallel_group is not None or self.sequence_parallel_attention is not None:
+            # before any collective whose size depends on the inputs: a mismatch would abort gloo
+            self._agree_parallel_inputs(hidden_states, attention_mask, position_ids, position_embeddings)
+            if self.context_parallel_group is not None:
+                return self._forward_context_parallel(hidden_states, attention_mask, position_ids, position_embeddings)
             return self._forward_sequence_parallel(hidden_states, attention_mask, position_ids, position_embeddings)
+        b, l, c = self._check_hidden(hidden_states)
         valid = None
         if attention_mask is not None:
-            valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
+            valid = _as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
             _check_contiguous("attention_mask", valid)
             if valid.numel() == 0:  # batch 0 or no token: nothing to unpad, the empty result as without a mask
                 valid = None
@@ -478,7 +554,7 @@ class SFTAttention(nn.Module):
         offset = rank * l
         full_valid = valid = None
         if attention_mask is not None:
-            valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
+            valid = _as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
             parts = [torch.empty_like(valid) for _ in range(world)]
             dist.all_gather(parts, valid.contiguous(), group=group)
             full_valid = torch.cat(parts, dim=1)
@@ -520,12 +596,7 @@ class SFTAttention(nn.Module):
         b, l, c = hidden_states.shape
         valid = lengths = None
         if attention_mask is not None:
-            if not self.causal:
-                raise ValueError(
-                    "SFTAttention(context_parallel_group=...): an attention_mask needs causal=True (with a two-sided "
-                    "window real tokens would attend pad keys); pass equal-length rows without a mask"
-                )
-            valid = _as_bool_mask("attention_mask", attention_mask.to(hidden_states.device), (b, l))
+            valid = _as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
             lengths = right_padded_lengths(valid, self.context_parallel_group, self.sequence_parallel_group)
 
         def positions():
@@ -654,8 +725,18 @@ def _ulysses_attention(layer: "SFTAttention", group):
                 f"SFTAttention: {name}={heads} must be divisible by the sequence parallel group size {world} "
                 "(Ulysses gives each rank num_heads/P query and num_kv_heads/P key/value heads)"
             )
-    from deepspeed.sequence.layer import DistributedAttention  # only here: sft_kernels never imports deepspeed
+    import deepspeed.comm as ds_comm  # only here: sft_kernels never imports deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
 
+    if not ds_comm.is_initialized():
+        # DistributedAttention's all-to-all goes through deepspeed.comm, whose backend only
+        # deepspeed.init_distributed() sets (it wraps an existing torch.distributed group); without
+        # it the first forward fails with "DeepSpeed backend not set"
+        raise ValueError(
+            "SFTAttention: sequence_parallel_group (DeepSpeed-Ulysses) needs deepspeed.init_distributed() on every "
+            "rank, got torch.distributed initialised without it; call deepspeed.init_distributed() (after or "
+            "instead of torch.distributed.init_process_group()) before building the layer"
+        )
     # (batch, seqlen, heads, head_dim): scatter heads (dim 2), gather the sequence (dim 1)
     return DistributedAttention(layer._local_attention, group, scatter_idx=2, gather_idx=1)
 
@@ -678,6 +759,39 @@ def _context_parallel_setup(layer: "SFTAttention", group, sequence_parallel_grou
     # heads were checked against the Ulysses group by _ulysses_attention; each rank of a
     # Ulysses group then runs the halo exchange on its heads over the whole shard
     return DistributedAttention(layer._context_parallel_local, sequence_parallel_group, scatter_idx=2, gather_idx=1)
+
+
+_AGREED_FIELDS = ("batch", "seqlen (tokens per rank)", "hidden_size (features)", "dtype", "attention_mask given")
+
+
+def _group_disagreement(name: str, metas, rank: int) -> Optional[ValueError]:
+    """The ValueError every rank of a group raises when the all-gathered ``metas`` (per rank:
+    ``[verdict, batch, seqlen, features, dtype code, mask given]``) are not all good and equal."""
+    bad = [r for r, m in enumerate(metas) if m[0] != 1]
+    if bad:
+        return ValueError(
+            f"SFTAttention({name}=...): group rank(s) {bad} rejected their inputs (the error is raised there); every "
+            "rank of the group stops here"
+        )
+    for f, field in enumerate(_AGREED_FIELDS, start=1):
+        vals = [int(m[f]) for m in metas]
+        if len(set(vals)) == 1:
+            continue
+        if field == "attention_mask given":
+            given = [r for r, x in enumerate(vals) if x]
+            return ValueError(
+                f"SFTAttention({name}=...): attention_mask is given on group rank(s) {given} but not on "
+                f"{[r for r, x in enumerate(vals) if not x]}; every rank must pass its (batch, seqlen) shard of the "
+                "mask, or every rank None"
+            )
+        if field == "dtype":
+            return ValueError(f"SFTAttention({name}=...): hidden_states dtype differs across the group (codes "
+                              f"{vals} on group ranks 0..{len(vals) - 1}); every rank must pass one dtype")
+        return ValueError(
+            f"SFTAttention({name}=...): hidden_states {field} differs across the group: {vals} on group ranks "
+            f"0..{len(vals) - 1}; every rank must pass a shard of the same shape (batch, L/P, hidden_size)"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------- config readers
