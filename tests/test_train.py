@@ -85,14 +85,18 @@ def test_split_and_batches_are_deterministic_and_disjoint():
     assert [e.input_ids for e in eval_a] == [e.input_ids for e in eval_b]
     assert len(eval_a) == round(0.1 * len(examples)) and len(train_a) + len(eval_a) == len(examples)
     assert not {id(e) for e in train_a} & {id(e) for e in eval_a}
-    batches = TrainBatches(train_a, 8, 3, seed=3)
-    assert batches.micro_per_epoch % 3 == 0 and batches.steps_per_epoch == batches.micro_per_epoch // 3
-    first = list(batches.epoch(1))
-    resumed = list(batches.epoch(1, start_micro=4))
-    assert len(first) == batches.micro_per_epoch
-    for a, b in zip(first[4:], resumed):
-        assert torch.equal(a["input_ids"], b["input_ids"])
-    assert not torch.equal(next(batches.epoch(0))["input_ids"], first[0]["input_ids"])
+    for shuffle_each_epoch in (False, True):
+        batches = TrainBatches(train_a, 8, 3, seed=3, shuffle_each_epoch=shuffle_each_epoch)
+        assert batches.micro_per_epoch == math.ceil(len(train_a) / 8)  # the last batch partial
+        assert batches.schedule_steps_per_epoch == math.ceil(batches.micro_per_epoch / 3)
+        first = list(batches.epoch(1))
+        resumed = list(batches.epoch(1, start_micro=4))
+        assert len(first) == batches.micro_per_epoch and len(first[-1]["input_ids"]) == (len(train_a) % 8 or 8)
+        for a, b in zip(first[4:], resumed):
+            assert torch.equal(a["input_ids"], b["input_ids"])
+        # DeepSpeed-Chat's main.py never calls set_epoch: the same order every epoch
+        same = torch.equal(next(batches.epoch(0))["input_ids"], first[0]["input_ids"])
+        assert same != shuffle_each_epoch
 
 
 def test_byte_tokenizer_reloads_with_autotokenizer(tmp_path):
@@ -325,11 +329,7 @@ def test_two_processes_zero2_gloo_and_a_changed_world_size_is_refused(tmp_path, 
 
 # ----------------------------------------------------------------------------- end-to-end benchmark
 def test_e2e_benchmark_writes_records(tmp_path):
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    import sys
-
-    sys.path.insert(0, bench)
-    import bench_e2e
+    from sft_kernels.bench import e2e as bench_e2e
 
     tiny = [dict(batch=1, seqlen=L, window=16, hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1,
                  head_dim=32, dtype="float32") for L in (64,)]  # one length: each record spawns a memory probe
@@ -351,10 +351,7 @@ def test_e2e_benchmark_writes_records(tmp_path):
 
 def test_e2e_benchmark_sdpa_and_sft_compute_the_same_loss():
     """The two providers are the same model with the same window: equal first-step losses."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_e2e
+    from sft_kernels.bench import e2e as bench_e2e
 
     shape = dict(batch=1, seqlen=96, window=16, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1,
                  head_dim=32, dtype="float32")

@@ -465,7 +465,7 @@ def test_dschat_run_script_argument_list_on_two_ranks(tmp_path):
     assert all(b < a for a, b in zip(ppl, ppl[1:])), ppl
     assert metrics["eval_after"]["perplexity"] < metrics["eval_before"]["perplexity"]
     log = g.output(0)
-    assert "local/jsonfile (16 train / 4 eval)" in log and "4 steps per epoch, 64 steps" in log
+    assert "local/jsonfile (16 train / 4 eval)" in log and "4 micro-batches per epoch per rank, 64 optimizer steps (schedule over 64)" in log
     assert "loss on the whole sequence" in log and "DeepSpeed-Chat: exp of the mean of batch-mean losses" in log
     assert os.path.isdir(os.path.join(out, "ds_tensorboard_logs", "step1_model_tensorboard"))
     assert os.path.exists(os.path.join(out, "model.safetensors"))

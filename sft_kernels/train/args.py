@@ -18,7 +18,8 @@ flag                        DeepSpeed-Chat              here
 
 This package's additions are in the last groups (``--loss_on``, ``--window_size``,
 ``--attn_implementation``, ``--qkv_groups``, ``--eval_fraction``, ``--max_steps``,
-``--save_steps``, ``--no_progress``, ``--context_parallel_size``). New flags go into
+``--save_steps``, ``--no_progress``, ``--context_parallel_size``, ``--shuffle_each_epoch``). New
+flags go into
 :func:`add_package_args` (or a new
 ``add_*`` function called from :func:`build_parser`).
 """
@@ -40,6 +41,11 @@ and the gloo backend; on GPUs launch it with the deepspeed launcher:
 
 (--module, not the sft-kernels command: the launcher puts --local_rank=N right after the
 program name, where only ``python -m sft_kernels.train`` accepts it.)
+
+Data, batches and schedule as DeepSpeed-Chat's step-1 main.py: its split (numpy RandomState
+with --seed), DistributedSampler for training and evaluation (last partial batch kept),
+get_scheduler over num_train_epochs x ceil(micro-batches per epoch / accumulation) steps,
+and for a --model_name_or_path its tokenizer padding and embedding resize (8 x ceil(len(tokenizer) / 8)).
 
 Objective: by default the loss covers every token of prompt + response (DeepSpeed-Chat's
 step 1); --loss_on response masks the prompt. Evaluation runs before training and after
@@ -180,6 +186,10 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_steps", type=_non_negative_int, default=0,
                    help="also write a DeepSpeed checkpoint every N optimizer steps (0: at the end only)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (a line every 10%% of the run)")
+    g.add_argument("--shuffle_each_epoch", action="store_true",
+                   help="a new training order every epoch (the train sampler seeded with --seed, set_epoch(epoch)); "
+                        "default: DeepSpeed-Chat's main.py, whose DistributedSampler (seed 0, no set_epoch) gives "
+                        "every epoch the same order")
     g.add_argument("--context_parallel_size", type=_positive_int, default=1,
                    help="N > 1: halo context parallelism (sft_kernels.context_parallel_attention): each sequence is "
                         "split into N consecutive blocks held by N ranks (world size = N x data-parallel size); the "

@@ -23,12 +23,16 @@ or this package's ``prompt`` and ``response`` (text ``prompt + response`` from a
 A row whose prompt or chosen is null is skipped, as DeepSpeed-Chat skips it. JSON files are
 JSON lines or one JSON array of objects (what ``datasets.load_dataset("json")`` reads).
 
-Splits. ``--data_split a,b,c``: each ``--data_path`` dataset is shuffled (seeded) and its
-first ``a / (a+b+c)`` share (boundaries rounded as DeepSpeed-Chat rounds them) is step 1's;
-this applies to its train split and to its eval split. ``--sft_only_data_path`` datasets
-and the default shipped dataset are used whole. A dataset without an eval split (one file)
-holds out ``--eval_fraction`` of its step-1 share. Several datasets are concatenated, then
-shuffled with the seed.
+Splits, as DeepSpeed-Chat's ``dschat/utils/data/data_utils.py`` makes them. ``--data_split
+a,b,c``: the rows of each ``--data_path`` dataset's train split are shuffled with
+``np.random.RandomState(seed).shuffle(arange(n))`` and step 1 takes the first share of that
+order (cumulative boundaries ``round(share * n)``, shifted so the last is ``n``); its eval split
+likewise, with the same ``seed``, and every dataset with that same seed. Several ``--data_path``
+datasets are concatenated and the result shuffled the same way (seed, length of the
+concatenation); ``--sft_only_data_path`` datasets are used whole (split ``10,0,0``), appended
+after them and the whole shuffled once more. The default shipped dataset is used whole. A
+dataset without an eval split (one file; this package's form) holds out ``--eval_fraction`` of
+its step-1 share.
 
 Examples. The text is tokenized with the tokenizer's own special tokens (a bos where it adds
 one), the eos id is appended, and the result is truncated to ``--max_seq_len``, as
@@ -44,15 +48,21 @@ seed, tokenizer, max_seq_len, objective, eval_fraction); a later run with the sa
 loads them. Local rank 0 builds, the other ranks wait at a barrier and load.
 Unlike DeepSpeed-Chat's cache, editing a data file invalidates it.
 
-Batch order is a pure function of ``(seed, epoch, rank)``: micro-batch ``i`` of epoch ``e``
-is the same in every run, which is what lets a resumed run skip exactly the micro-batches
-the checkpoint already consumed.
+Batches, as DeepSpeed-Chat's step-1 ``main.py`` builds them under the launcher: a
+``DistributedSampler`` over the data-parallel ranks (``shuffle=True``, its default seed 0,
+padded by repetition to a multiple of the ranks) and batches of ``per_device_*_batch_size``
+with the last partial batch kept, for training and for evaluation. ``main.py`` never calls
+``set_epoch``, so every epoch sees the same order; ``--shuffle_each_epoch`` (this package's
+option) seeds the train sampler with ``--seed`` and calls ``set_epoch(epoch)``. Either way
+batch order is a pure function of ``(seed, epoch, rank)``, which is what lets a resumed run
+skip exactly the micro-batches the checkpoint already consumed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -223,13 +233,20 @@ def _fingerprint(paths: Sequence[str]) -> List[List]:
 
 
 # ----------------------------------------------------------------------------- splits
-def _shuffled(n: int, seed: int) -> List[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+def shuffle_index(seed: int, n: int) -> List[int]:
+    """DeepSpeed-Chat's ``get_shuffle_idx``: ``arange(n)`` (uint32) shuffled in place by
+    ``np.random.RandomState(seed)``."""
+    import numpy as np
+
+    idx = np.arange(n, dtype=np.uint32 if n < np.iinfo(np.uint32).max - 1 else np.int64)
+    np.random.RandomState(seed=seed).shuffle(idx)
+    return idx.tolist()
 
 
 def phase_one_indices(n: int, data_split: str, seed: int) -> List[int]:
-    """The step-1 share of ``n`` rows under ``data_split`` ("a,b,c"), DeepSpeed-Chat's rounding:
-    cumulative boundaries ``round(share * n)``, shifted so the last one is ``n``."""
+    """The step-1 share of ``n`` rows under ``data_split`` ("a,b,c"), DeepSpeed-Chat's
+    ``get_raw_dataset_split_index`` for phase 1: cumulative boundaries ``round(share * n)``,
+    shifted so the last one is ``n``, over :func:`shuffle_index` ``(seed, n)``."""
     shares = [float(s) for s in data_split.split(",")]
     total = sum(shares)
     bounds = [0]
@@ -237,7 +254,11 @@ def phase_one_indices(n: int, data_split: str, seed: int) -> List[int]:
         bounds.append(bounds[-1] + int(round(s / total * n)))
     diff = bounds[-1] - n
     bounds = [0] + [b - diff for b in bounds[1:]]
-    return _shuffled(n, seed)[max(0, bounds[0]):max(0, bounds[1])]
+    return shuffle_index(seed, n)[max(0, bounds[0]):max(0, bounds[1])]
+
+
+def _shuffled(n: int, seed: int) -> List[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # ----------------------------------------------------------------------------- examples
@@ -313,14 +334,14 @@ class Datasets:
     key: str
 
 
-def _spec(args) -> Tuple[List[Tuple[str, str]], bool]:
-    """[(name, split)] of every source, and whether the default shipped dataset is used."""
+def _spec(args) -> Tuple[List[Tuple[str, str, bool]], bool]:
+    """[(name, split, sft_only)] of every source, and whether the default shipped dataset is used."""
     paths = list(args.data_path or [])
     sft_only = list(args.sft_only_data_path or [])
     default = not paths and not sft_only
-    spec = [(p, args.data_split) for p in paths] + [(p, "10,0,0") for p in sft_only]
+    spec = [(p, args.data_split, False) for p in paths] + [(p, "10,0,0", True) for p in sft_only]
     if default:
-        spec = [(default_data_path(), "10,0,0")]
+        spec = [(default_data_path(), "10,0,0", True)]
     return spec, default
 
 
@@ -331,33 +352,42 @@ def _tokenizer_id(tokenizer) -> str:
 
 
 def _build(spec, tokenizer, args) -> Tuple[List[Example], List[Example], int, List[str]]:
-    train_all: List[Example] = []
-    eval_all: List[Example] = []
+    """DeepSpeed-Chat's ``create_prompt_dataset`` for phase 1 (see the module docstring)."""
+    main_parts: List[Tuple[List[Example], List[Example]]] = []
+    sft_parts: List[Tuple[List[Example], List[Example]]] = []
     dropped, parts = 0, []
-    for i, (name, data_split) in enumerate(spec):
+    for name, data_split, sft_only in spec:
         src = resolve_source(name)
-        seed = args.seed + 7919 * i
-        tr_rows = [src.train[j] for j in phase_one_indices(len(src.train), data_split, seed)]
+        tr_rows = [src.train[j] for j in phase_one_indices(len(src.train), data_split, args.seed)]
         tr, d1 = encode_all(tr_rows, tokenizer, args.max_seq_len, args.loss_on, src.style)
         if src.eval is not None:
-            ev_rows = [src.eval[j] for j in phase_one_indices(len(src.eval), data_split, seed + 1)]
+            ev_rows = [src.eval[j] for j in phase_one_indices(len(src.eval), data_split, args.seed)]
             ev, d2 = encode_all(ev_rows, tokenizer, args.max_seq_len, args.loss_on, src.style)
         else:
             if len(tr) < 2:
                 raise ValueError(f"--data_path {name}: {len(tr)} usable examples in its step-1 share "
                                  f"(--data_split {data_split}); need at least 2 to hold out an eval split")
-            tr, ev = split(tr, args.eval_fraction, seed + 2)
+            tr, ev = split(tr, args.eval_fraction, args.seed + 2)
             d2 = 0
         if not tr:
             raise ValueError(f"--data_path {name}: no training example in its step-1 share (--data_split "
                              f"{data_split}, {len(src.train)} rows)")
         dropped += d1 + d2
-        train_all += tr
-        eval_all += ev
+        (sft_parts if sft_only else main_parts).append((tr, ev))
         parts.append(f"{name} ({len(tr)} train / {len(ev)} eval)")
-    if len(spec) > 1:  # blend: one seeded shuffle over the concatenation
-        train_all = [train_all[j] for j in _shuffled(len(train_all), args.seed)]
-        eval_all = [eval_all[j] for j in _shuffled(len(eval_all), args.seed + 1)]
+
+    def concat_shuffled(pieces: List[List[Example]]) -> List[Example]:
+        whole = [e for p in pieces for e in p]
+        return [whole[j] for j in shuffle_index(args.seed, len(whole))]
+
+    train_all = [e for tr, _ in main_parts for e in tr]
+    eval_all = [e for _, ev in main_parts for e in ev]
+    if len(main_parts) > 1:  # blending
+        train_all = concat_shuffled([tr for tr, _ in main_parts])
+        eval_all = concat_shuffled([ev for _, ev in main_parts])
+    if sft_parts:  # appended after the --data_path datasets, then one more shuffle
+        train_all = concat_shuffled([train_all] + [tr for tr, _ in sft_parts])
+        eval_all = concat_shuffled([eval_all] + [ev for _, ev in sft_parts])
     if not eval_all:
         raise ValueError("no evaluation example: the eval splits' step-1 shares are empty (check --data_split)")
     return train_all, eval_all, dropped, parts
@@ -366,7 +396,7 @@ def _build(spec, tokenizer, args) -> Tuple[List[Example], List[Example], int, Li
 def cache_key(args, tokenizer) -> Tuple[str, dict]:
     spec, _ = _spec(args)
     files = []
-    for name, _split in spec:
+    for name, _split, _sft in spec:
         if name == DSCHAT_LOCAL or os.path.exists(name):
             try:
                 files.append(_fingerprint(resolve_source_files(name)))
@@ -376,7 +406,7 @@ def cache_key(args, tokenizer) -> Tuple[str, dict]:
             files.append(None)
     key = {"spec": spec, "files": files, "seed": args.seed, "tokenizer": _tokenizer_id(tokenizer),
            "max_seq_len": args.max_seq_len, "loss_on": args.loss_on, "eval_fraction": args.eval_fraction,
-           "format": 2}
+           "format": 3}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return digest, key
 
@@ -455,41 +485,56 @@ def collate(batch: Sequence[Example], pad_id: int) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class TrainBatches:
-    """Micro-batches for one rank, epoch by epoch, deterministic in ``(seed, epoch)``.
+def distributed_order(n: int, rank: int, world_size: int, seed: int = 0, epoch: int = 0) -> List[int]:
+    """The indices ``torch.utils.data.DistributedSampler(range(n), world_size, rank, shuffle=True,
+    seed=seed)`` yields after ``set_epoch(epoch)`` (drop_last=False: padded by repetition to a
+    multiple of ``world_size``)."""
+    from torch.utils.data.distributed import DistributedSampler
 
-    Each epoch is a seeded permutation of the training set split round-robin across ranks;
-    the micro-batch count per epoch is rounded down to a multiple of the gradient
-    accumulation steps, so an optimizer step never straddles two epochs (the few examples
-    left over are different ones each epoch). DeepSpeed-Chat keeps a last partial batch
-    and lets a partial accumulation run into the next epoch.
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+class TrainBatches:
+    """Micro-batches for one data-parallel rank, epoch by epoch: DeepSpeed-Chat's train
+    ``DataLoader(sampler=DistributedSampler(train), batch_size=B)`` (see the module docstring).
+
+    ``shuffle_each_epoch=False`` (DeepSpeed-Chat's ``main.py``): the sampler's default seed 0 and
+    no ``set_epoch``, the same order every epoch; ``True``: seed ``seed`` and ``set_epoch(epoch)``.
+    The last batch of an epoch may be partial; an accumulation of ``grad_accum`` micro-batches
+    may run on into the next epoch (DeepSpeed counts micro-batches across epochs).
     """
 
     def __init__(self, examples: List[Example], batch_size: int, grad_accum: int, seed: int, rank: int = 0,
-                 world_size: int = 1, pad_id: int = 0):
+                 world_size: int = 1, pad_id: int = 0, shuffle_each_epoch: bool = False):
+        if not examples:
+            raise ValueError("no training example")
         self.examples, self.batch_size, self.grad_accum = examples, batch_size, grad_accum
         self.seed, self.rank, self.world_size, self.pad_id = seed, rank, world_size, pad_id
-        micro = len(examples) // (batch_size * world_size)
-        self.micro_per_epoch = micro - micro % grad_accum
-        if self.micro_per_epoch == 0:
-            raise ValueError(
-                f"{len(examples)} training examples are too few for per_device_train_batch_size={batch_size} x "
-                f"gradient_accumulation_steps={grad_accum} x world_size={world_size}")
+        self.shuffle_each_epoch = shuffle_each_epoch
+        per_rank = math.ceil(len(examples) / world_size)
+        self.micro_per_epoch = math.ceil(per_rank / batch_size)
 
     @property
-    def steps_per_epoch(self) -> int:
-        return self.micro_per_epoch // self.grad_accum
+    def schedule_steps_per_epoch(self) -> int:
+        """DeepSpeed-Chat's ``num_update_steps_per_epoch``: ceil(micro-batches / accumulation)."""
+        return math.ceil(self.micro_per_epoch / self.grad_accum)
+
+    def order(self, epoch: int) -> List[int]:
+        if self.shuffle_each_epoch:
+            return distributed_order(len(self.examples), self.rank, self.world_size, self.seed, epoch)
+        return distributed_order(len(self.examples), self.rank, self.world_size)
 
     def epoch(self, epoch: int, start_micro: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        order = torch.randperm(len(self.examples), generator=g).tolist()
-        mine = order[self.rank::self.world_size]
+        mine = self.order(epoch)
         for i in range(start_micro, self.micro_per_epoch):
             chunk = mine[i * self.batch_size:(i + 1) * self.batch_size]
             yield collate([self.examples[j] for j in chunk], self.pad_id)
 
 
 def eval_batches(examples: List[Example], batch_size: int, rank: int, world_size: int, pad_id: int):
-    mine = examples[rank::world_size]
+    """DeepSpeed-Chat's eval ``DataLoader(sampler=DistributedSampler(eval), batch_size=B)``."""
+    mine = distributed_order(len(examples), rank, world_size)
     for i in range(0, len(mine), batch_size):
-        yield collate(mine[i:i + batch_size], pad_id)
+        yield collate([examples[j] for j in mine[i:i + batch_size]], pad_id)

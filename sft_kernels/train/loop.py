@@ -21,9 +21,17 @@ weights a token of a short batch more). The train loss logged per step is the me
 the ranks of the step's loss (each micro-batch's mean token loss, averaged over the
 gradient accumulation steps).
 
+Steps and schedule, as DeepSpeed-Chat's step 1: an epoch is every micro-batch of the
+rank's ``DistributedSampler`` share, the last one partial (see data.py); the optimizer steps
+every ``--gradient_accumulation_steps`` micro-batches counted across epochs (an accumulation
+may straddle two epochs; one left incomplete at the end is not applied); the learning-rate
+schedule runs over ``num_train_epochs * ceil(micro-batches per epoch / accumulation)`` steps
+(``get_scheduler(..., num_warmup_steps=--num_warmup_steps)``). ``metrics.json`` records the
+rate each step applied (``train_lrs_this_run``).
+
 Resume: when ``output_dir/ds_checkpoint/latest`` exists the engine state is loaded and the
-micro-batches the checkpoint consumed are skipped (batch order is a function of seed and
-epoch, see data.py), so ``--max_steps 3`` then ``--max_steps 6`` on the same directory
+micro-batches the checkpoint consumed are skipped (batch order is a function of seed,
+epoch and rank, see data.py), so ``--max_steps 3`` then ``--max_steps 6`` on the same directory
 trains the same six steps as one ``--max_steps 6`` run. Settings that would change the run
 (:data:`RESUME_SETTINGS`: learning-rate schedule, window, data, ZeRO stage, world size, ...)
 are compared with the checkpoint's before DeepSpeed is started, and a difference is refused
@@ -54,7 +62,7 @@ RESUME_SETTINGS = ("model_name_or_path", "data", "max_seq_len", "loss_on", "per_
                    "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "num_warmup_steps",
                    "num_train_epochs", "weight_decay", "window", "qkv_groups", "dropout", "lora_dim",
                    "lora_module_name", "only_optimize_lora", "lora_learning_rate", "zero_stage", "dtype", "offload",
-                   "world_size", "add_eot_token", "eot_token", "context_parallel_size")
+                   "world_size", "add_eot_token", "eot_token", "context_parallel_size", "shuffle_each_epoch")
 PERPLEXITY_DEFINITIONS = {
     "dschat_perplexity": "exp(mean over ranks of the mean over the rank's eval batches of each batch's mean token "
                          "loss): DeepSpeed-Chat's evaluation()",
@@ -323,6 +331,7 @@ def run_settings(args, world: int, data_key: str) -> Dict:
     values.update(data=data_key, window=window, dtype=resolve_dtype(args), world_size=world)
     cp = getattr(args, "context_parallel_size", 1)
     values["context_parallel_size"] = cp if cp > 1 else None  # None: as in checkpoints written before the flag
+    values["shuffle_each_epoch"] = True if getattr(args, "shuffle_each_epoch", False) else None  # likewise
     if not values.get("lora_dim"):  # the LoRA details mean nothing without LoRA
         for k in ("lora_module_name", "only_optimize_lora", "lora_learning_rate"):
             values[k] = None
@@ -370,13 +379,13 @@ def check_resume(state: Dict, settings: Dict, ckpt_dir: str) -> None:
                      + "\nrun with the checkpoint's values, or use another --output_dir to start afresh")
 
 
-def _save_ds(engine, ckpt_dir, step, settings, history, rank) -> None:
+def _save_ds(engine, ckpt_dir, step, micro, settings, history, rank) -> None:
     tag = f"global_step{step}"
     # DeepSpeed writes 'latest' at the end of save_checkpoint; the state must exist by then
     if rank == 0:
         os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
         with open(_state_path(ckpt_dir, tag), "w") as f:
-            json.dump({"step": step, "settings": settings, "history": history}, f)
+            json.dump({"step": step, "micro": micro, "settings": settings, "history": history}, f)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step})
 
 
@@ -406,7 +415,7 @@ def run(args):
     """:func:`train`, returning ``(metrics, model)``: the trained module unwrapped from the
     DeepSpeed engine (under ZeRO-3 its parameters stay partitioned)."""
     from .data import TrainBatches, eval_batches, prepare
-    from .model import build_model, model_window, save_hf_checkpoint
+    from .model import build_model, check_max_seq_len, max_positions, model_window, save_hf_checkpoint
     from .tokenizer import load_tokenizer
 
     t_start = time.perf_counter()
@@ -424,25 +433,33 @@ def run(args):
         groups = context_parallel_groups(cp, 1)
         cp_group, dp_rank, dp_world = groups.context_parallel_group, groups.data_parallel_rank, world // cp
 
+    check_max_seq_len(args.max_seq_len, max_positions(args), args.model_name_or_path or "the embedded model")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model_name_or_path)
     if args.add_eot_token:
         tokenizer.add_special_token(args.eot_token)
     data = prepare(args, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), barrier=torch.distributed.barrier)
     batches = TrainBatches(data.train, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
-                           dp_rank, dp_world, tokenizer.pad_token_id)  # all ranks of a context-parallel group: one
+                           dp_rank, dp_world, tokenizer.pad_token_id,  # all ranks of a context-parallel group: one
+                           shuffle_each_epoch=getattr(args, "shuffle_each_epoch", False))
     if cp > 1:
         from .context_parallel import ContextShards
 
         shards = ContextShards(groups, cp, tokenizer.pad_token_id)
-    schedule_steps = args.num_train_epochs * batches.steps_per_epoch
-    total_steps = schedule_steps if args.max_steps is None else min(schedule_steps, args.max_steps)
+    gas, mpe = args.gradient_accumulation_steps, batches.micro_per_epoch
+    # DeepSpeed-Chat: get_scheduler over num_train_epochs * ceil(len(train_dataloader) / gas) steps;
+    # DeepSpeed steps the optimizer every gas micro-batches counted across epochs
+    schedule_steps = args.num_train_epochs * batches.schedule_steps_per_epoch
+    total_micro = args.num_train_epochs * mpe
+    if args.max_steps is not None:
+        total_micro = min(total_micro, args.max_steps * gas)
+    total_steps = total_micro // gas
     _say(rank, f"data: {data.description}"
                + (f"; {data.dropped} dropped (no supervised token within --max_seq_len, or no prompt/chosen)"
                   if data.dropped else "")
                + (f"; {'cache hit' if data.from_cache else 'cached to'} {data.cache_file}" if data.cache_file else "")
-               + f"; {batches.steps_per_epoch} steps per epoch, {total_steps} steps; loss on the "
-                 f"{'whole sequence' if args.loss_on == 'full' else 'response tokens'}")
+               + f"; {mpe} micro-batches per epoch per rank, {total_steps} optimizer steps (schedule over "
+                 f"{schedule_steps}); loss on the {'whole sequence' if args.loss_on == 'full' else 'response tokens'}")
 
     settings = run_settings(args, world, data.key)
     ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_SUBDIR) if args.output_dir else None
@@ -467,7 +484,7 @@ def run(args):
                  f"{resolve_dtype(args)}, {world} process(es) on {device.type}"
                + (f" ({dp_world} data parallel x {cp} context parallel)" if cp > 1 else ""))
 
-    step = 0
+    step = micro = 0  # optimizer steps, micro-batches (per rank) consumed
     history = {"train_losses": [], "evals": []}
     resumed_from = None
     if state is not None:
@@ -475,14 +492,17 @@ def run(args):
         if path is None:
             raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt_dir}")
         step = resumed_from = int(state["step"])
+        micro = int(state.get("micro", step * gas))
         history = state["history"]
         _say(rank, f"resumed from {path} at step {step}")
 
     eval_input = lambda: eval_batches(data.eval, args.per_device_eval_batch_size, dp_rank, dp_world,  # noqa: E731
                                       tokenizer.pad_token_id)
 
-    def run_eval(epoch: int, tag: str) -> Dict:
-        r = dict(evaluate(engine, eval_input(), device, shards), epoch=epoch, step=step)
+    def run_eval(tag: str) -> Dict:
+        r = dict(evaluate(engine, eval_input(), device, shards), epoch=micro / mpe, step=step, micro=micro)
+        if r["epoch"] == int(r["epoch"]):
+            r["epoch"] = int(r["epoch"])
         history["evals"].append(r)
         if progress is None:
             _say(rank, _eval_line(tag, r))
@@ -493,20 +513,17 @@ def run(args):
                                          ("dschat_perplexity", "perplexity", "dschat_loss", "loss")])
         return r
 
-    spe = batches.steps_per_epoch
     progress = None
     if not history["evals"]:
-        run_eval(0, f"eval before training (epoch 0/{args.num_train_epochs})")
+        run_eval(f"eval before training (epoch 0/{args.num_train_epochs})")
 
     progress = _Progress(total_steps, step, enabled=not args.no_progress, quiet=rank != 0)
     engine.train()
-    t_train, tokens_seen, steps_here, grad_norms = time.perf_counter(), 0, 0, []
-    gas = args.gradient_accumulation_steps
-    while step < total_steps:
-        epoch = step // spe
-        start_micro = (step % spe) * gas
-        step_loss, step_tokens, micro = 0.0, 0, start_micro
-        for batch in batches.epoch(epoch, start_micro):
+    t_train, tokens_seen, steps_here, grad_norms, lrs = time.perf_counter(), 0, 0, [], []
+    step_loss, step_tokens = 0.0, 0
+    while micro < total_micro:
+        epoch = micro // mpe
+        for batch in batches.epoch(epoch, micro % mpe):
             batch = {k: v.to(device) for k, v in batch.items()}
             if shards is None:
                 loss = engine(**batch).loss
@@ -514,48 +531,49 @@ def run(args):
             else:  # this rank's block; shown: the whole micro-batch's loss
                 loss, shown = shards.train_loss(engine, batch)
             if args.print_loss:
-                print(f"Epoch: {epoch}, Step: {micro}, Rank: {rank}, loss = {shown}", flush=True)
+                print(f"Epoch: {epoch}, Step: {micro % mpe}, Rank: {rank}, loss = {shown}", flush=True)
             engine.backward(loss)
-            engine.step()
+            lr = engine.get_lr()[0]  # what this micro-batch's optimizer step (if it is one) applies
+            engine.step()  # the optimizer steps at every gas-th micro-batch (DeepSpeed's own count)
             step_loss += shown / gas
             step_tokens += int(batch["attention_mask"].sum())
             micro += 1
-            if micro % gas:
-                continue
-            step += 1
-            steps_here += 1
-            norm = engine.get_global_grad_norm()  # before clipping; None where DeepSpeed does not compute it
-            grad_norms.append([step, None if norm is None else float(norm)])
-            mean = torch.tensor([step_loss], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(mean)
-            step_loss = mean.item() / world
-            tokens_seen += step_tokens * dp_world  # the ranks of a context-parallel group share a batch
-            rate = tokens_seen / (time.perf_counter() - t_train)
-            history["train_losses"].append([step, step_loss])
-            progress.update(step_loss, rate, engine.get_lr()[0])
-            if args.enable_tensorboard:
-                engine.monitor.write_events([("Train/loss", step_loss, step)])
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step}")
-            if step % spe == 0:  # end of an epoch: evaluate, as DeepSpeed-Chat does
-                run_eval(step // spe, f"eval after epoch {step // spe}/{args.num_train_epochs} (step {step})")
-            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                _save_ds(engine, ckpt_dir, step, settings, history, rank)
-            if step >= total_steps:
+            if micro % gas == 0:
+                step += 1
+                steps_here += 1
+                norm = engine.get_global_grad_norm()  # before clipping; None where DeepSpeed does not compute it
+                grad_norms.append([step, None if norm is None else float(norm)])
+                lrs.append([step, lr])
+                mean = torch.tensor([step_loss], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(mean)
+                step_loss = mean.item() / world
+                tokens_seen += step_tokens * dp_world  # the ranks of a context-parallel group share a batch
+                rate = tokens_seen / (time.perf_counter() - t_train)
+                history["train_losses"].append([step, step_loss])
+                progress.update(step_loss, rate, engine.get_lr()[0])
+                if args.enable_tensorboard:
+                    engine.monitor.write_events([("Train/loss", step_loss, step)])
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(f"loss is {step_loss} at step {step}")
+                step_loss, step_tokens = 0.0, 0
+            if micro % mpe == 0:  # end of an epoch: evaluate, as DeepSpeed-Chat does
+                run_eval(f"eval after epoch {micro // mpe}/{args.num_train_epochs} (step {step})")
+            if micro % gas == 0 and args.save_steps and step % args.save_steps == 0 and micro < total_micro:
+                _save_ds(engine, ckpt_dir, step, micro, settings, history, rank)
+            if micro >= total_micro:
                 break
-            step_loss, step_tokens = 0.0, 0
     progress.close()
     progress = None
     train_seconds = time.perf_counter() - t_train
 
-    if history["evals"][-1]["step"] != step:  # stopped inside an epoch (--max_steps)
-        run_eval(step / spe, f"eval at step {step} (--max_steps, epoch {step / spe:.2f})")
+    if history["evals"][-1].get("micro", history["evals"][-1]["step"] * gas) != micro:  # stopped inside an epoch
+        run_eval(f"eval at step {step} (--max_steps, epoch {micro / mpe:.2f})")
     eval_before, eval_after = history["evals"][0], history["evals"][-1]
     _say(rank, f"perplexity {eval_before['dschat_perplexity']:.4f} -> {eval_after['dschat_perplexity']:.4f} "
                f"(DeepSpeed-Chat's), {eval_before['perplexity']:.4f} -> {eval_after['perplexity']:.4f} "
                f"(token-weighted)")
     if args.output_dir:
-        _save_ds(engine, ckpt_dir, step, settings, history, rank)
+        _save_ds(engine, ckpt_dir, step, micro, settings, history, rank)
         save_hf_checkpoint(engine.module, tokenizer, args.output_dir, args.zero_stage, rank)
     this_run = {
         "resumed_from_step": resumed_from,
@@ -577,6 +595,9 @@ def run(args):
         "train_losses": history["train_losses"],
         "train_losses_this_run": history["train_losses"][len(history["train_losses"]) - steps_here:],
         "train_grad_norms_this_run": grad_norms,
+        "train_lrs_this_run": lrs,
+        "micro_batches": micro,
+        "schedule_steps": schedule_steps,
         "train_seconds": train_seconds,
         "train_tokens_per_s": this_run["train_tokens_per_s"],
         "total_seconds": this_run["total_seconds"],

@@ -5,7 +5,12 @@ Embedded default: a small Mistral-architecture model (Mistral is Llama plus
 ``config.sliding_window``, which is what lets eager and SDPA attention apply the same
 window as ``sft_sliding_window``), initialised at random from ``--seed``:
 hidden 256, 4 layers, 4 query heads and 2 key/value heads of dim 64, MLP 688, tied
-embeddings, vocabulary = the byte tokenizer's 259 ids. 2.97M parameters.
+embeddings, 264 embedding rows (the byte tokenizer's 259 ids rounded up to a multiple of 8,
+DeepSpeed-Chat's rule). 2.97M parameters.
+
+Embeddings of a ``--model_name_or_path`` model: resized to ``8 * ceil(len(tokenizer) / 8)``
+rows, grown or shrunk, as DeepSpeed-Chat's ``create_hf_model`` does (new rows from
+transformers' mean resizing); the tokenizer's pad token is DeepSpeed-Chat's (tokenizer.py).
 
 Window (``--window_size``) per attention implementation:
 
@@ -33,6 +38,7 @@ ZeRO-3: the model is built partitioned (``HfDeepSpeedConfig`` around ``from_pret
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Dict, List, Optional, Union
 
@@ -115,6 +121,30 @@ def _apply_window(config, window: WindowOpt, attn_implementation: str) -> Option
     return window
 
 
+def dschat_vocab_size(n_tokens: int) -> int:
+    """DeepSpeed-Chat's embedding size for a tokenizer of ``n_tokens``: ``8 * ceil(n / 8)``."""
+    return 8 * math.ceil(n_tokens / 8)
+
+
+def max_positions(args) -> Optional[int]:
+    """The model's ``max_position_embeddings`` (the embedded model's for no
+    ``--model_name_or_path``), None where its config has none."""
+    if not args.model_name_or_path:
+        return DEFAULT_MODEL["max_position_embeddings"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path, local_files_only=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_max_seq_len(max_seq_len: int, limit: Optional[int], where: str) -> None:
+    """ValueError where ``--max_seq_len`` is above the model's ``max_position_embeddings``."""
+    if limit is not None and max_seq_len > limit:
+        raise ValueError(f"--max_seq_len {max_seq_len} is above the model's max_position_embeddings {limit} "
+                         f"({where}): positions past {limit} were never trained (or do not exist); use "
+                         f"--max_seq_len {limit} or less")
+
+
 def dtype_kwargs(dtype: torch.dtype) -> Dict[str, torch.dtype]:
     """``from_pretrained``/``from_config`` dtype keyword: ``dtype`` from transformers 4.56,
     ``torch_dtype`` before (4.48-4.55)."""
@@ -187,8 +217,8 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
     if args.model_name_or_path:
         config = AutoConfig.from_pretrained(args.model_name_or_path, local_files_only=True)
     else:
-        config = default_config(len(tokenizer), window, tokenizer.pad_token_id, tokenizer.bos_token_id,
-                                tokenizer.eos_token_id)
+        config = default_config(dschat_vocab_size(len(tokenizer)), window, tokenizer.pad_token_id,
+                                tokenizer.bos_token_id, tokenizer.eos_token_id)
     configure_dropout(config, getattr(args, "dropout", None))
     extra_window = None if window == "model" else _apply_window(config, window, impl)
     if impl == "sft_sliding_window":
@@ -204,9 +234,9 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
                                                          **dtype_kwargs(torch.float32))
         else:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, **dtype_kwargs(torch.float32))
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            # grown to a multiple of 8 as DeepSpeed-Chat does (it also shrinks; never done here)
-            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+        if args.model_name_or_path:
+            # DeepSpeed-Chat's create_hf_model: always to 8 * ceil(len(tokenizer) / 8), shrinking too
+            model.resize_token_embeddings(dschat_vocab_size(len(tokenizer)))
     if args.qkv_groups > 1:
         from ..integrations.transformers import patch_model
 

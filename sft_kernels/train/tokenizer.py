@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 MARKER = "sft_byte_tokenizer.json"
 
@@ -90,13 +90,45 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-class HFTokenizer:
-    """A Hugging Face tokenizer behind the small interface the training code uses."""
+def tokenizer_problem(tok) -> Optional[str]:
+    """Why a Hugging Face tokenizer cannot tokenize step-1 text, or None. Transformers 5 gives a
+    directory without tokenizer files an empty tokenizer (a GPT2Tokenizer of 1 token, or a
+    LlamaTokenizer of 3) that encodes any text to nothing: training on it would see only eos."""
+    probe = "Human: Hello, world! Assistant: 42"
+    if not tok(probe, add_special_tokens=False)["input_ids"]:
+        return (f"{type(tok).__name__} with {len(tok)} token(s) encodes text to no tokens: no tokenizer files "
+                "(tokenizer.json, or tokenizer_config.json with its vocabulary) were found")
+    if tok.eos_token is None:
+        return f"{type(tok).__name__} has no eos token, which step 1 appends to every example"
+    return None
 
-    def __init__(self, tok):
+
+def dschat_model_name(path: str) -> str:
+    """The name DeepSpeed-Chat's ``load_hf_tokenizer`` goes by: ``_name_or_path`` of the
+    directory's config.json where it has one (written by transformers 4), else the path."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return str(json.load(f).get("_name_or_path", path))
+    except (OSError, ValueError):
+        return path
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the small interface the training code uses, padded as
+    DeepSpeed-Chat's ``load_hf_tokenizer`` pads: for a model whose name (:func:`dschat_model_name`)
+    contains ``llama``, a ``[PAD]`` token is added where the tokenizer has no pad token; for
+    every other model the pad token is the eos token. (DeepSpeed-Chat also loads ``llama``
+    models' tokenizers with ``LlamaTokenizer``; here the directory's own tokenizer class is used:
+    under transformers 5, ``LlamaTokenizer`` rebuilds a tokenizer from the vocabulary, which can
+    tokenize differently from the model's tokenizer.json.)"""
+
+    def __init__(self, tok, name: str = ""):
         self.tok = tok
-        if tok.pad_token_id is None:  # Llama-style tokenizers ship without a pad token
-            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        if "llama" in name:
+            if tok.pad_token is None:
+                tok.add_special_tokens({"pad_token": "[PAD]"})
+        else:
+            tok.pad_token = tok.eos_token
         self.pad_token_id = tok.pad_token_id
         self.eos_token_id = tok.eos_token_id
         self.bos_token_id = tok.bos_token_id
@@ -131,9 +163,14 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | None):
     """The byte tokenizer for ``None`` or a directory holding ``sft_byte_tokenizer.json``,
-    else ``AutoTokenizer.from_pretrained(path)`` (local files only)."""
+    else ``AutoTokenizer.from_pretrained(path)`` (local files only) as :class:`HFTokenizer`;
+    a ValueError where that tokenizer is unusable (:func:`tokenizer_problem`)."""
     if path is None or os.path.exists(os.path.join(path, MARKER)):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    problem = tokenizer_problem(tok)
+    if problem:
+        raise ValueError(f"--model_name_or_path {path}: no usable tokenizer: {problem}")
+    return HFTokenizer(tok, dschat_model_name(path))
