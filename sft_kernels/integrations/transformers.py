@@ -39,8 +39,15 @@ own position is not padding. Each row's real queries and real keys must be one c
 block (left or right padding). The attention function then runs one packed (varlen) call in
 which every row is five sequences: its left-pad queries (no keys), its left-pad keys (no
 queries), the real queries against the real keys (bottom-right aligned), and the right pads
-likewise. Pad queries see no key, so their outputs and gradients are exactly zero; the
-shapes are static and nothing reads a tensor on the host, so ``torch.compile(fullgraph=True)``
+likewise. Pad queries see no key, so their outputs and gradients are exactly zero (as
+transformers' FlashAttention-2 path gives them) -- except on bidirectional layers with an
+unbounded window (BERT, RoBERTa and other encoders), where eager masks keys only and a pad
+query attends its row's real keys: there every query of a row is one sequence against the
+row's real keys, so pad positions equal eager's too (a left-padded BERT classifier reads its
+CLS token at a pad position; its logits differed from eager's by 1e-2 with zero pad rows). Pad
+positions of causal and windowed bidirectional layers stay zero, where eager gives values no
+loss should read (a left pad sees only pad keys), and a row with no real token is zero where
+eager averages its pad values. The shapes are static and nothing reads a tensor on the host, so ``torch.compile(fullgraph=True)``
 traces it, and nothing here keeps CUDA graphs from capturing it (not yet run on a GPU). This
 covers dynamic caches, dynamic sliding-window caches, ``StaticCache`` (full, sliding-window
 and hybrid layers), prefill and decode.
@@ -70,12 +77,14 @@ Context parallelism. ``register(context_parallel_group=group)`` (or the
 :func:`context_parallel` block) runs every layer through
 :func:`sft_kernels.context_parallel_attention`: each rank of the group feeds its block of
 consecutive tokens with their global position_ids and its slice of a right-padded mask; the mask
-function then returns that slice and each layer checks positions and padding across the group
-(one all-gather) before the halo exchange. No caches, packing, 4D masks, softcap / sinks or
+function then returns that slice and each layer checks shapes, positions and padding across the
+group (two small all-gathers, the first of fixed size so that a rank with another batch or
+length gets the ValueError, not an abort) before the halo exchange. No caches, packing, 4D masks, softcap / sinks or
 torch.compile there (ValueErrors on every rank of the group).
 
-Not supported (a ValueError names what to use instead): attention dropout > 0 in training,
-``output_attentions=True`` (the kernels never form the attention
+Not supported (a ValueError names what to use instead): attention dropout > 0 in training
+(the message names the field the model reads it from: ``attention_dropout``,
+``attention_probs_dropout_prob``, ``attn_pdrop``, ...), ``output_attentions=True`` (the kernels never form the attention
 matrix), 4D masks that are not a band with padding, padding with holes, Gemma2 with
 ``use_bidirectional_attention`` (transformers' layers and masks disagree there).
 """
@@ -193,6 +202,18 @@ def _segments(q_valid: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
     q = torch.stack([qa, z, qn, qb, z], 1)
     k = torch.stack([z, ka, kn, z, kb], 1)
     return torch.stack([q, k]).to(torch.int32)
+
+
+def _pad_queries_see_real_keys(seg: torch.Tensor) -> torch.Tensor:
+    """The segment table of a bidirectional layer with an unbounded window, as eager computes it:
+    every query of a row (its pad queries too) attends the row's real keys, so the row's queries
+    become one sequence ``[0, 0, all, 0, 0]`` against the keys' ``[0, left pads, real, 0, right pads]``.
+    (Eager masks only keys there: a left-padded BERT classifier reads its CLS token at a pad
+    position.) A row without real keys stays zero, where eager averages the pad values."""
+    q = seg[0]
+    all_q = q.sum(1, keepdim=True)
+    z = torch.zeros_like(all_q)
+    return torch.stack([torch.cat([z, z, all_q, z, z], 1), seg[1]])
 
 
 def _segments_attention(q, k, v, seg, window, causal, scaling, backend, **mods):
@@ -403,6 +424,8 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
             seg = _segments(k_valid[:, -q_len:], k_valid)
         else:
             raise ValueError(f"sft_sliding_window: attention_mask must be 2D or 4D, got {tuple(attention_mask.shape)}")
+        if attention_mask.dim() != 4 and not causal and parse_window(window, causal).is_full:
+            seg = _pad_queries_see_real_keys(seg)
         return _segments_attention(q, k, v, seg, window, causal, scaling, backend, **mods)
     # no padding: maybe several sequences packed per row
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -432,22 +455,9 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
 _CP = "sft_sliding_window with a context_parallel_group"
 
 
-def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods):
-    """This rank's shard ``q (batch, n, Hq, D)``, ``k/v (batch, n, Hkv, D)`` of a sequence of
-    ``P n`` tokens split over the registered group, through the halo exchange.
-
-    Each row must be right-padded over the whole sequence, and the (real) tokens' position_ids
-    must be their global index ``r n + j``; one all-gather per call checks both (with the rows'
-    real lengths, which every rank needs), so a bad shard raises on every rank together."""
-    import torch.distributed as dist
-
-    from ..parallel.context_parallel import (all_gather_ints, context_parallel_padded_attention,
-                                             lengths_from_shard_counts, local_prefix_counts)
-
-    group = _settings["context_parallel_group"]
-    if torch.compiler.is_compiling():
-        raise ValueError(f"{_CP}: runs eagerly (its checks and exchange read values on the host); do not wrap the "
-                         "model in torch.compile while context parallelism is on")
+def _context_parallel_local_checks(q, k, attention_mask, kwargs, mods, rank):
+    """What one rank checks alone before the group agrees: -> (padding mask ``(batch, n)``, per-row
+    verdicts on the position_ids), or ValueError."""
     if mods:
         raise ValueError(
             f"{_CP}: {' / '.join(sorted(mods))} (Gemma2's attn_logit_softcapping, GPT-OSS's attention sinks) are not "
@@ -478,12 +488,55 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     if pos is None:
         raise ValueError(f"{_CP}: needs the position_ids the model passes to its attention layers (Llama, Mistral, "
                          "Qwen2 and most decoders do); this model does not pass them")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     pos = pos.to(q.device).reshape(-1, pos.shape[-1])
     if pos.shape[-1] != n or pos.shape[0] not in (1, b):
         raise ValueError(f"{_CP}: position_ids must be (batch, {n}) or (1, {n}), got {tuple(pos.shape)}")
     want = torch.arange(n, device=q.device) + rank * n
     pos_ok = ((pos.expand(b, n) == want) | ~valid).all(dim=1).to(torch.int64).tolist()
+    return valid, pos_ok
+
+
+def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods):
+    """This rank's shard ``q (batch, n, Hq, D)``, ``k/v (batch, n, Hkv, D)`` of a sequence of
+    ``P n`` tokens split over the registered group, through the halo exchange.
+
+    Each row must be right-padded over the whole sequence, and the (real) tokens' position_ids
+    must be their global index ``r n + j``. A fixed-size all-gather first agrees on every rank's
+    verdict and shard shape; a second one (its size depends on the batch) checks positions and
+    padding with the rows' real lengths, which every rank needs. So a bad shard raises on every
+    rank together, and no collective ever runs with sizes that differ between ranks."""
+    import torch.distributed as dist
+
+    from ..parallel.context_parallel import (all_gather_ints, context_parallel_padded_attention,
+                                             lengths_from_shard_counts, local_prefix_counts)
+
+    group = _settings["context_parallel_group"]
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{_CP}: runs eagerly (its checks and exchange read values on the host); do not wrap the "
+                         "model in torch.compile while context parallelism is on")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    b, n = q.shape[:2]
+    error = valid = pos_ok = None
+    try:
+        valid, pos_ok = _context_parallel_local_checks(q, k, attention_mask, kwargs, mods, rank)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    # one fixed-size all-gather first: the next one's size depends on the batch, and gloo aborts
+    # the process (not a ValueError) when ranks disagree on a collective's size
+    shapes = all_gather_ints([int(error is None), b, n, q.shape[2], q.shape[3], k.shape[2]], group)
+    if error is not None:
+        raise error
+    bad = [r for r, m in enumerate(shapes) if m[0] != 1]
+    if bad:
+        raise ValueError(f"{_CP}: group rank(s) {bad} rejected their inputs (the error is raised there); every rank "
+                         "of the group stops here")
+    for f, field in enumerate(("batch", "tokens per rank", "query heads", "head_dim", "key/value heads"), start=1):
+        vals = [int(m[f]) for m in shapes]
+        if len(set(vals)) != 1:
+            raise ValueError(
+                f"{_CP}: the {field} differs across the group: {vals} on group ranks 0..{world - 1}; every rank must "
+                f"run the model on a shard of the same shape (batch, L/P) (pad the sequence to a multiple of P)"
+            )
     metas = all_gather_ints(local_prefix_counts(valid) + pos_ok, group)  # every rank: its counts and verdicts
     bad = [r for r, m in enumerate(metas) if not all(m[b:])]
     if bad:
@@ -562,12 +615,52 @@ def _attentions_requested(kwargs) -> bool:
     return isinstance(collected, dict) and "attentions" in collected
 
 
+def _dropout_source(module, dropout: float):
+    """``(layer attribute, config fields)`` that the layer's ``dropout`` came from, either may be
+    None / empty: the attribute of the built layer holding the value (``attention_dropout``,
+    ``dropout``, ``dropout.p``, ``attn_dropout.p``, ...) and the config fields equal to it, those
+    named like attention dropout first (BERT's ``hidden_dropout_prob`` often has the same value)."""
+    def close(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(float(x) - dropout) < 1e-12
+
+    attr = None
+    for name in ("attention_dropout", "attn_dropout", "dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        value = getattr(module, name, None)
+        if close(value):
+            attr = name
+        elif isinstance(value, nn.Dropout) and close(value.p):
+            attr = f"{name}.p"
+        if attr is not None:
+            break
+    config = getattr(module, "config", None)
+    try:
+        fields = config.to_dict() if config is not None else {}
+    except Exception:  # a config that cannot serialise itself: no hint from it
+        fields = {}
+    matches = [k for k, v in fields.items() if "drop" in k and close(v)]
+    attention = [k for k in matches if "att" in k]
+    return attr, attention or matches
+
+
 def _check_unsupported(module, dropout, kwargs):
     training = getattr(module, "training", False)
     if dropout and training:
+        attr, fields = _dropout_source(module, float(dropout))
+        where = f"{type(module).__name__}.{attr}" if attr else f"the {type(module).__name__} layers"
+        if fields:
+            field = fields[0]
+            origin = " or ".join(f"config.{f}" for f in fields)
+            advice = (f"build or load the model with {field}=0.0 (from_pretrained(..., {field}=0.0), or set "
+                      f"config.{field} = 0.0 before building it: built layers keep their value)")
+        else:
+            origin = "a config field of this model"
+            advice = ("build or load the model with its attention dropout field at 0.0 (attention_dropout for Llama / "
+                      "Mistral / Qwen2, attention_probs_dropout_prob for BERT / RoBERTa, attn_pdrop for GPT-2)")
+        fix_built = f"; on a built model set {where} = 0.0 on every attention layer" if attr else ""
         raise ValueError(
-            f"sft_sliding_window: attention dropout {dropout} is not implemented by the sliding-window kernels; "
-            "set config.attention_dropout = 0.0"
+            f"sft_sliding_window: attention dropout {dropout} in training ({where}, from {origin}) is not implemented "
+            f"by the sliding-window kernels; {advice}{fix_built}, or use attn_implementation='sdpa' / 'eager' for "
+            "training with attention dropout"
         )
     if _attentions_requested(kwargs):
         raise ValueError(
@@ -711,6 +804,12 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
 
     Returns:
         the name to pass as ``attn_implementation`` (``"sft_sliding_window"``).
+
+    Padding: outputs at pad positions are exactly zero (as with FlashAttention-2), except on
+    bidirectional layers with an unbounded window (BERT-style encoders), where a pad query
+    attends its row's real keys and equals eager's output; models whose head reads a pad
+    position (a left-padded classifier's CLS token) thus give eager's answer. Attention
+    dropout in training is refused, naming the config field to set to 0.0.
 
     Calling it again replaces the settings for all models using the backend.
     """
