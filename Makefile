@@ -3,6 +3,10 @@
 #               references on the local device, benchmarks them
 #   make test   creates .venv, installs the package with its test extras (dev, hf,
 #               deepspeed), runs pytest
+#   make wheel-check
+#               builds the sdist and wheel, installs the wheel in a fresh venv outside the
+#               checkout and runs info, toy benchmarks, the JIT CUDA build and smoke tests
+#               there (scripts/wheel_check.sh; CI runs it)
 #   make compile-check-triton36
 #               the GPU compile check (tests/test_gpu_compile.py) again under Triton 3.6,
 #               the GPU machine's version, from a second venv that holds only triton 3.6
@@ -10,20 +14,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 T36 := .venv-triton36
 T36_STAMP := $(T36)/.installed-triton-3.6.0
 
-.PHONY: install demo test bench info clean compile-check-triton36
+.PHONY: install demo test bench info clean compile-check-triton36 wheel-check
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# plain `torch` takes the CUDA build from the local wheel cache, so the CUDA
 	# extension can compile here with or without a GPU
-	$(BIN)/python -m pip install -e ".[dev,hf,deepspeed]"
+	$(BIN)/python -m pip install -e ".[dev,train]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -55,5 +59,8 @@ $(T36_STAMP): $(STAMP)
 compile-check-triton36: $(T36_STAMP)
 	$(T36)/bin/python -m pytest tests/test_gpu_compile.py $(PYTEST_ARGS)
 
+wheel-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/wheel_check.sh
+
 clean:
-	rm -rf $(VENV) $(T36) build *.egg-info
+	rm -rf $(VENV) $(T36) build dist *.egg-info

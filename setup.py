@@ -1,15 +1,17 @@
-"""sft_kernels: fused sliding-window attention and block-diagonal matmul for SFT.
+"""Only the optional ahead-of-time CUDA build; everything else is in pyproject.toml.
 
-``pip install -e .`` installs the Python package (Triton and PyTorch paths).
-``SFT_KERNELS_BUILD_CUDA=1 pip install -e .`` also builds the CUDA C++ extension ahead of
-time; ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0+PTX") and
-``MAX_JOBS`` the parallel compile jobs.
+``SFT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation .`` (torch must be importable by
+the build) builds the CUDA C++ extension ``sft_kernels._C``
+ahead of time; ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0+PTX") and
+``MAX_JOBS`` the parallel compile jobs. Without it the package is pure Python: the Triton
+and PyTorch paths need no build, and the CUDA extension can be built just in time from
+the shipped sources (``SFT_KERNELS_JIT=1``, or DeepSpeed's op builder).
 """
 
 import importlib.util
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
@@ -34,23 +36,4 @@ if os.environ.get("SFT_KERNELS_BUILD_CUDA", "0") == "1":
     )
     cmdclass["build_ext"] = BuildExtension
 
-setup(
-    name="sft_kernels",
-    version="0.1.0",
-    description="Fused sliding-window attention and block-diagonal matmul kernels for long-sequence SFT",
-    packages=find_packages(include=["sft_kernels", "sft_kernels.*"]),
-    package_data={"sft_kernels": ["data/*.jsonl"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy"],
-    extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11", "matplotlib"],
-        # accelerate: transformers' HfDeepSpeedConfig (ZeRO-3 partitioned loading) requires it;
-        # datasets: --data_path directories written by save_to_disk; tensorboard: --enable_tensorboard
-        "deepspeed": ["deepspeed>=0.15", "accelerate>=1.1", "datasets", "tensorboard"],
-        "hf": ["transformers>=5.0"],
-        "train": ["deepspeed>=0.15", "transformers>=5.0", "accelerate>=1.1", "datasets", "tensorboard", "tqdm"],
-    },
-    entry_points={"console_scripts": ["sft-kernels=sft_kernels.cli:console_main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -135,8 +135,8 @@ else  # (the PyTorch path and the dense band mask are not timed at 32k: minutes,
   SIZE=--headline; MEM=; ATTN=sft_triton,sdpa_causal,flex,cudnn,sft_cuda
 fi
 mkdir -p "$DETAIL/bench"
-step bench_attention 100 "$PY benchmarks/bench_attention.py --device $DEVICE $SIZE $MEM --out $DETAIL/bench --providers $ATTN"
-step bench_block_diag 50 "$PY benchmarks/bench_block_diag.py --device $DEVICE $SIZE --out $DETAIL/bench \
+step bench_attention 100 "$PY -m sft_kernels.bench.attention --device $DEVICE $SIZE $MEM --out $DETAIL/bench --providers $ATTN"
+step bench_block_diag 50 "$PY -m sft_kernels.bench.block_diag --device $DEVICE $SIZE --out $DETAIL/bench \
   --providers sft_auto,sft_triton,bmm,linear_loop,grouped_mm,dense"
 
 # ----------------------------------------------------------------------------- 4. CUDA extension
@@ -154,9 +154,9 @@ step cuda_tests 25 "$PYTEST -m gpu --junitxml=$DETAIL/cuda_tests.xml tests/test_
 
 # ----------------------------------------------------------------------------- 5. end to end
 if [ "$DRY" = 1 ]; then
-  step e2e 25 "$PY benchmarks/bench_e2e.py --device cpu --toy --no-memory --out $DETAIL/bench"
+  step e2e 25 "$PY -m sft_kernels.bench.e2e --device cpu --toy --no-memory --out $DETAIL/bench"
 else
-  step e2e 25 "$PY benchmarks/bench_e2e.py --device cuda --lengths 16384 --out $DETAIL/bench"
+  step e2e 25 "$PY -m sft_kernels.bench.e2e --device cuda --lengths 16384 --out $DETAIL/bench"
 fi
 
 echo "== [$(elapsed)s] done; $OUT: summary.md, steps.jsonl, results.tar.gz" | tee -a "$OUT/gpu_check.log"

@@ -261,7 +261,7 @@ MUTATIONS = [
     ),
     # ------------------------------------------------------------------ CUDA: barrier placement
     Mutation(
-        "cuda_fwd_prefetch_before_barrier", "csrc/swa_kernels.cuh",
+        "cuda_fwd_prefetch_before_barrier", "sft_kernels/csrc/swa_kernels.cuh",
         "    cp_async_wait_all();\n    __syncthreads();  // tile `it` landed; every warp is done with the other buffer\n"
         "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n",
         "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n"
@@ -270,14 +270,14 @@ MUTATIONS = [
         "the forward prefetches the next K/V tile into the buffer other warps may still read",
     ),
     Mutation(
-        "cuda_dkdv_prefetch_before_barrier", "csrc/swa_kernels.cuh",
+        "cuda_dkdv_prefetch_before_barrier", "sft_kernels/csrc/swa_kernels.cuh",
         "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) issue(it + 1, buf ^ 1);\n",
         "    if (it + 1 < total) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n    __syncthreads();\n",
         ["tests/test_cuda_build.py"], "emulated",
         "the dK/dV kernel prefetches the next Q/dO tile before the barrier",
     ),
     Mutation(
-        "cuda_dq_prefetch_before_barrier", "csrc/swa_kernels.cuh",
+        "cuda_dq_prefetch_before_barrier", "sft_kernels/csrc/swa_kernels.cuh",
         "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n",
         "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n    __syncthreads();\n",
         ["tests/test_cuda_build.py"], "emulated",

@@ -1,8 +1,8 @@
-"""Build and load the CUDA C++ extension (csrc/): ahead of time or just in time.
+"""Build and load the CUDA C++ extension (``sft_kernels/csrc/``): ahead of time or just in time.
 
 Two builds give one module API (csrc/binding.cpp, ``TORCH_EXTENSION_NAME``):
 
-- ahead of time: ``SFT_KERNELS_BUILD_CUDA=1 pip install -e .`` builds ``sft_kernels._C``;
+- ahead of time: ``SFT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation .`` builds ``sft_kernels._C``;
 - just in time: :func:`load` compiles the same sources with ninja through
   ``torch.utils.cpp_extension.load`` into a module named ``sft_kernels_C`` (this is what
   the DeepSpeed op builder calls).
@@ -39,14 +39,24 @@ CXX_FLAGS = ["-O3"]  # the language standard is torch's (C++20 for torch 2.14 he
 
 
 def csrc_dir() -> str:
-    """The kernel sources: next to the package in a source checkout."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    """The kernel sources: ``sft_kernels/csrc/``, shipped inside the package (wheel and
+    source checkout alike), as DeepSpeed ships its ``csrc``."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
 def sources() -> List[str]:
-    """Every translation unit of the extension, as setup.py lists them (csrc/*.cu, *.cpp)."""
+    """Every translation unit of the extension (``csrc/*.cu``, ``*.cpp``).
+
+    Raises FileNotFoundError naming the folder when none is there (an install that left
+    the package data out), rather than handing an empty list to a build.
+    """
     root = csrc_dir()
-    return sorted(glob.glob(os.path.join(root, "*.cu"))) + sorted(glob.glob(os.path.join(root, "*.cpp")))
+    found = sorted(glob.glob(os.path.join(root, "*.cu"))) + sorted(glob.glob(os.path.join(root, "*.cpp")))
+    if not any(s.endswith(".cu") for s in found):
+        raise FileNotFoundError(
+            f"sft_kernels: no CUDA sources under {root}; this install of sft_kernels lacks its package data "
+            "(reinstall it from a wheel or sdist built by `pip wheel .`, which ship sft_kernels/csrc)")
+    return found
 
 
 def cuda_home() -> str:
@@ -69,7 +79,7 @@ def cuda_home() -> str:
 
 
 def include_dirs() -> List[str]:
-    """csrc/ and the CUDA toolkit headers (what setup.py should pass as include_dirs too)."""
+    """The kernel sources' folder and the CUDA toolkit headers (setup.py passes the same)."""
     dirs = [csrc_dir()]
     inc = os.path.join(cuda_home(), "include")
     if os.path.exists(os.path.join(inc, "cuda_runtime.h")):
@@ -158,8 +168,6 @@ def load(
     from torch.utils.cpp_extension import load as torch_load
 
     srcs = sources()
-    if not any(s.endswith(".cu") for s in srcs):
-        raise ImportError(f"no CUDA sources under {csrc_dir()}")
     nvcc = list(NVCC_FLAGS) + (["-Xptxas=-v"] if ptxas_verbose else []) + list(extra_cuda_cflags or [])
     if build_directory:
         os.makedirs(build_directory, exist_ok=True)
@@ -225,7 +233,7 @@ def extension_error() -> str:
             return f"{aot}, and SFT_KERNELS_JIT=1 needs nvcc (CUDA_HOME)"
         return ""
     return (
-        f"{aot}; build it with `SFT_KERNELS_BUILD_CUDA=1 pip install -e .`, or set SFT_KERNELS_JIT=1 to compile it "
+        f"{aot}; build it with `SFT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`, or set SFT_KERNELS_JIT=1 to compile it "
         "with ninja on first use"
     )
 

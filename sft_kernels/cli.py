@@ -1,7 +1,7 @@
 """The ``sft-kernels`` command.
 
     sft-kernels info                 versions, device, backend availability (like ds_report)
-    sft-kernels bench [--quick]      benchmarks against the baselines (benchmarks/bench_*.py)
+    sft-kernels bench [--quick]      benchmarks against the baselines (sft_kernels.bench)
     sft-kernels ds_report [flags]    DeepSpeed's ds_report with this package's op in its op table
     sft-kernels train [flags]        DeepSpeed-Chat step-1 SFT on the kernels (train --help)
     sft-kernels demo                 the README's main job on the local device
@@ -32,36 +32,10 @@ def _cmd_demo(args) -> int:
     return run_demo(quick=not args.full)
 
 
-BENCHES = {"attention": "bench_attention.py", "block_diag": "bench_block_diag.py", "e2e": "bench_e2e.py"}
-
-
-def run_benchmarks(ops, quick: bool, out, device) -> int:
-    """Run benchmarks/bench_<op>.py for each op in a child process; returns the worst exit code."""
-    import os
-    import subprocess
-
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    if not os.path.isdir(root):
-        print("sft-kernels bench runs the scripts in the repository's benchmarks/ folder; "
-              "run it from a source checkout (pip install -e .)", file=sys.stderr)
-        return 2
-    rc = 0
-    for op in ops:
-        cmd = [sys.executable, os.path.join(root, BENCHES[op])]
-        if quick:
-            cmd.append("--quick")
-        if out:
-            cmd += ["--out", os.path.join(out, op) if len(ops) > 1 else out]
-        if device:
-            cmd += ["--device", device]
-        print("$ " + " ".join(cmd), flush=True)
-        rc = max(rc, subprocess.run(cmd).returncode)
-    return rc
-
-
 def _cmd_bench(args) -> int:
-    ops = list(BENCHES) if args.op == "all" else [args.op]
-    return run_benchmarks(ops, args.quick, args.out, args.device)
+    from .bench import DEFAULT, run
+
+    return run(list(DEFAULT) if args.op == "all" else [args.op], args.quick, args.out, args.device, toy=args.toy)
 
 
 def _cmd_train(args) -> int:
@@ -71,6 +45,8 @@ def _cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BENCHMARKS, DEFAULT
+
     parser = argparse.ArgumentParser(prog="sft-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU and backend availability")
@@ -79,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ds_report_args", nargs=argparse.REMAINDER, help="ds_report's flags")
     p.set_defaults(func=_cmd_ds_report)
     p = sub.add_parser("bench", help="benchmark the ops against their baselines")
-    p.add_argument("--op", choices=["all", *BENCHES], default="all")
-    p.add_argument("--quick", action="store_true", help="fewer shapes")
-    p.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/<date>-<commit>)")
+    p.add_argument("--op", choices=["all", *BENCHMARKS], default="all",
+                   help="all: " + ", ".join(DEFAULT) + " (context_parallel only when named)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer shapes")
+    size.add_argument("--toy", action="store_true", help="tiny shapes: every step in seconds (a smoke test)")
+    p.add_argument("--out", default=None, help="result folder (default: the checkout's benchmarks/results/<device>/"
+                   "<date>-<commit>, or ./sft_kernels_results/... for an installed package)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("train", help="supervised fine-tuning with DeepSpeed on the kernels", add_help=False)

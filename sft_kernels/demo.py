@@ -78,9 +78,9 @@ def run_demo(quick: bool = True) -> int:
         print("demo: a kernel disagrees with its reference", file=sys.stderr)
         return 1
     print("\nBenchmarks (quick sweep; full sweep: sft-kernels bench):", flush=True)
-    from .cli import run_benchmarks
+    from .bench import run
 
-    rc = run_benchmarks(["attention", "block_diag"], quick=quick, out="bench_out", device=None)
+    rc = run(["attention", "block_diag"], quick=quick, out="bench_out", device=None)
     print("\nShort supervised fine-tuning run (sft-kernels train, embedded model, shipped dataset):", flush=True)
     from .train import main as train_main
 

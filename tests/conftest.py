@@ -29,6 +29,20 @@ def pytest_configure(config):
     if mode == "interpret" or (mode == "auto" and not torch.cuda.is_available()):
         os.environ["TRITON_INTERPRET"] = "1"
     config._sft_triton_mode = mode
+    if os.environ.get("SFT_KERNELS_TEST_INSTALLED") == "1":
+        # scripts/wheel_check.sh: these tests must exercise the installed wheel, not the checkout
+        import sft_kernels
+
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.abspath(sft_kernels.__file__).startswith(checkout + os.sep):
+            raise pytest.UsageError(f"SFT_KERNELS_TEST_INSTALLED=1 but sft_kernels comes from the checkout "
+                                    f"({sft_kernels.__file__}); run pytest from outside it")
+
+
+def pytest_report_header(config):
+    import sft_kernels
+
+    return f"sft_kernels {sft_kernels.__version__} from {os.path.dirname(sft_kernels.__file__)}"
 
 
 def pytest_collection_modifyitems(config, items):

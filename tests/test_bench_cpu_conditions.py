@@ -3,13 +3,10 @@
 
 import json
 import os
-import sys
 import time
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
 
 def _alive(pid):
@@ -28,7 +25,7 @@ def _cpu_ticks(pid):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
 def test_competing_process_is_pinned_busy_and_stopped():
-    import bench_attention as ba
+    from sft_kernels.bench import attention as ba
 
     with ba.competing_process() as comp:
         pid = comp["pid"]
@@ -48,7 +45,7 @@ def test_competing_process_is_pinned_busy_and_stopped():
 
 
 def test_cpu_benchmark_records_both_conditions(tmp_path, monkeypatch):
-    import bench_attention as ba
+    from sft_kernels.bench import attention as ba
 
     target = dict(batch=1, heads=2, head_dim=16, dtype="float32", seqlen=256, window=32, mode="fwd+bwd")
     cfgs = [dict(target), dict(target, mode="fwd")]
@@ -77,7 +74,7 @@ def test_cpu_benchmark_records_both_conditions(tmp_path, monkeypatch):
 
 
 def test_cpu_benchmark_can_skip_the_competing_run(tmp_path, monkeypatch):
-    import bench_attention as ba
+    from sft_kernels.bench import attention as ba
 
     target = dict(batch=1, heads=2, head_dim=16, dtype="float32", seqlen=128, window=16, mode="fwd+bwd")
     monkeypatch.setattr(ba, "sweep", lambda device, quick: iter([dict(target)]))

@@ -2,18 +2,15 @@
 
 import json
 import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
 RECORD_KEYS = {"op", "impl", "device", "dtype", "shape", "ms", "tflops", "gbps", "peak_mem_bytes", "speedup_vs", "env"}
 
 
 def test_attention_benchmark_writes_records(tmp_path, monkeypatch):
-    import bench_attention as ba
+    from sft_kernels.bench import attention as ba
 
     cfgs = [dict(batch=1, heads=2, head_dim=16, dtype="float32", seqlen=L, window=w, mode=m)
             for L in (128, 256) for w in (32, "sqrt") for m in ("fwd", "fwd+bwd")]
@@ -37,7 +34,7 @@ def test_attention_benchmark_writes_records(tmp_path, monkeypatch):
 
 
 def test_flop_count_matches_band():
-    import bench_attention as ba
+    from sft_kernels.bench import attention as ba
 
     cfg = dict(batch=2, heads=3, head_dim=8, dtype="float32", seqlen=10, window=3, mode="fwd")
     # causal window of 3 keys over 10 queries: 1 + 2 + 3 * 8 = 27 pairs

@@ -212,16 +212,10 @@ def test_requires_initialised_distributed():
 
 
 # ----------------------------------------------------------------------------- benchmark and example
-BENCH = os.path.join(ROOT, "benchmarks")
-
-
 def _bench():
-    sys.path.insert(0, BENCH)
-    try:
-        import bench_context_parallel
-    finally:
-        sys.path.remove(BENCH)
-    return bench_context_parallel
+    from sft_kernels.bench import context_parallel
+
+    return context_parallel
 
 
 def test_bench_model_halo_constant_in_L_and_below_ulysses():

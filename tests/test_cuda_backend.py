@@ -1,7 +1,7 @@
 """backend="cuda" (the CUDA C++ extension) against the float64 references, on a GPU.
 
 Every test is ``@pytest.mark.gpu`` (skipped without CUDA) and needs the built extension
-(``SFT_KERNELS_BUILD_CUDA=1 pip install -e .``, or ``SFT_KERNELS_JIT=1``); otherwise it
+(``SFT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .``, or ``SFT_KERNELS_JIT=1``); otherwise it
 skips with the reason. Two layers are checked: the launchers in ``cuda_backend.py``
 directly (outputs poisoned with NaN first, so unwritten elements fail), and the public
 ops with ``backend="cuda"`` (forward and autograd), which needs the dispatch in op.py.

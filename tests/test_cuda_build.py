@@ -6,7 +6,7 @@
 - the Python launchers' argument lists match the binding (a call with CPU tensors must
   reach the binding's device check, not a pybind11 signature error);
 - the kernel source itself runs on the CPU through the fiber emulator
-  (csrc/tests/emu) and matches a float64 reference (csrc/tests/kernel_tests.h), with
+  (tests/cuda/emu) and matches a float64 reference (tests/cuda/kernel_tests.h), with
   cp.async performed late and early, and two scheduling seeds;
 - unsupported dtypes / head dims raise the documented errors before any launch.
 
@@ -160,15 +160,15 @@ def emu_binary(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler")
     out = str(tmp_path_factory.mktemp("emu") / "emu_test")
-    cmd = [cxx, "-std=c++17", "-O2", "-DSFTK_EMULATE", "-I", os.path.join(ROOT, "csrc", "tests", "emu"), "-I",
-           os.path.join(ROOT, "csrc"), "-Wno-unknown-pragmas", os.path.join(ROOT, "csrc", "tests",
-                                                                             "test_emulated.cpp"), "-o", out]
+    here = os.path.join(ROOT, "tests", "cuda")
+    cmd = [cxx, "-std=c++17", "-O2", "-DSFTK_EMULATE", "-I", os.path.join(here, "emu"), "-I", _build.csrc_dir(),
+           "-Wno-unknown-pragmas", os.path.join(here, "test_emulated.cpp"), "-o", out]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"emulator build failed:\n{res.stderr[-4000:]}"
     return out
 
 
-# cp.async modes x schedulers (see csrc/tests/emu/emu.h): "interleave" keeps warps in near
+# cp.async modes x schedulers (see tests/cuda/emu/emu.h): "interleave" keeps warps in near
 # lockstep, "runahead" lets one warp pass a whole barrier interval before the others start.
 @pytest.mark.parametrize("mode,seed,sched", [("deferred", "1", "interleave"), ("immediate", "2", "interleave"),
                                              ("deferred", "3", "runahead"), ("immediate", "4", "runahead")])

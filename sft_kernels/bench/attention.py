@@ -13,7 +13,7 @@ causal triangle, its own useful work); backward is 2.5x forward. Bytes (gbps): t
 minimum traffic, q, k, v, o for the forward plus q, k, v, o, dO read and dQ, dK, dV
 written for the backward.
 
-    python benchmarks/bench_attention.py [--quick | --headline | --toy] [--providers a,b] [--device cpu|cuda] [--out DIR]
+    python -m sft_kernels.bench.attention [--quick | --headline | --toy] [--providers a,b] [--device cpu|cuda] [--out DIR]
 
 ``--headline``: the target shapes only (GPU: bf16, batch 2, 16 heads, head_dim 128, causal
 window 4096, L = 16k and 32k, fwd and fwd+bwd), what ``scripts/gpu_check.sh`` times first,
@@ -40,8 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 from sft_kernels import sliding_window_attention  # noqa: E402
 from sft_kernels.backends import backend_status  # noqa: E402
@@ -302,7 +301,7 @@ def parse_args(argv=None):
     parser.add_argument("--headline", action="store_true", help="the target shapes only (GPU)")
     parser.add_argument("--toy", action="store_true", help="tiny shapes (plumbing check, CPU)")
     parser.add_argument("--providers", default=None, help="comma-separated subset of the providers")
-    parser.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>)")
+    parser.add_argument("--out", default=None, help="result folder (default: see common.result_dir)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     parser.add_argument("--no-competing", action="store_true",
                         help="CPU: skip the target shape's second run beside a CPU-bound process")
@@ -378,7 +377,7 @@ def run(args):
         load = os.getloadavg()  # the machine's own load besides this run (1, 5, 15 min)
         for rec in records:
             rec["condition"], rec["loadavg"] = "idle", load
-        if not args.no_competing:
+        if not (args.no_competing or args.toy):  # the competing run is the full CPU target shape
             records += measure_cpu_competing(env)
     if device == "cpu" and not args.no_memory:
         measure_cpu_memory(records)
@@ -388,11 +387,10 @@ def run(args):
 def measure_cpu_memory(records):
     """Peak memory of the CPU target shape (fresh child process per provider)."""
     target = CPU_TARGET
-    script = os.path.abspath(__file__)
     for rec in records:
         if rec["shape"] == target and "ms" in rec and rec.get("condition") != "competing":
             common.progress(f"peak memory: {rec['impl']} at the target shape (child process)")
-            rec["peak_mem_bytes"] = common.cpu_peak_bytes(script, [json.dumps([rec["impl"], target])])
+            rec["peak_mem_bytes"] = common.cpu_peak_bytes(__spec__.name, [json.dumps([rec["impl"], target])])
 
 
 def summarize(records):
@@ -413,11 +411,9 @@ def summarize(records):
 
 
 def plot(records, path_prefix):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:
+        return
     groups = {}
     for r in records:
         if "ms" not in r or r.get("condition") == "competing":

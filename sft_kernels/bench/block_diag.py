@@ -1,6 +1,6 @@
 """Benchmark: block-diagonal merged matmul against what a user would otherwise write.
 
-    python benchmarks/bench_block_diag.py [--quick | --headline | --toy] [--providers a,b] [--out DIR]
+    python -m sft_kernels.bench.block_diag [--quick | --headline | --toy] [--providers a,b] [--out DIR]
         [--device cpu|cuda] [--plot-only JSON]
 
 ``--headline``: the target shapes of issue 4 only (GPU: T=16384, width 4096, g = 4, 8, 16,
@@ -44,10 +44,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (benchmarks/common.py)
+from . import common  # noqa: E402
 
 from sft_kernels.ops.block_diag import block_diag_matmul  # noqa: E402
 
@@ -370,11 +367,9 @@ def _md(records: List[dict]) -> str:
 
 def plot(json_path: str, out_dir: str) -> List[str]:
     """PNG plots from a stored JSON: time and TFLOP/s against groups, per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:
+        return []
     with open(json_path) as f:
         data = json.load(f)
     recs = [r for r in data["records"] if r["shape"]["blocks"] == "equal" and r["impl"] != "d2d_copy"]
@@ -427,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headline", action="store_true", help="the target shapes only (GPU)")
     p.add_argument("--toy", action="store_true", help="tiny shapes (plumbing check, CPU)")
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", default=None, help="output folder (default: see common.result_dir)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--plot-only", default=None, metavar="JSON", help="only redraw the plots from a stored JSON")
     return p

@@ -22,13 +22,32 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_root() -> Optional[str]:
+    """The source checkout this package runs from (the folder holding ``.git`` and
+    ``benchmarks/``), or None for an installed package."""
+    root = os.path.dirname(_PACKAGE_DIR)
+    if os.path.isdir(os.path.join(root, ".git")) and os.path.isdir(os.path.join(root, "benchmarks")):
+        return root
+    return None
+
+
 def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files); for an
+    installed package, ``v<version>``."""
+    root = checkout_root()
+    if root is None:
+        from sft_kernels import __version__
+
+        return f"v{__version__}"
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+                             cwd=root)
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                               text=True, timeout=10, cwd=root).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -112,15 +131,15 @@ def child_peak_main(make: Callable[[], Callable[[], object]], warm: Optional[Cal
     print(json.dumps({"peak_bytes": max(0, _status_bytes("VmHWM") - base)}))
 
 
-def cpu_peak_bytes(script: str, args: List[str], timeout: float = 600) -> Optional[int]:
-    """Run ``python script --measure-memory ARGS`` in a fresh process; None if it fails.
+def cpu_peak_bytes(module: str, args: List[str], timeout: float = 600) -> Optional[int]:
+    """Run ``python -m module --measure-memory ARGS`` in a fresh process; None if it fails.
 
     A fixed malloc mmap threshold makes freed large blocks go back to the OS at once,
     so the resident-set peak tracks live memory rather than the allocator's caching.
     """
     if not os.path.exists("/proc/self/status"):
         return None
-    cmd = [sys.executable, script, "--measure-memory", *args]
+    cmd = [sys.executable, "-m", module, "--measure-memory", *args]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -135,15 +154,33 @@ def cpu_peak_bytes(script: str, args: List[str], timeout: float = 600) -> Option
 
 
 def result_dir(out: Optional[str], device: str, env: Optional[Dict[str, str]] = None) -> str:
-    """``out``, or ``benchmarks/results/<device>/<date>-<commit>/`` with the commit the
-    run measured (``env``, read when the run started)."""
+    """``out``, or ``<results>/<device>/<date>-<commit>/`` with the commit the run measured
+    (``env``, read when the run started). ``<results>`` is the checkout's
+    ``benchmarks/results`` (where measured results are committed), or ``./sft_kernels_results``
+    when the package is installed."""
     if out is None:
         env = env or environment(device)
         name = "cpu" if device == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
         run = f"{env['date']}-{env['commit']}"
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name, run)
+        root = checkout_root()
+        base = os.path.join(root, "benchmarks", "results") if root else os.path.abspath("sft_kernels_results")
+        out = os.path.join(base, name, run)
     os.makedirs(out, exist_ok=True)
     return out
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note) when matplotlib is not
+    installed: the JSON and Markdown results do not need it (``pip install sft_kernels[bench]``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        progress("matplotlib is not installed: no plots (pip install 'sft_kernels[bench]'); JSON and tables written")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_json(records: List[dict], path: str) -> None:

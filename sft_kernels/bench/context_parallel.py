@@ -35,7 +35,7 @@ MHA and GQA with 8 KV heads) uses the same model. Step time: median over repeats
 slowest rank, wall clock, gloo on CPU (P processes share the machine's cores; the repeats
 of the four impls are interleaved so that load from elsewhere hits them alike).
 
-    python benchmarks/bench_context_parallel.py [--quick] [--worlds 2 4] [--out DIR]
+    python -m sft_kernels.bench.context_parallel [--quick] [--worlds 2 4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 OP = "context_parallel_attention"
 IMPLS = ("halo", "ulysses", "allgather_kv", "local_only")
@@ -304,7 +303,7 @@ def launch(world: int, lengths, repeats: int, tmp: str, shape: dict) -> list:
     result = os.path.join(tmp, f"result{world}.json")
     env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--store", store, "--result", result,
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", "--store", store, "--result", result,
            "--lengths", *map(str, lengths), "--repeats", str(repeats), "--shape", json.dumps(shape)]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(world)]
     codes = [p.wait() for p in procs]
@@ -357,7 +356,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two lengths, fewer repeats")
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/cpu/<date>-<commit>/)")
+    p.add_argument("--out", default=None, help="output directory (default: see common.result_dir)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -405,7 +404,7 @@ def main(argv=None) -> int:
                 f"({s['kv_heads']} KV heads), head_dim {s['head_dim']}, causal window {s['window']} keys, "
                 f"{s['dtype']}. bytes/rank: the most any rank sends per layer step (forward + backward), "
                 "counted on the calls made; every rank's count equals the model in "
-                "`benchmarks/bench_context_parallel.py`. ms: median step time of the slowest rank. "
+                "`python -m sft_kernels.bench.context_parallel`. ms: median step time of the slowest rank. "
                 "speedup = ulysses ms / this ms.\n\n")
         cols = ["P", "L", "n", "impl", "ms", "bytes/rank (MiB)", "vs ulysses bytes", "speedup"]
         rows = []

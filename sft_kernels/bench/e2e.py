@@ -18,7 +18,7 @@ tokens_per_s, peak_mem_bytes (GPU: ``max_memory_allocated`` above the model and 
 state during a step; CPU: the resident-set growth of one step in a fresh child process,
 after one warm-up step), ``speedup_vs = {"baseline": "sdpa", "ratio": sdpa ms / this ms}``.
 
-    python benchmarks/bench_e2e.py [--quick | --lengths 8192,16384 | --toy] [--device cpu|cuda] [--out DIR]
+    python -m sft_kernels.bench.e2e [--quick | --lengths 8192,16384 | --toy] [--device cpu|cuda] [--out DIR]
 
 ``--lengths`` picks the sequence lengths (``scripts/gpu_check.sh`` times one); ``--toy`` is a
 tiny model at L = 128 that runs every step of the script on CPU in seconds.
@@ -36,8 +36,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 OP = "sft_train_step"
 BASELINE = "sdpa"
@@ -117,7 +116,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer lengths")
     parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
     parser.add_argument("--toy", action="store_true", help="tiny model at L=128 (plumbing check, CPU)")
-    parser.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/<date>-<commit>)")
+    parser.add_argument("--out", default=None, help="result folder (default: see common.result_dir)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     parser.add_argument("--measure-memory", nargs=1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -152,7 +151,7 @@ def run(args, shape_list=None):
                 if device == "cuda":
                     rec["peak_mem_bytes"] = common.cuda_peak_bytes(step)
                 elif not args.no_memory:
-                    rec["peak_mem_bytes"] = common.cpu_peak_bytes(os.path.abspath(__file__),
+                    rec["peak_mem_bytes"] = common.cpu_peak_bytes(__spec__.name,
                                                                   [json.dumps([impl, shape])])
                 else:
                     rec["peak_mem_bytes"] = None

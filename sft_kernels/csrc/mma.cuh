@@ -19,7 +19,7 @@
 namespace sftk {
 
 #if defined(SFTK_EMULATE)
-// CPU emulation (csrc/tests/emu/): the same primitives written in C++ over fibers, so
+// CPU emulation (tests/cuda/emu/): the same primitives written in C++ over fibers, so
 // the kernels below run unchanged on a machine without a GPU.
 #include "emu_primitives.h"
 #else

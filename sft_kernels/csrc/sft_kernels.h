@@ -1,6 +1,6 @@
 // C++ entry points of the CUDA kernels: raw device pointers, element strides and a
 // cudaStream_t; no torch types. Used by the torch binding (binding.cpp), by the CMake
-// library and by the C++ test executable (csrc/tests/).
+// library and by the C++ test executable (tests/cuda/).
 //
 // Argument checks live in the Python launchers (op.py) and, for what the kernels rely
 // on (dtype, head_dim, alignment), in binding.cpp. These functions assume them and

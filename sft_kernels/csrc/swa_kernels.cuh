@@ -14,7 +14,7 @@
 // tile, batch * head) over the band's key tiles.
 //
 // Everything here mirrors sft_kernels/ops/sliding_window_attention/triton_kernels.py;
-// the C++ test (csrc/tests/test_kernels.cu) checks it against a CPU reference.
+// the C++ test (tests/cuda/test_kernels.cu) checks it against a CPU reference.
 #pragma once
 
 #include <cmath>

@@ -1,7 +1,7 @@
 """The kernels as DeepSpeed ops: an op builder, its registration, Ulysses and ZeRO notes.
 
 - :class:`SFTKernelsBuilder` is a DeepSpeed ``CUDAOpBuilder`` for the CUDA extension
-  (csrc/). Its sources, include paths and flags are :mod:`sft_kernels._build`'s, so there
+  (``sft_kernels/csrc/``). Its sources, include paths and flags are :mod:`sft_kernels._build`'s, so there
   is one definition of the build; the builder adds DeepSpeed's compute capability
   handling (``TORCH_CUDA_ARCH_LIST``, else the visible GPUs when building just in time,
   else the default list of :mod:`sft_kernels._build`; architectures below sm_80 are
@@ -122,8 +122,10 @@ class SFTKernelsBuilder(CUDAOpBuilder):
                            "(set CUDA_HOME)")
         if shutil.which("ninja") is None:
             reasons.append(f"{_build.AOT_NAME} is not built and ninja (needed to build it just in time) is missing")
-        if not any(s.endswith(".cu") for s in self.sources()):
-            reasons.append(f"no CUDA sources under {_build.csrc_dir()} (a source checkout is needed to build)")
+        try:
+            self.sources()
+        except FileNotFoundError as exc:
+            reasons.append(str(exc))
         return "; ".join(reasons)
 
     def run_incompatibility(self) -> str:

@@ -1,4 +1,4 @@
-// Checks of the csrc/ kernels against a float64 CPU reference, shared by the GPU test
+// Checks of the sft_kernels/csrc/ kernels against a float64 CPU reference, shared by the GPU test
 // executable (test_kernels.cu, built by CMakeLists.txt) and the CPU emulation
 // (test_emulated.cpp, which runs the same kernel source on fibers).
 //

@@ -1,7 +1,7 @@
-// Runs the CUDA kernels of csrc/ on the CPU through the fiber emulator (emu/emu.h) and
+// Runs the CUDA kernels of sft_kernels/csrc/ on the CPU through the fiber emulator (emu/emu.h) and
 // checks them against the float64 reference of kernel_tests.h. For machines without a
 // GPU; tests/test_cuda_build.py builds and runs it:
-//   g++ -std=c++17 -O2 -DSFTK_EMULATE -Icsrc/tests/emu -Icsrc csrc/tests/test_emulated.cpp -o emu_test
+//   g++ -std=c++17 -O2 -DSFTK_EMULATE -Itests/cuda/emu -Isft_kernels/csrc tests/cuda/test_emulated.cpp -o emu_test
 //   ./emu_test [name-substring]       (EMU_SEED=n, EMU_CP_ASYNC=immediate|deferred)
 // What it proves: the index math, fragment layouts (as the PTX ISA defines them),
 // masking, pipelining and reductions of the kernel source. What it cannot: the
@@ -11,12 +11,12 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../block_diag.cu"
-#include "../swa_api.cu"
-#include "../swa_bwd_d128.cu"
-#include "../swa_bwd_d64.cu"
-#include "../swa_fwd_d128.cu"
-#include "../swa_fwd_d64.cu"
+#include "block_diag.cu"
+#include "swa_api.cu"
+#include "swa_bwd_d128.cu"
+#include "swa_bwd_d64.cu"
+#include "swa_fwd_d128.cu"
+#include "swa_fwd_d64.cu"
 #include "emu/emu.h"
 
 void* dev_alloc(size_t n) { return std::aligned_alloc(256, (n + 255) / 256 * 256); }

@@ -1,4 +1,4 @@
-// GPU test of the csrc/ kernels against the float64 CPU reference (kernel_tests.h).
+// GPU test of the sft_kernels/csrc/ kernels against the float64 CPU reference (kernel_tests.h).
 // Built by CMakeLists.txt as `sft_kernels_test`; run on a machine with an sm_80+ GPU:
 //   ./sft_kernels_test [name-substring]
 // Exit status 0 when every case is within tolerance (and every output was written).

@@ -294,7 +294,7 @@ def sliding_window_attention(
     max_seqlen_q, max_seqlen_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                softmax_scale)
     # auto: Triton on CUDA tensors, the PyTorch path on CPU. The CUDA C++ kernels are
-    # verified only in the CPU emulator (csrc/tests/emu) and unmeasured on a GPU, so auto
+    # verified only in the CPU emulator (tests/cuda/emu) and unmeasured on a GPU, so auto
     # does not pick them; backend="cuda" asks for them explicitly.
     impl = resolve_backend(backend, q.device, OP)
     if impl == "triton" and q.dtype not in _KERNEL_DTYPES:

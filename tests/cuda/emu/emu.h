@@ -1,4 +1,4 @@
-// A small CPU emulator for the CUDA kernels in csrc/, so that they run (slowly) on a
+// A small CPU emulator for the CUDA kernels in sft_kernels/csrc/, so that they run (slowly) on a
 // machine without a GPU: every CUDA thread of a CTA is a ucontext fiber; CTAs run one
 // after another. Collective operations are emulated from the PTX ISA's definitions:
 //   - __syncthreads: all live threads of the CTA;
