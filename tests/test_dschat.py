@@ -121,3 +121,45 @@ def test_split_argv_and_errors():
         split_argv(["--window_size", "8"])
     assert main(["/nonexistent/main.py"]) == 2
     assert main(["--window_size", "0", STANDIN]) == 2
+
+
+def test_process_setup_without_a_launcher_under_torchrun_and_deepspeed(monkeypatch):
+    """DeepSpeed-Chat's main.py initialises the process group only when given --local_rank.
+    Alone: a world of one (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*) and --local_rank=0 (run end to
+    end by tests/test_train_inputs.py's control); torchrun: LOCAL_RANK from the environment;
+    the deepspeed launcher's --local_rank, or one already in the script's flags, kept."""
+    from sft_kernels.dschat import process_setup
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert process_setup(None, ["--zero_stage", "2"]) == ["--zero_stage", "2", "--local_rank=0"]
+    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_setup(None, []) == ["--local_rank=3"]
+    assert process_setup("1", []) == ["--local_rank=1"]
+    assert process_setup(None, ["--local_rank", "2"]) == ["--local_rank", "2"]
+
+
+def test_transformers4_names_dschat_imports_exist():
+    """dschat/utils/model/model_utils.py imports no_init_weights from transformers.modeling_utils
+    (transformers 4); after install() the import works and is transformers' own context manager."""
+    import transformers.initialization
+    from transformers import modeling_utils
+
+    from sft_kernels.dschat import install_transformers4_names
+
+    install_transformers4_names()
+    from transformers.modeling_utils import no_init_weights
+
+    assert no_init_weights is getattr(transformers.initialization, "no_init_weights", no_init_weights)
+    with no_init_weights():  # the weights' init functions are no-ops inside, restored after
+        import torch
+
+        w = torch.zeros(3)
+        torch.nn.init.normal_(w)
+        assert w.abs().sum() == 0
+    torch.nn.init.normal_(w)
+    assert w.abs().sum() > 0
+    assert hasattr(modeling_utils, "no_init_weights")

@@ -103,6 +103,11 @@ def tokenizer_problem(tok) -> Optional[str]:
     return None
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 def dschat_model_name(path: str) -> str:
     """The name DeepSpeed-Chat's ``load_hf_tokenizer`` goes by: ``_name_or_path`` of the
     directory's config.json where it has one (written by transformers 4), else the path."""
@@ -169,7 +174,11 @@ def load_tokenizer(path: str | None):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:  # a Llama directory without files: a ValueError
+        raise ValueError(f"--model_name_or_path {path}: no usable tokenizer: transformers could not load one "
+                         f"({first_line(exc)})") from None
     problem = tokenizer_problem(tok)
     if problem:
         raise ValueError(f"--model_name_or_path {path}: no usable tokenizer: {problem}")
