@@ -82,6 +82,13 @@ group (two small all-gathers, the first of fixed size so that a rank with anothe
 length gets the ValueError, not an abort) before the halo exchange. No caches, packing, 4D masks, softcap / sinks or
 torch.compile there (ValueErrors on every rank of the group).
 
+ZeRO-3. The attention function touches no parameter, so ``attn_implementation="sft_sliding_window"``
+works unchanged on a model whose parameters DeepSpeed ZeRO-3 partitions (HF ``Trainer`` with a
+stage-3 config). :func:`patch_model` swaps modules and copies weights: on a partitioned model it
+gathers each layer's projections and builds the new layer, whose parameters
+``deepspeed.initialize`` partitions again (see there); it must run before ``deepspeed.initialize``
+(before ``Trainer.train()``).
+
 Not supported (a ValueError names what to use instead): attention dropout > 0 in training
 (the message names the field the model reads it from: ``attention_dropout``,
 ``attention_probs_dropout_prob``, ``attn_pdrop``, ...), ``output_attentions=True`` (the kernels never form the attention
@@ -809,7 +816,8 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
     bidirectional layers with an unbounded window (BERT-style encoders), where a pad query
     attends its row's real keys and equals eager's output; models whose head reads a pad
     position (a left-padded classifier's CLS token) thus give eager's answer. Attention
-    dropout in training is refused, naming the config field to set to 0.0.
+    dropout in training is refused, naming the config field to set to 0.0. DeepSpeed ZeRO-3
+    partitioned models need nothing more (no parameter is touched).
 
     Calling it again replaces the settings for all models using the backend.
     """
@@ -1004,6 +1012,16 @@ def patch_model(
             same function), which this call with the same ``g`` turns back into the exact blocks.
         backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"cuda"``, ``"torch"``.
 
+    DeepSpeed ZeRO-3: a model loaded partitioned (``from_pretrained`` under HF ``Trainer`` /
+    ``HfDeepSpeedConfig`` with a stage-3 config) is patched layer by layer: each layer's
+    projections are gathered (a collective: call it on every rank) and the new layer built with
+    full parameters, which ``deepspeed.initialize`` partitions again (until then each rank holds
+    the attention projections whole, about a third of a Llama layer's weights). Call it before
+    ``deepspeed.initialize`` (before ``Trainer.train()``): afterwards it raises a ValueError.
+    The attention-interface path
+    (``attn_implementation="sft_sliding_window"``, :func:`register`) swaps no module and needs
+    nothing at any time.
+
     Returns the model (modified in place). Also registers the ``sft_sliding_window`` backend
     (keeping the window registered for unpatched models) and sets it as the model's attention
     implementation, so the masks the model builds are the ones the patched layers read.
@@ -1017,6 +1035,12 @@ def patch_model(
         raise ValueError(
             f"patch_model supports model types {_SUPPORTED_MODEL_TYPES}, got {model_type!r}; other models can use "
             "attn_implementation='sft_sliding_window' after register()"
+        )
+    if any(hasattr(m, "ds_id") for m in model.modules()):  # DeepSpeed's ZeRO-3 engine numbers the modules it hooks
+        raise ValueError(
+            "patch_model: the model is already wrapped by deepspeed.initialize (ZeRO-3 hooks are registered on its "
+            "modules, and its optimizer holds their parameters); call patch_model before deepspeed.initialize (before "
+            "Trainer.train()), or use attn_implementation='sft_sliding_window' after register(), which swaps no module"
         )
     if any(isinstance(m, SFTAttentionHF) for m in model.modules()):
         raise ValueError(
@@ -1033,6 +1057,12 @@ def patch_model(
         raise ValueError("patch_model: found no attention module with q_proj/k_proj/v_proj/o_proj in the model")
     model_has_window = (getattr(config, "sliding_window", None) is not None
                         and getattr(config, "use_sliding_window", True) is not False)
+    # DeepSpeed ZeRO-3 (HF Trainer with a stage-3 config loads the model partitioned): from_hf gathers
+    # each layer's projections and returns full parameters, which deepspeed.initialize partitions
+    # (DeepSpeedZeRoOffload converts every parameter created outside zero.Init: a broadcast from
+    # rank 0, then each rank keeps its slice). Converting them here instead would fail inside
+    # deepspeed.initialize: its stage-3 optimizer formats repr(module), and BlockDiagonalLinear's
+    # extra_repr divides by weight.numel(), 0 for a partitioned weight
     for name, module in targets:
         window = hf_layer_window(module, config) if model_has_window else window_size
         sft = SFTAttention.from_hf(module, config, window_size=window, backend=backend)

@@ -29,6 +29,7 @@ shared with the Hugging Face integration.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -644,6 +645,13 @@ class SFTAttention(nn.Module):
         model, :func:`sft_kernels.integrations.transformers.patch_model` passes the model's
         own cos/sin, so every rope type works there.)
 
+        DeepSpeed ZeRO-3: when the module's parameters are partitioned (``deepspeed.zero.Init``,
+        e.g. ``from_pretrained`` under HF ``Trainer`` with a stage-3 config: each local tensor is
+        empty), they are gathered for the copy (a collective: call it on every rank of the
+        group, in the same order) and the returned layer holds full, unpartitioned parameters;
+        ``deepspeed.initialize`` partitions them, or :func:`~sft_kernels.integrations.transformers.patch_model`
+        does it at once.
+
         Args:
             attention_module: e.g. ``model.model.layers[i].self_attn``.
             config: the model config.
@@ -679,18 +687,18 @@ class SFTAttention(nn.Module):
         if window_size == "config":
             window_size = hf_layer_window(attention_module, config)
         rope_type, theta, inv_freq, attention_scaling = _hf_rope(config, head_dim)
-        w = qp.weight
-        layer = cls(
-            qp.in_features, hq, hkv, head_dim, window_size=window_size, causal=bool(getattr(attention_module, "is_causal", True)),
-            qkv_groups=1, bias=biases.pop(), rope_theta=theta, backend=backend, out_bias=op.bias is not None,
-            dtype=w.dtype, device=w.device,
-        )
-        if float(getattr(attention_module, "scaling", layer.scaling)) != layer.scaling:
-            layer.scaling = float(attention_module.scaling)
-        if inv_freq is not None:
-            layer.inv_freq = inv_freq.to(device=w.device)
-            layer.rope_attention_scaling = float(attention_scaling)
-        with torch.no_grad():
+        with _gathered(attention_module), torch.no_grad():  # ZeRO-3: the full tensors, read-only
+            w = qp.weight
+            layer = cls(
+                qp.in_features, hq, hkv, head_dim, window_size=window_size,
+                causal=bool(getattr(attention_module, "is_causal", True)), qkv_groups=1, bias=biases.pop(),
+                rope_theta=theta, backend=backend, out_bias=op.bias is not None, dtype=w.dtype, device=w.device,
+            )
+            if float(getattr(attention_module, "scaling", layer.scaling)) != layer.scaling:
+                layer.scaling = float(attention_module.scaling)
+            if inv_freq is not None:
+                layer.inv_freq = inv_freq.to(device=w.device)
+                layer.rope_attention_scaling = float(attention_scaling)
             layer.qkv_proj.weight.copy_(torch.cat([qp.weight.reshape(-1), kp.weight.reshape(-1), vp.weight.reshape(-1)]))
             if layer.qkv_proj.bias is not None:
                 layer.qkv_proj.bias.copy_(torch.cat([qp.bias, kp.bias, vp.bias]))
@@ -706,6 +714,17 @@ class SFTAttention(nn.Module):
             f"qkv_groups={self.qkv_groups}, rope_theta={self.rope_theta}, backend={self.backend!r}"
             + (f", softcap={self.softcap}" if self.softcap else "") + (", attention_sinks=True" if self.sinks is not None else "")
         )
+
+
+def _gathered(module: nn.Module):
+    """A context holding ``module``'s DeepSpeed ZeRO-3 partitioned parameters gathered (read-only,
+    partitioned again on exit; a collective), or nothing when none is partitioned."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # only here: sft_kernels never imports deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 # ----------------------------------------------------------------------------- sequence parallelism
