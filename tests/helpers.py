@@ -1,5 +1,7 @@
 """Tolerances (one table) and comparison helpers shared by the tests."""
 
+import os
+
 import torch
 
 # Relative Frobenius error ||out - ref|| / ||ref|| against a float64 reference.
@@ -93,3 +95,11 @@ def assert_rel_bar(out, ref, lowp_ref, what="", floor=1e-4):
     err = rel_err(out, ref)
     base = rel_err(lowp_ref, ref)
     assert err <= 2 * base + floor, f"{what}: error {err:.3e} > 2 x low-precision eager {base:.3e} + {floor:.0e}"
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a Triton property test: ``n``, capped by
+    ``SFT_KERNELS_MAX_EXAMPLES`` (``scripts/gpu_check.sh`` sets a few: on a GPU each example
+    may draw a new autotune key, which compiles every candidate config)."""
+    cap = os.environ.get("SFT_KERNELS_MAX_EXAMPLES")
+    return min(n, int(cap)) if cap else n

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, _max_abs, assert_close, assert_fa_bar, assert_rel, poison_, rel_err
+from helpers import TOL, _max_abs, assert_close, assert_fa_bar, assert_rel, examples, poison_, rel_err
 from sft_kernels import sliding_window_attention, sliding_window_attention_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -644,7 +644,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.mark.interpret
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=examples(40), **_SETTINGS)
 @given(problem=_padded_problems(max_len=48, dtypes=_TRITON_DTYPES))
 def test_property_triton_padded(problem, triton_device):
     _padded_property(problem, triton_device, "triton")
@@ -679,7 +679,7 @@ def _packed_property(problem, device, backend):
 
 
 @pytest.mark.interpret
-@settings(max_examples=100, **_SETTINGS)
+@settings(max_examples=examples(100), **_SETTINGS)
 @given(problem=_packed_problems())
 def test_property_triton_packed(problem, triton_device):
     _packed_property(problem, triton_device, "triton")
@@ -693,7 +693,7 @@ def test_property_torch_packed(problem):
 
 @pytest.mark.slow
 @pytest.mark.interpret
-@settings(max_examples=1000, **_SETTINGS)
+@settings(max_examples=examples(1000), **_SETTINGS)
 @given(problem=_packed_problems())
 def test_property_triton_packed_thorough(problem, triton_device):
     _packed_property(problem, triton_device, "triton")

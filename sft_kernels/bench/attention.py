@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -121,22 +122,37 @@ def make_call(impl, cfg, q, k, v):
         mask = band_mask(L, L, w - 1, 0, device=q.device)
         return lambda: F.scaled_dot_product_attention(*map(_sdpa_layout, (q, k, v)), attn_mask=mask).transpose(1, 2)
     if impl == "flex":
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as exc:
-            raise RuntimeError(f"FlexAttention unavailable: {exc}")
-
-        def window_mask(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
-
-        def softcap(score, b, h, q_idx, kv_idx):
-            return SOFTCAP * torch.tanh(score / SOFTCAP)
-
-        block = create_block_mask(window_mask, None, None, L, L, device=str(q.device))
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex, block, softcap = _flex(L, w, str(q.device))
         mods = {"score_mod": softcap} if mod == "softcap" else {}
         return lambda: flex(*map(_sdpa_layout, (q, k, v)), block_mask=block, **mods).transpose(1, 2)
     raise ValueError(impl)
+
+
+def _softcap_mod(score, b, h, q_idx, kv_idx):
+    return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex(L, w, device):
+    """(compiled flex_attention, block mask, softcap score_mod) for one (L, w): one
+    ``torch.compile`` object for the whole run, so fwd and fwd+bwd at one shape share the
+    forward's compile (it recompiles per length and per score_mod, as it must)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        raise RuntimeError(f"FlexAttention unavailable: {exc}")
+
+    def window_mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+
+    return _flex_compiled(), create_block_mask(window_mask, None, None, L, L, device=device), _softcap_mod
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _cudnn_fn(cfg, q, k, v, do):
@@ -355,6 +371,8 @@ def run(args):
                 rec["skipped"] = reason
                 records.append(rec)
                 common.append_partial(args.out, "attention", rec)
+                if args.out:
+                    write_markdown(args.out, records, progress=f"partial: {n + 1} of {len(configs)} configs")
                 continue
             if impl == "sdpa_causal":
                 baseline_ms[base_key] = rec["ms"]
@@ -365,6 +383,8 @@ def run(args):
             rec["flops_basis"] = "causal" if impl == "sdpa_causal" else "band"
             records.append(rec)
             common.append_partial(args.out, "attention", rec)
+            if args.out:
+                write_markdown(args.out, records, progress=f"partial: {n + 1} of {len(configs)} configs")
             common.progress(f"[{n + 1}/{len(configs)}] L={cfg['seqlen']} w={cfg['window']} D={cfg['head_dim']} "
                             f"{cfg['mode']:8s} {cfg.get('mod') or '':7s} {impl:15s} {rec['ms']:9.2f} ms  "
                             f"{rec['tflops']:7.2f} TFLOP/s")
@@ -547,6 +567,30 @@ def _target_line(t):
     return f"{t['name']}: {ratio} (needs >= {t['required']}) {verdict}".rstrip()
 
 
+def write_markdown(out_dir, records, tg=None, progress=""):
+    """``attention.md``: the table of the measured records, the targets, the skipped
+    providers. Rewritten after every record while the sweep runs (``progress`` says how
+    far it got), so a run cut off by a time limit leaves its table; returns the table."""
+    env = records[0]["env"]
+    measured = [r for r in records if "ms" in r]
+    skipped = [r for r in records if "skipped" in r]
+    table = summarize(measured)
+    with open(os.path.join(out_dir, "attention.md"), "w") as f:
+        f.write(f"# sliding-window attention, {env['device_name']}, commit {env['commit']}, {env['date']}"
+                f"{' (' + progress + ')' if progress else ''}\n\n")
+        f.write(f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads. "
+                "speedup = dense causal SDPA time / this time; tflops counts useful FLOPs only.\n\n")
+        f.write(table + "\n")
+        if tg is not None:
+            f.write("\n## Targets\n\n" + "".join(f"- {_target_line(t)}\n" for t in tg))
+        if skipped:
+            f.write("\n## Skipped\n\n" + "".join(
+                f"- {s['impl']} L={s['shape']['seqlen']} w={s['shape']['window']} {s['shape']['mode']}"
+                f"{' ' + s['shape']['mod'] if s['shape'].get('mod') else ''}: {s['skipped']}\n"
+                for s in skipped))
+    return table
+
+
 def main(argv=None):
     args = parse_args(argv)
     records = run(args)
@@ -559,18 +603,7 @@ def main(argv=None):
     skipped = [dict(impl=r["impl"], shape=r["shape"], reason=r["skipped"]) for r in records if "skipped" in r]
     common.write_json(dict(env=env, records=measured, skipped=skipped, targets=tg),
                       os.path.join(out_dir, "attention.json"))
-    table = summarize(measured)
-    with open(os.path.join(out_dir, "attention.md"), "w") as f:
-        f.write(f"# sliding-window attention, {env['device_name']}, commit {env['commit']}, {env['date']}\n\n")
-        f.write(f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads. "
-                "speedup = dense causal SDPA time / this time; tflops counts useful FLOPs only.\n\n")
-        f.write(table + "\n\n## Targets (issue 3)\n\n")
-        f.write("".join(f"- {_target_line(t)}\n" for t in tg))
-        if skipped:
-            f.write("\n## Skipped\n\n" + "".join(
-                f"- {s['impl']} L={s['shape']['seqlen']} w={s['shape']['window']} {s['shape']['mode']}"
-                f"{' ' + s['shape']['mod'] if s['shape'].get('mod') else ''}: {s['reason']}\n"
-                for s in skipped))
+    table = write_markdown(out_dir, records, tg)
     plot(measured, os.path.join(out_dir, "attention"))
     print(table)
     print()

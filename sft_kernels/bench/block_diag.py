@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from . import common  # noqa: E402
 
+from sft_kernels.backends import backend_status  # noqa: E402
 from sft_kernels.ops.block_diag import block_diag_matmul  # noqa: E402
 
 OP = "block_diag_matmul"
@@ -227,6 +228,8 @@ class Problem:
         if self.device == "cuda":
             p["sft_triton"] = ours("triton")
             p["sft_torch"] = ours("torch")
+            if backend_status()["cuda"].available:  # the built extension (gpu_check: after its build step)
+                p["sft_cuda"] = ours("cuda")
         return p
 
 
