@@ -4,12 +4,14 @@ HF ``Trainer`` with a stage-3 config loads the model under ``deepspeed.zero.Init
 (``HfDeepSpeedConfig`` is what ``TrainingArguments`` creates for it): every parameter's local
 tensor is empty, and ``patch_model`` used to fail copying them (``The size of tensor a (2048)
 must match the size of tensor b (0)``). It now gathers each layer's projections and builds the
-new layer, whose parameters ``deepspeed.initialize`` partitions again. Checked on 2 gloo processes, each with its own batch,
-against one process running the same checkpoint with eager attention and no DeepSpeed: the new
-parameters are partitioned (each rank holds half), the logits equal eager's per element, the
+new layer, whose parameters ``deepspeed.initialize`` partitions again. Checked on 2 gloo
+processes, each with its own batch, against one process running the same checkpoint with eager
+attention and no DeepSpeed: the new parameters are partitioned after ``deepspeed.initialize``
+(each rank holds half), the logits equal eager's per element, the
 full gradients of the swapped layers equal the average of eager's over both batches, and an SGD
-step moves the weights by exactly that. Patching after ``deepspeed.initialize`` is refused by
-name.
+step moves the weights by exactly that. HF ``Trainer`` with a ZeRO-3 config trains the patched
+model; the attention-interface path (no module swapped) equals eager under ZeRO-3 as it is; and
+patching after ``deepspeed.initialize`` is refused by name.
 """
 
 import json
@@ -113,6 +115,14 @@ try:
 except ValueError as exc:
     out["after_initialize"] = str(exc)
 
+# the attention-interface path swaps no module: a partitioned model needs nothing
+sft_tf.register()
+iface = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32, attn_implementation="sft_sliding_window")
+iface_engine, *_ = deepspeed.initialize(model=iface, optimizer=torch.optim.SGD(iface.parameters(), lr=lr),
+                                        config=ds_config)
+iface_logits = iface_engine(input_ids=ids, attention_mask=mask).logits.detach()
+out["interface_logits"] = float((iface_logits[real] - ref_logits[RANK][real]).norm() / ref_logits[RANK][real].norm())
+
 # the issue's own path: HF Trainer with a ZeRO-3 config (TrainingArguments creates the DeepSpeed
 # config, from_pretrained loads partitioned, Trainer.train() runs deepspeed.initialize)
 from transformers import Trainer, TrainingArguments
@@ -123,7 +133,8 @@ args = TrainingArguments(output_dir=os.path.join(out_dir, "trainer"), use_cpu=Tr
 model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
 sft_tf.patch_model(model)
 data = [{"input_ids": batch(i)[0][0], "labels": batch(i)[0][0]} for i in range(8)]
-trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(torch.optim.SGD(model.parameters(), lr=1e-3), None))
+trainer = Trainer(model=model, args=args, train_dataset=data,
+                  optimizers=(torch.optim.SGD(model.parameters(), lr=1e-3), None))
 result = trainer.train()
 out["trainer_steps"] = result.global_step
 out["trainer_loss"] = result.training_loss
@@ -165,6 +176,11 @@ def test_forward_gradients_and_step_equal_eager(ranks):
         bad = {n: e for n, e in {**r["grads"], **{"step " + n: e for n, e in r["stepped"].items()}}.items()
                if not e < 1e-5}
         assert not bad, (i, bad)
+
+
+def test_attention_interface_needs_no_swap_under_zero3(ranks):
+    for i, r in enumerate(ranks):
+        assert r["interface_logits"] < 1e-5, (i, r["interface_logits"])
 
 
 def test_trainer_with_zero3_trains_the_patched_model(ranks):

@@ -42,15 +42,15 @@ queries), the real queries against the real keys (bottom-right aligned), and the
 likewise. Pad queries see no key, so their outputs and gradients are exactly zero (as
 transformers' FlashAttention-2 path gives them) -- except on bidirectional layers with an
 unbounded window (BERT, RoBERTa and other encoders), where eager masks keys only and a pad
-query attends its row's real keys: there every query of a row is one sequence against the
-row's real keys, so pad positions equal eager's too (a left-padded BERT classifier reads its
-CLS token at a pad position; its logits differed from eager's by 1e-2 with zero pad rows). Pad
+query attends its row's real keys: there every query of a row is one sequence against the row's
+real keys, so pad positions equal eager's too (a left-padded BERT classifier reads its CLS
+token at a pad position; its logits differed from eager's by about 1e-2 with zero pad rows). Pad
 positions of causal and windowed bidirectional layers stay zero, where eager gives values no
 loss should read (a left pad sees only pad keys), and a row with no real token is zero where
-eager averages its pad values. The shapes are static and nothing reads a tensor on the host, so ``torch.compile(fullgraph=True)``
-traces it, and nothing here keeps CUDA graphs from capturing it (not yet run on a GPU). This
-covers dynamic caches, dynamic sliding-window caches, ``StaticCache`` (full, sliding-window
-and hybrid layers), prefill and decode.
+eager averages its pad values. The shapes are static and nothing reads a tensor on the host, so
+``torch.compile(fullgraph=True)`` traces it, and nothing here keeps CUDA graphs from capturing
+it (not yet run on a GPU). This covers dynamic caches, dynamic sliding-window caches,
+``StaticCache`` (full, sliding-window and hybrid layers), prefill and decode.
 
 A 4D mask (one the user passes; transformers hands it through unchanged) is followed as
 given: it must be a causal / sliding-window band (any width) with padding, which is read

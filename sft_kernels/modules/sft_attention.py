@@ -425,9 +425,10 @@ class SFTAttention(nn.Module):
             parts = tuple(position_embeddings) if isinstance(position_embeddings, (tuple, list)) else ()
             if len(parts) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() == 3 and all(
                     s in (1, w) for s, w in zip(t.shape, want)) for t in parts):
+                got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts]
                 raise ValueError(
                     f"SFTAttention: position_embeddings must be (cos, sin), each broadcastable to {want}, got "
-                    f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts] or type(position_embeddings).__name__}"
+                    f"{got or type(position_embeddings).__name__}"
                 )
 
     def _agree_parallel_inputs(self, hidden_states, attention_mask, position_ids, position_embeddings) -> None:
@@ -699,7 +700,7 @@ class SFTAttention(nn.Module):
             if inv_freq is not None:
                 layer.inv_freq = inv_freq.to(device=w.device)
                 layer.rope_attention_scaling = float(attention_scaling)
-            layer.qkv_proj.weight.copy_(torch.cat([qp.weight.reshape(-1), kp.weight.reshape(-1), vp.weight.reshape(-1)]))
+            layer.qkv_proj.weight.copy_(torch.cat([p.weight.reshape(-1) for p in (qp, kp, vp)]))
             if layer.qkv_proj.bias is not None:
                 layer.qkv_proj.bias.copy_(torch.cat([qp.bias, kp.bias, vp.bias]))
             layer.o_proj.weight.copy_(op.weight)
