@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from _procs import Group, free_port, rank_envs  # noqa: E402
+from _procs import Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs  # noqa: E402
 
 WORKER = r'''
 import json, os, sys
@@ -126,6 +126,7 @@ os._exit(0)  # no interpreter finalisation with deepspeed's communication state 
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("input_errors_parallel")
     (tmp / "worker.py").write_text(WORKER)
+    prebuild_deepspeed_cpu_ops()  # deepspeed.init_distributed's CPU op: built once, outside the ranks
     g = Group([[sys.executable, str(tmp / "worker.py"), str(tmp)]] * 2, rank_envs(2, free_port()))
     assert g.wait() == [0, 0], f"a rank aborted or failed instead of raising:\n{g.report()}"
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
