@@ -345,6 +345,133 @@ def test_triton_backward_is_deterministic(triton_device):
         assert torch.equal(a, b)
 
 
+# ----------------------------------------------------------------------------- tile edges
+# A kernel's key range (forward, dQ: _key_phases) or query range (dK/dV: _query_phases) that
+# is one row short or starts one tile late loses work only where the band's edge sits on a
+# tile boundary: left - (Lk - Lq) = 0, 1 or tile - 1 modulo a tile size (issue 20: the dK/dV
+# query range one row short escaped every fixed case, while it put dk off by 2.1e-2 at
+# L = 128, D = 128, window (33, 0)). The cases are derived from the tiles in the code, so
+# they move with them: the first choice of each head_dim class of the Triton autotune lists
+# (_CONFIGS; pinned, the interpreter runs GPU tiles too), the interpreter's own tile, and the
+# PyTorch path's query chunk. For each tile size m: left - (Lk - Lq) = m - 1, m and m + 1,
+# each in one of the variants below (rotating from case to case), at a length where such a
+# bug bites (a query tile starts past the band's start). sm_80's first choices, where the
+# Hopper one is Hopper-only, differ only in tiles whose residues no bound reads (a bound
+# reads the band's edge modulo the forward's and dQ's BLOCK_N and dK/dV's BLOCK_M; those
+# sizes are all met here).
+_EDGE_OFF = 9  # |Lk - Lq| of the variants with unequal lengths
+
+
+def _explicit(t, off):
+    return (t + off, t - off)  # left - off = t, and the right edge at right + off = t too
+
+
+# (name, Lk - Lq, window_size from (t, Lk - Lq), causal); every window has left - (Lk - Lq) = t
+_EDGE_VARIANTS = (
+    ("causal", 0, lambda t, off: (t, 0), True),
+    ("two_sided_k_longer", _EDGE_OFF, _explicit, False),
+    ("two_sided_q_longer", -_EDGE_OFF, _explicit, False),
+    ("int_even", 0, lambda t, off: 2 * (t + off), False),  # W keys, non-causal: (W // 2, (W - 1) // 2)
+    ("int_even_k_longer", _EDGE_OFF, lambda t, off: 2 * (t + off), False),
+    ("int_odd", 0, lambda t, off: 2 * (t + off) + 1, False),
+    ("int_odd_q_longer", -_EDGE_OFF, lambda t, off: 2 * (t + off) + 1, False),
+)
+
+
+def _tile_sets():
+    """{name: {kind: (BLOCK_M, BLOCK_N, num_warps, num_stages)}}: the Triton kernels' first
+    choices, one set per head_dim class of _CONFIGS (equal sets merged), and the interpreter's."""
+    from sft_kernels.ops.sliding_window_attention import triton_kernels as tk
+
+    kinds = ("fwd", "dkdv", "dq")
+    by_class = [{kind: tuple(tk._CONFIGS[kind][hd][0][:4]) for kind in kinds} for hd in sorted(tk._CONFIGS["fwd"])]
+    sets = {}
+    for cfg in by_class + [{kind: tuple(tk._INTERPRET_CONFIG) for kind in kinds}]:
+        sets.setdefault("_".join(f"{kind}{c[0]}x{c[1]}" for kind, c in cfg.items()), cfg)
+    return sets
+
+
+def _edge_cases(moduli, longest_tile):
+    """{id: case} for the tile sizes ``moduli``: left - (Lk - Lq) = m - 1, m, m + 1 for each m."""
+    cases = {}
+    targets = [(m + dr, m) for dr in (-1, 0, 1) for m in sorted(moduli)]
+    for i, (t, m) in enumerate(targets):
+        name, off, window, causal = _EDGE_VARIANTS[i % len(_EDGE_VARIANTS)]
+        window = window(t, off)
+        lq = t + longest_tile + 11  # a whole query tile (and key tile) past the band's start, and a partial one
+        if isinstance(window, int):
+            lq = max(lq, window - off + 3)  # W <= Lk: the window is not clamped
+        hq = 2 if i % 2 == 0 else 1  # GQA in every other case
+        cases[f"edge{t}_{t % m}mod{m}_{name}_L{lq}"] = (1, lq, lq + off, hq, 1, 16, window, causal)
+    return cases
+
+
+TILE_SETS = _tile_sets()
+EDGE_CASES = {
+    tiles: _edge_cases({n for c in cfg.values() for n in c[:2]}, max(n for c in cfg.values() for n in c[:2]))
+    for tiles, cfg in TILE_SETS.items()
+}
+
+
+def _torch_edge_cases():
+    from sft_kernels.ops.sliding_window_attention import torch_impl
+
+    cases = {}
+    for by_name in list(EDGE_CASES.values()) + [_edge_cases({torch_impl.CHUNK}, torch_impl.CHUNK)]:
+        for name, case in by_name.items():
+            if case not in cases.values():
+                cases.setdefault(name, case)
+    return cases
+
+
+TORCH_EDGE_CASES = _torch_edge_cases()
+
+
+def test_tile_edge_cases_meet_every_tile():
+    """Each tile size of each set has cases at left - (Lk - Lq) = 0, 1 and m - 1 modulo m (odd
+    and even int windows among them), long enough that a query tile starts past the band's
+    start; and the PyTorch path runs each of them."""
+    from sft_kernels.ops.sliding_window_attention.reference import reference_window
+
+    ints = set()
+    for tiles, cfg in TILE_SETS.items():
+        sizes = {n for c in cfg.values() for n in c[:2]}
+        seen = set()
+        for b, lq, lk, hq, hkv, d, window, causal in EDGE_CASES[tiles].values():
+            left, right = reference_window(window, causal, lk)
+            t = left - (lk - lq)
+            if isinstance(window, int):
+                ints.add(window % 2)
+            for m in sizes:
+                if lq > t + max(sizes):
+                    seen.add((m, t % m))
+            assert (b, lq, lk, hq, hkv, d, window, causal) in TORCH_EDGE_CASES.values()
+        want = {(m, r) for m in sizes for r in (0, 1, m - 1)}
+        assert want <= seen, f"{tiles}: no case at {sorted(want - seen)} (tile size, left - off mod it)"
+    assert ints == {0, 1}, "the Triton cases need int windows of both parities"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(TORCH_EDGE_CASES))
+def test_tile_edges_torch_path(name, dtype):
+    _check(TORCH_EDGE_CASES[name], dtype, "cpu", "torch")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("tiles, name", [(t, n) for t, cases in EDGE_CASES.items() for n in cases],
+                         ids=lambda x: x)
+def test_tile_edges_triton(tiles, name, triton_device, monkeypatch):
+    from sft_kernels.ops.sliding_window_attention import triton_kernels as tk
+
+    monkeypatch.setenv("SFT_KERNELS_SWA_CONFIG", ";".join(f"{kind}={','.join(map(str, c))}"
+                                                          for kind, c in TILE_SETS[tiles].items()))
+    for attr, kernel, kind in (("_fwd_tuned", tk._swa_fwd_kernel, "fwd"), ("_dkdv_tuned", tk._swa_bwd_dkdv_kernel, "dkdv"),
+                               ("_dq_tuned", tk._swa_bwd_dq_kernel, "dq")):
+        monkeypatch.setattr(tk, attr, tk._autotuned(kernel, kind))  # fresh tuners see the pinned tiles
+        assert tk.config_list(kind, 16) == [TILE_SETS[tiles][kind]]
+    _check(EDGE_CASES[tiles][name], torch.float32, triton_device, "triton")
+
+
 # ----------------------------------------------------------------------------- softcap and sinks
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window_size, causal, softcap, sinks)
 MODIFIER_CASES = {
