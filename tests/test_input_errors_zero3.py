@@ -9,7 +9,8 @@ processes, each with its own batch, against one process running the same checkpo
 attention and no DeepSpeed: the new parameters are partitioned after ``deepspeed.initialize``
 (each rank holds half), the logits equal eager's per element, the
 full gradients of the swapped layers equal the average of eager's over both batches, and an SGD
-step moves the weights by exactly that. HF ``Trainer`` with a ZeRO-3 config trains the patched
+step moves the weights by exactly that; ``qkv_groups=2`` gives the logits it gives without
+DeepSpeed. HF ``Trainer`` with a ZeRO-3 config trains the patched
 model; the attention-interface path (no module swapped) equals eager under ZeRO-3 as it is; and
 patching after ``deepspeed.initialize`` is refused by name.
 """
@@ -65,6 +66,10 @@ for r in range(WORLD):
     (objective(logits, mask, w) / WORLD).backward()  # DeepSpeed averages the ranks' gradients
     ref_logits[r] = logits.detach()
 ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+# qkv_groups=2 (block-diagonal projections, a different model): patched without DeepSpeed as the oracle
+grouped = sft_tf.patch_model(AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32), qkv_groups=2)
+with torch.no_grad():
+    grouped_logits = grouped(input_ids=batch(RANK)[0], attention_mask=batch(RANK)[1]).logits
 ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
 ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
@@ -114,6 +119,14 @@ try:
     out["after_initialize"] = "no error"
 except ValueError as exc:
     out["after_initialize"] = str(exc)
+
+# qkv_groups=2 on a partitioned model: the diagonal blocks of the gathered projections
+grouped = sft_tf.patch_model(AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32), qkv_groups=2)
+grouped_engine, *_ = deepspeed.initialize(model=grouped, optimizer=torch.optim.SGD(grouped.parameters(), lr=lr),
+                                          config=ds_config)
+with torch.no_grad():
+    logits = grouped_engine(input_ids=ids, attention_mask=mask).logits
+out["grouped_logits"] = float((logits[real] - grouped_logits[real]).norm() / grouped_logits[real].norm())
 
 # the attention-interface path swaps no module: a partitioned model needs nothing
 sft_tf.register()
@@ -176,6 +189,11 @@ def test_forward_gradients_and_step_equal_eager(ranks):
         bad = {n: e for n, e in {**r["grads"], **{"step " + n: e for n, e in r["stepped"].items()}}.items()
                if not e < 1e-5}
         assert not bad, (i, bad)
+
+
+def test_block_diagonal_patch_under_zero3_equals_it_without(ranks):
+    for i, r in enumerate(ranks):
+        assert r["grouped_logits"] < 1e-5, (i, r["grouped_logits"])
 
 
 def test_attention_interface_needs_no_swap_under_zero3(ranks):
