@@ -8,6 +8,9 @@ ops with ``backend="cuda"`` (forward and autograd), which needs the dispatch in 
 Tolerances: the TOL table and FlashAttention's 2x bar (tests/helpers.py).
 """
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -120,6 +123,44 @@ def test_attention_varlen(window, causal, dtype, poisoned):
     dq, dk, dv = swa_cuda.swa_bwd_cuda(do, q, k, v, out, lse, spec, 0.125, cu_q, cu_k, max(lens_q), max(lens_k))
     kw = dict(softmax_scale=0.125, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
     _compare(dtype, out, lse, dq, dk, dv, *_ref_all(q, k, v, window, causal, do, **kw))
+
+
+# Tile edges (issue 20): test_attention.py's tile-edge cases for the CUDA kernels' tile sizes,
+# read from their source (the forward's, dK/dV's and dQ's BM and BN; dK/dV's query tile
+# depends on head_dim), at head_dim 64 and 128. tests/cuda/kernel_tests.h runs the same
+# conditions on the kernel source through the CPU emulator.
+def _cuda_tile_sizes(head_dim):
+    src = open(os.path.join(_build.csrc_dir(), "swa_kernels.cuh")).read()
+    sizes = dict(re.findall(r"constexpr int k(FwdBM|FwdBN|DkdvBN|DqBM|DqBN) = (\d+);", src))
+    dkdv_bm = re.search(r"static constexpr int BM = D <= 64 \? (\d+) : (\d+);", src)
+    assert len(sizes) == 5 and dkdv_bm, "swa_kernels.cuh: tile sizes not found where this test reads them"
+    return {int(n) for n in sizes.values()} | {int(dkdv_bm.group(1 if head_dim <= 64 else 2))}
+
+
+def _tile_edge_cases():
+    from test_attention import _edge_cases
+
+    cases = {}
+    for d in (64, 128):
+        sizes = _cuda_tile_sizes(d)
+        for name, case in _edge_cases(sizes, max(sizes)).items():
+            cases[f"{name}_d{d}"] = case[:5] + (d,) + case[6:]
+    return cases
+
+
+ATTN_TILE_EDGES = _tile_edge_cases()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("name", list(ATTN_TILE_EDGES))
+def test_attention_launchers_tile_edges(name, dtype, poisoned):
+    q, k, v, window, causal = _attn_inputs(ATTN_TILE_EDGES[name], dtype)
+    spec = parse_window(window, causal)
+    scale = q.shape[-1] ** -0.5
+    out, lse = swa_cuda.swa_fwd_cuda(q, k, v, spec, scale)
+    do = torch.randn_like(out)
+    dq, dk, dv = swa_cuda.swa_bwd_cuda(do, q, k, v, out, lse, spec, scale)
+    _compare(dtype, out, lse, dq, dk, dv, *_ref_all(q, k, v, window, causal, do))
 
 
 def test_attention_strided_inputs(poisoned):
