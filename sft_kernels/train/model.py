@@ -5,12 +5,14 @@ Embedded default: a small Mistral-architecture model (Mistral is Llama plus
 ``config.sliding_window``, which is what lets eager and SDPA attention apply the same
 window as ``sft_sliding_window``), initialised at random from ``--seed``:
 hidden 256, 4 layers, 4 query heads and 2 key/value heads of dim 64, MLP 688, tied
-embeddings, 264 embedding rows (the byte tokenizer's 259 ids rounded up to a multiple of 8,
-DeepSpeed-Chat's rule). 2.97M parameters.
+embeddings, vocabulary = the byte tokenizer's 259 ids. 2.97M parameters.
 
-Embeddings of a ``--model_name_or_path`` model: resized to ``8 * ceil(len(tokenizer) / 8)``
-rows, grown or shrunk, as DeepSpeed-Chat's ``create_hf_model`` does (new rows from
-transformers' mean resizing); the tokenizer's pad token is DeepSpeed-Chat's (tokenizer.py).
+Embeddings of a ``--model_name_or_path`` model with a Hugging Face tokenizer: resized to
+``8 * ceil(len(tokenizer) / 8)`` rows, grown or shrunk, as DeepSpeed-Chat's ``create_hf_model``
+does (new rows from transformers' mean resizing; under ZeRO-3 transformers 5 creates the resized
+embedding whole on every rank, as in DeepSpeed-Chat, and DeepSpeed partitions it at
+``initialize``); the tokenizer's pad token is DeepSpeed-Chat's (tokenizer.py). The embedded
+model and its exports (byte tokenizer, this package's own) keep their rows.
 
 Window (``--window_size``) per attention implementation:
 
@@ -217,8 +219,8 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
     if args.model_name_or_path:
         config = AutoConfig.from_pretrained(args.model_name_or_path, local_files_only=True)
     else:
-        config = default_config(dschat_vocab_size(len(tokenizer)), window, tokenizer.pad_token_id,
-                                tokenizer.bos_token_id, tokenizer.eos_token_id)
+        config = default_config(len(tokenizer), window, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                tokenizer.eos_token_id)
     configure_dropout(config, getattr(args, "dropout", None))
     extra_window = None if window == "model" else _apply_window(config, window, impl)
     if impl == "sft_sliding_window":
@@ -234,7 +236,7 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
                                                          **dtype_kwargs(torch.float32))
         else:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, **dtype_kwargs(torch.float32))
-        if args.model_name_or_path:
+        if getattr(tokenizer, "dschat_padding", False):
             # DeepSpeed-Chat's create_hf_model: always to 8 * ceil(len(tokenizer) / 8), shrinking too
             model.resize_token_embeddings(dschat_vocab_size(len(tokenizer)))
     if args.qkv_groups > 1:

@@ -127,6 +127,8 @@ class HFTokenizer:
     under transformers 5, ``LlamaTokenizer`` rebuilds a tokenizer from the vocabulary, which can
     tokenize differently from the model's tokenizer.json.)"""
 
+    dschat_padding = True  # build_model resizes the embeddings as DeepSpeed-Chat does
+
     def __init__(self, tok, name: str = ""):
         self.tok = tok
         if "llama" in name:
