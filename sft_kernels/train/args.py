@@ -45,7 +45,8 @@ program name, where only ``python -m sft_kernels.train`` accepts it.)
 Data, batches and schedule as DeepSpeed-Chat's step-1 main.py: its split (numpy RandomState
 with --seed), DistributedSampler for training and evaluation (last partial batch kept),
 get_scheduler over num_train_epochs x ceil(micro-batches per epoch / accumulation) steps,
-and for a --model_name_or_path its tokenizer padding and embedding resize (8 x ceil(len(tokenizer) / 8)).
+and for a --model_name_or_path with a Hugging Face tokenizer its pad token (eos; [PAD] for llama
+models without one) and embedding resize (8 x ceil(len(tokenizer) / 8), shrinking too).
 
 Objective: by default the loss covers every token of prompt + response (DeepSpeed-Chat's
 step 1); --loss_on response masks the prompt. Evaluation runs before training and after
