@@ -75,7 +75,7 @@ MUTATIONS = [
         "    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)",
         "    left, right = _resolve_window(left, right, keys, seqlen_q, WINDOW_MODE, CAUSAL)",
         ["tests/test_attention.py"], "triton and (varlen or packed)",
-        "as above, in the Triton kernels (all three resolve the window)", count=3,
+        "as above, in the Triton kernels (the query-tile prologue and dK/dV resolve the window)", count=2,
     ),
     Mutation(
         "causal_keeps_right", "sft_kernels/window.py",
@@ -126,7 +126,7 @@ MUTATIONS = [
         "    off_b = tl.program_id(2)\n    off_hk = off_h % (tl.num_programs(1) // group)\n"
         "    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
         ["tests/test_attention.py"], "triton",
-        "the forward and dQ map query head h to kv head h % heads_kv instead of h // group", count=2,
+        "the forward and dQ (their shared prologue) map query head h to kv head h % heads_kv instead of h // group",
     ),
     Mutation(
         "gqa_head_mapping_torch", f"{ATT}/torch_impl.py",
@@ -360,6 +360,67 @@ MUTATIONS = [
         "        pass",
         ["tests/test_hf_matrix.py"], "softcap",
         "the Hugging Face backend drops Gemma2's attention logit softcap",
+    ),
+    # ------------------------------------------------------------------ tile edges (issue 20)
+    # Each bites only where the band's edge sits on a tile boundary (left - (Lk - Lq) = 1 mod
+    # a tile), so the select is the fixed tile-edge cases alone: they must catch it, not a
+    # lucky property draw.
+    Mutation(
+        "dkdv_query_range_one_short_cuda", "sft_kernels/csrc/swa_kernels.cuh",
+        "  if (left >= 0) hi = min(max(start_n + BN - off + left, 0), len_q);",
+        "  if (left >= 0) hi = min(max(start_n + BN - 1 - off + left, 0), len_q);",
+        ["tests/test_cuda_build.py"], "emulated",
+        "the dK/dV query range ends one row short: a key per tile loses a row where left - off = 1 mod BM",
+    ),
+    Mutation(
+        "dkdv_query_range_one_short_triton", f"{ATT}/triton_kernels.py",
+        "        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - off + left, 0), seqlen_q)",
+        "        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off + left, 0), seqlen_q)",
+        ["tests/test_attention.py"], "tile_edges and triton",
+        "as above, in the Triton dK/dV kernel (_query_phases)",
+    ),
+    Mutation(
+        "key_range_start_one_tile_late_triton", f"{ATT}/triton_kernels.py",
+        "        lo = tl.maximum(start_m + off - left, 0)",
+        "        lo = tl.maximum(start_m + off - left + 1, 0)",
+        ["tests/test_attention.py"], "tile_edges and triton",
+        "the forward / dQ key range starts a tile late where left - off = 1 mod BLOCK_N (_key_phases)",
+    ),
+    Mutation(
+        "key_range_start_one_tile_late_cuda", "sft_kernels/csrc/swa_kernels.cuh",
+        "  if (left >= 0) lo = max(start_m + off - left, 0);",
+        "  if (left >= 0) lo = max(start_m + off - left + 1, 0);",
+        ["tests/test_cuda_build.py"], "emulated",
+        "as above, in the CUDA forward / dQ (key_phases)",
+    ),
+    Mutation(
+        "key_range_start_one_chunk_late_torch", f"{ATT}/torch_impl.py",
+        "        lo = 0 if left < 0 else max(0, qs + off - left)",
+        "        lo = 0 if left < 0 else max(0, qs + off - left + 1) // rows * rows",
+        ["tests/test_attention.py"], "tile_edges and torch_path",
+        "a chunk's key range aligned to whole chunks from a start one key late: a chunk late where "
+        "left - off = 1 mod CHUNK",
+    ),
+    Mutation(
+        "int_window_centre_swapped_triton", f"{ATT}/triton_kernels.py",
+        "            lw = w // 2\n            rw = (w - 1) // 2",
+        "            lw = (w - 1) // 2\n            rw = w // 2",
+        ["tests/test_attention.py"], "tile_edges and triton",
+        "the Triton kernels put an even non-causal int window's extra key on the right",
+    ),
+    Mutation(
+        "int_window_centre_swapped_cuda", "sft_kernels/csrc/swa_kernels.cuh",
+        "    left = w / 2;\n    right = (w - 1) / 2;",
+        "    left = (w - 1) / 2;\n    right = w / 2;",
+        ["tests/test_cuda_build.py"], "emulated",
+        "the CUDA kernels put an even non-causal int window's extra key on the right",
+    ),
+    Mutation(
+        "int_window_centre_swapped_fixed_cases", "sft_kernels/window.py",
+        "    return w // 2, (w - 1) // 2",
+        "    return (w - 1) // 2, w // 2",
+        ["tests/test_attention.py"], "tile_edges and torch_path",
+        "int_window_centre_swapped, held to the fixed cases alone (the entry above lets a property draw catch it)",
     ),
 ]
 
