@@ -649,9 +649,9 @@ class SFTAttention(nn.Module):
         DeepSpeed ZeRO-3: when the module's parameters are partitioned (``deepspeed.zero.Init``,
         e.g. ``from_pretrained`` under HF ``Trainer`` with a stage-3 config: each local tensor is
         empty), they are gathered for the copy (a collective: call it on every rank of the
-        group, in the same order) and the returned layer holds full, unpartitioned parameters;
-        ``deepspeed.initialize`` partitions them, or :func:`~sft_kernels.integrations.transformers.patch_model`
-        does it at once.
+        group, in the same order) and the returned layer holds full, unpartitioned parameters,
+        which ``deepspeed.initialize`` partitions (as it does any parameter created outside
+        ``zero.Init``).
 
         Args:
             attention_module: e.g. ``model.model.layers[i].self_attn``.
