@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Dict
 
@@ -33,7 +32,13 @@ class BackendStatus:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """Whether Triton runs in its interpreter: Triton's own rule (``ops._triton_utils``);
+    False when Triton does not import."""
+    if _triton_import_error():
+        return False
+    from .ops._triton_utils import interpreting
+
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,8 +61,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
+# occupancy / ctas_per_sm live with the launchers that size persistent grids by them
+from sft_kernels.ops._triton_utils import ARCH_LIMITS, ctas_per_sm, occupancy  # noqa: F401
+from sft_kernels.ops._triton_utils import interpreting as _interpreting
+
 # Shared memory one block may use (the opt-in maximum), by compute capability.
-SMEM_LIMIT = {90: 232448, 80: 166912}
+SMEM_LIMIT = {arch: lim.smem_per_block for arch, lim in ARCH_LIMITS.items()}
 
 
 @dataclass
@@ -220,15 +224,6 @@ def _from_wire(value):
 # --------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    try:
-        import triton
-
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _ptxas_path(arch: int) -> str:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -252,32 +247,6 @@ def _ptxas_path(arch: int) -> str:
 
 def gpu_name(arch: int) -> str:
     return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-
-
-# Per-SM resources by compute capability: registers, shared memory (bytes, of which 1 KiB
-# is reserved per resident block), resident blocks, resident warps.
-SM_RESOURCES = {90: (65536, 233472, 32, 64), 80: (65536, 167936, 32, 64)}
-
-
-def occupancy(registers: int, num_warps: int, shared_bytes: int, regs_per_sm: int = 65536,
-              smem_per_sm: int = 233472, max_warps: int = 64, max_blocks: int = 32) -> int:
-    """Blocks of a kernel one SM holds at once (the occupancy calculator's rule).
-
-    Registers are allocated per warp in units of 256 (8 per thread), shared memory per
-    block plus the 1 KiB the runtime reserves for each resident block. The launchers of
-    persistent kernels size their grids with this, from the compiled kernel's figures.
-    """
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    warps = max(num_warps, 1)
-    by_regs = (regs_per_sm // regs_per_warp) // warps
-    by_smem = smem_per_sm // (shared_bytes + 1024)
-    return max(0, min(by_regs, by_smem, max_blocks, max_warps // warps))
-
-
-def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
-    """:func:`occupancy` on the per-SM limits of compute capability ``arch``."""
-    regs_sm, smem_sm, max_blocks, max_warps = SM_RESOURCES.get(arch, SM_RESOURCES[80])
-    return occupancy(registers, num_warps, shared_bytes, regs_sm, smem_sm, max_warps, max_blocks)
 
 
 _RE_MMA_ATTR = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[([\d, ]+)\]"

@@ -30,35 +30,38 @@ loads are 16-byte vectors that pipeline through cp.async. Other sizes are padded
 16 with zeros, the aligned kernel runs, and the real columns are gathered back (an
 extra pass over the activations, for the odd shapes only).
 
-Autotuning is done here, not with ``triton.autotune``: a small config list, keyed on
-shape buckets (dtype, largest block rounded up to a power of two, token count rounded
-up to a power of two and clamped to [1024, 65536]), benchmarked once per key with
-``triton.testing.do_bench``; ``SFT_KERNELS_BD_CONFIG`` pins one (see ``_pinned``).
-Under the interpreter (``TRITON_INTERPRET=1``) a single small config runs and dot
-operands are upcast to fp32 (``UPCAST_DOT``), since the interpreter's bf16/fp16
-``tl.dot`` is wrong.
+Autotuning goes through the package's one tuner (``_triton_utils.Tuner``, which says why
+not ``triton.autotune``): a small config list, keyed on shape buckets (dtype, largest
+block rounded up to a power of two, token count rounded up to a power of two and clamped
+to [1024, 65536]), benchmarked once per key; configs over this device's shared memory
+per block are left out first. ``SFT_KERNELS_BD_CONFIG`` pins one (see ``_pinned``).
+Under the interpreter (``TRITON_INTERPRET=1``) a single small config runs, dot operands
+are upcast to fp32 (``UPCAST_DOT``), since the interpreter's bf16/fp16 ``tl.dot`` is
+wrong, and bf16 outputs are rounded by hand (``cast_out``). Absent pointers (no bias) are
+``None``; token counts and tile counts are ``do_not_specialize``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_interpret
+from .._triton_utils import (
+    ARCH_LIMITS, Tuner, cast_out, device_limits, dot_precision, pinned_config, resident, upcast_dots,
+)
 
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "C"])
 def _bd_gemm_kernel(
     A,  # (T, sum K_i) activations, any strides
     W,  # flat weight
-    BIAS,  # (sum N_i,) or a dummy when HAS_BIAS is False
+    BIAS,  # (sum N_i,), or None when HAS_BIAS is False
     OUT,  # (T, sum N_i)
     META,  # int32 (G, 6): k_off, n_off, K_i, N_i, w_off, ld_w (= n_i, the row length of W_i)
     COLS,  # int32 (C, 4) per column tile over all blocks: block, first column in the block, k-steps, 0
@@ -140,12 +143,13 @@ def _bd_gemm_kernel(
                 bias = tl.load(BIAS + n_off + cols, mask=mask_n, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
             o_ptrs = OUT + t0.to(tl.int64) * stride_ot + offs_tt[:, None] * stride_ot + (n_off + cols)[None, :] * stride_on
-            tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=((t0 + offs_tt) < T)[:, None] & mask_n[None, :])
+            tl.store(o_ptrs, cast_out(acc, OUT.dtype.element_ty, UPCAST_DOT),
+                     mask=((t0 + offs_tt) < T)[:, None] & mask_n[None, :])
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
             kk = kk * 0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "MN", "T_CHUNK", "SPLIT"])
 def _bd_dw_kernel(
     DY,  # (T, sum m_i), any strides
     X,  # (T, sum n_i), any strides
@@ -229,7 +233,8 @@ def _bd_dw_kernel(
         kk += 1
         if kk == k_steps:
             dw_ptrs = DW + split.to(tl.int64) * stride_dws + w_off + rows[:, None] * n_i + cols[None, :]
-            tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=(rows < m_i)[:, None] & (cols < n_i)[None, :])
+            tl.store(dw_ptrs, cast_out(acc, DW.dtype.element_ty, UPCAST_DOT),
+                     mask=(rows < m_i)[:, None] & (cols < n_i)[None, :])
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             kk = kk * 0
 
@@ -260,12 +265,13 @@ INTERPRET_GEMM_CONFIG = dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, nu
 INTERPRET_DW_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=32, num_warps=4, num_stages=1)
 INTERPRET_PROGRAMS = 3  # persistent programs under the interpreter (each walks many tiles)
 
-_SMEM_BUDGET = 200 * 1024  # bytes; Hopper has 227 KiB per block, Ampere (sm_80) 163 KiB
 _ALIGN = 16  # block sizes are padded to a multiple of this
 _COUNT_BLOCK = 128  # tiles per step of the kernels' trip-count pre-pass
 
 
 def _smem_bytes(cfg: Dict[str, int], elsize: int, kind: str) -> int:
+    """The operand pipeline's shared memory (Triton adds a little for the epilogue: a config
+    this estimate lets through and the device cannot hold is skipped by the tuner)."""
     if kind == "gemm":
         tile = cfg["BLOCK_T"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]
     else:
@@ -274,6 +280,8 @@ def _smem_bytes(cfg: Dict[str, int], elsize: int, kind: str) -> int:
 
 
 _ENV_PIN = "SFT_KERNELS_BD_CONFIG"
+_NAMES = {"gemm": ("BLOCK_T", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
+          "dw": ("BLOCK_M", "BLOCK_N", "BLOCK_T", "num_warps", "num_stages")}
 
 
 def _pinned(kind: str) -> Optional[Dict[str, int]]:
@@ -282,21 +290,7 @@ def _pinned(kind: str) -> Optional[Dict[str, int]]:
     Each entry gives the three block sizes in the order of the config dicts above,
     then num_warps, num_stages. A kind left out is autotuned.
     """
-    spec = os.environ.get(_ENV_PIN)
-    if not spec:
-        return None
-    names = ("BLOCK_T", "BLOCK_N", "BLOCK_K") if kind == "gemm" else ("BLOCK_M", "BLOCK_N", "BLOCK_T")
-    for part in spec.split(";"):
-        key, _, vals = part.partition("=")
-        if key.strip() != kind:
-            continue
-        nums = [int(v) for v in vals.split(",")]
-        if len(nums) != 5 or any(v <= 0 or v & (v - 1) for v in nums[:3]):
-            raise ValueError(
-                f"{_ENV_PIN}: {kind}= needs 5 integers (3 power-of-two block sizes, num_warps, num_stages), got {vals!r}"
-            )
-        return dict(zip(names + ("num_warps", "num_stages"), nums))
-    return None
+    return pinned_config(_ENV_PIN, kind, _NAMES[kind], tuple(_NAMES))
 
 
 def _pow2_bucket(v: int, lo: int, hi: int) -> int:
@@ -305,17 +299,13 @@ def _pow2_bucket(v: int, lo: int, hi: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return device_limits(torch.device("cuda", index)).sms
 
 
 def _programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRET_PROGRAMS
-    return _num_sms(_device_index(device))
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 _RESIDENT: Dict[tuple, int] = {}
@@ -323,79 +313,30 @@ _RESIDENT: Dict[tuple, int] = {}
 
 def _resident(kernel, key: tuple, device: torch.device, num_warps: int, args, kwargs) -> int:
     """Programs of this compiled kernel one SM holds at once (persistent grids launch
-    SMs x this): the occupancy rule on the registers and shared memory ptxas gave the
-    build (``compile_check.ctas_per_sm``) against this GPU's per-SM limits. Cached per
-    config and specialisation key."""
+    SMs x this), from the registers and shared memory of the build against this GPU's
+    per-SM limits. Cached per config and specialisation key."""
     if device.type != "cuda":
         return 1
     full = (id(kernel), device.index) + key
     if full not in _RESIDENT:
-        from ...testing.compile_check import occupancy
-
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(_device_index(device))
-        _RESIDENT[full] = max(1, occupancy(
-            compiled.n_regs, num_warps, compiled.metadata.shared, props.regs_per_multiprocessor,
-            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor // 32))
+        _RESIDENT[full] = resident(kernel.warmup(*args, grid=(1,), **kwargs), num_warps, device)
     return _RESIDENT[full]
 
 
-_TUNED: Dict[tuple, Dict[str, int]] = {}
+_TUNER = Tuner("block_diag_matmul")
 
 
 def _choose(kind: str, key: tuple, device: torch.device, elsize: int, candidates, bench_fn) -> Dict[str, int]:
-    """The config for ``key``: pinned, the interpreter's, or the fastest candidate (cached)."""
+    """The config for ``key``: pinned, the interpreter's, or the fastest candidate that fits
+    this device's shared memory per block (tuned once per key)."""
     pinned = _pinned(kind)
     if pinned is not None:
         return pinned
     if device.type != "cuda":
         return INTERPRET_GEMM_CONFIG if kind == "gemm" else INTERPRET_DW_CONFIG
-    full = (kind,) + key
-    cfg = _TUNED.get(full)
-    if cfg is not None:
-        return cfg
-    cands = [c for c in candidates if _smem_bytes(c, elsize, kind) <= _SMEM_BUDGET] or [candidates[-1]]
-    if len(cands) == 1:
-        _TUNED[full] = cands[0]
-        return cands[0]
-    from triton.testing import do_bench
-
-    best, best_ms = None, float("inf")
-    for c in cands:
-        try:
-            ms = do_bench(lambda: bench_fn(c), warmup=5, rep=20)
-        except Exception:  # noqa: BLE001 - a config that does not fit this GPU is skipped
-            continue
-        if ms < best_ms:
-            best, best_ms = c, ms
-    if best is None:
-        raise RuntimeError(f"block_diag_matmul: no {kind} Triton config could run on {device}")
-    _TUNED[full] = best
-    return best
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored for fp16/bf16 operands
-
-
-def _upcast(device: torch.device) -> bool:
-    return device.type != "cuda" or triton_interpret()
-
-
-def _staged_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype a kernel writes before the final cast.
-
-    The interpreter's fp32 -> bf16 cast truncates where the GPU rounds to nearest even
-    (``triton/runtime/interpreter.py``, ``cast_impl``), which doubles the rounding error
-    of bf16 outputs; under the interpreter bf16 results are therefore written in fp32
-    and rounded by torch. On the GPU every kernel writes its output dtype directly.
-    """
-    if dtype == torch.bfloat16 and _upcast(device):
-        return torch.float32
-    return dtype
+    budget = device_limits(device).smem_per_block
+    cands = [c for c in candidates if _smem_bytes(c, elsize, kind) <= budget] or [candidates[-1]]
+    return _TUNER.choose((kind,) + key, cands, bench_fn)
 
 
 # ----------------------------------------------------------------------------- block tables
@@ -505,10 +446,10 @@ def _launch_gemm(a, weight, bias, out, meta, ks, cols, trans_w: bool, cfg) -> No
     T = a.shape[0]
     table = _col_tiles(tuple(ks), tuple(cols), cfg["BLOCK_N"], cfg["BLOCK_K"], a.device)
     C = table.shape[0]
-    args = (a, weight, bias if bias is not None else out, out, meta, table, T, C,
+    args = (a, weight, bias, out, meta, table, T, C,
             a.stride(0), a.stride(1), out.stride(0), out.stride(1))
-    kwargs = dict(HAS_BIAS=bias is not None, TRANS_W=trans_w, UPCAST_DOT=_upcast(a.device),
-                  INPUT_PRECISION=_precision(a.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
+    kwargs = dict(HAS_BIAS=bias is not None, TRANS_W=trans_w, UPCAST_DOT=upcast_dots(a.device),
+                  INPUT_PRECISION=dot_precision(a.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"], COUNT_BLOCK=_COUNT_BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     res_key = (str(a.dtype), bias is not None, trans_w) + tuple(sorted(cfg.items()))
     progs = _programs(a.device) * _resident(_bd_gemm_kernel, res_key, a.device, cfg["num_warps"], args, kwargs)
@@ -547,7 +488,7 @@ def _finish(buf, out, dtype):
 def _gemm(a, weight, bias, ks, cols, trans_w, out, dtype):
     """``out (T, sum cols) = a @ B`` over aligned blocks (K sizes ``ks``)."""
     T = a.shape[0]
-    y = _buffer(out, (T, sum(cols)), _staged_dtype(dtype, a.device), a.device)
+    y = _buffer(out, (T, sum(cols)), dtype, a.device)
     if T == 0:
         return y
     (a,) = _rows_ok(a)
@@ -604,7 +545,7 @@ def _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg) -> None:
     MN = table.shape[0]
     args = (grad, x, dw, meta, table, x.shape[0], MN, t_chunk, split, grad.stride(0), grad.stride(1),
             x.stride(0), x.stride(1), dw.stride(0))
-    kwargs = dict(UPCAST_DOT=_upcast(x.device), INPUT_PRECISION=_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"],
+    kwargs = dict(UPCAST_DOT=upcast_dots(x.device), INPUT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], COUNT_BLOCK=_COUNT_BLOCK, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
     res_key = (str(x.dtype), str(dw.dtype)) + tuple(sorted(cfg.items()))
@@ -629,7 +570,7 @@ def _dw(grad, x, in_f, out_f, split, out):
     split = triton.cdiv(T, t_chunk)
     meta = _meta(in_f, out_f, "dw", x.device)
     if split == 1:
-        dw = _buffer(None if out is None else out.view(1, numel), (1, numel), _staged_dtype(x.dtype, x.device), x.device)
+        dw = _buffer(None if out is None else out.view(1, numel), (1, numel), x.dtype, x.device)
     else:
         dw = torch.empty(split, numel, dtype=torch.float32, device=x.device)
     key = (str(x.dtype), split > 1, _pow2_bucket(max(out_f), 16, 8192), _pow2_bucket(max(in_f), 16, 8192),
@@ -664,74 +605,65 @@ def gemm_backward_dw(grad, x, in_features, out_features, split: Optional[int] = 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+def _spec(name: str, fn, first: bool, signature: dict, constexprs: dict, cfg: Dict[str, int]) -> dict:
+    return dict(name=name, first_choice=first, fn=fn, signature=signature, constexprs=constexprs,
+                divisible_by_16=[k for k, t in signature.items() if t.startswith("*") or k.startswith("stride")],
+                expect_mma=constexprs["INPUT_PRECISION"] != "ieee",  # IEEE fp32 dots run on FMA units
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
     """Every kernel in every autotune config, for an ahead-of-time GPU compile check.
 
     Format of ``sft_kernels.testing.compile_check``: ``name``, ``fn`` (the raw
     ``@triton.jit`` function), ``signature`` (arg -> Triton type; the unit column
     strides are ``constexpr`` 1, as the JIT specialises them at run time for row-major
-    tensors), ``constexprs``, ``num_warps``, ``num_stages``, ``divisible_by_16`` (what
-    the JIT infers for 16-byte-aligned tensors and row strides divisible by 16: pass
-    these as ``tt.divisibility`` attrs, or the loads do not vectorise and the build is
-    not the one that runs), ``expect_mma``.
+    tensors; no bias is a constexpr None, as the launcher passes it), ``constexprs``,
+    ``num_warps``, ``num_stages``, ``divisible_by_16`` (what the JIT infers for
+    16-byte-aligned tensors and row strides divisible by 16: pass these as
+    ``tt.divisibility`` attrs, or the loads do not vectorise and the build is not the one
+    that runs), ``expect_mma``, ``archs`` (those whose shared memory per block holds the
+    config's pipeline: ``_choose`` leaves it out on the others).
+
+    fp32 is not in the default list: with IEEE dots (torch's default, no tf32) the dots run
+    on FMA units, and these tables, sized for fp16/bf16 tensor-core tiles, spill there
+    (``compile_specs((torch.float32,))`` under Triton 3.8: GEMM cfg1 524 B on sm_90a, cfg2
+    13.7 KB on sm_80; dW cfg0 40 B, cfg1 376 B on sm_90a). fp32 runs, correctly, at a cost;
+    an fp32 table of its own is future work.
     """
     specs = []
     for dtype in dtypes:
-        ty = "*" + _TL[dtype]
+        ty, tag = "*" + _TL[dtype], _TL[dtype]
+        elsize = torch.empty(0, dtype=dtype).element_size()
         for ci, cfg in enumerate(GEMM_CONFIGS):
             for variant, has_bias, trans_w in (("fwd", False, False), ("fwd_bias", True, False), ("dx", False, True)):
-                constexprs = dict(
-                    stride_ak=1,
-                    stride_on=1,
-                    HAS_BIAS=has_bias,
-                    TRANS_W=trans_w,
-                    UPCAST_DOT=False,
-                    INPUT_PRECISION=_precision(dtype),
-                    BLOCK_T=cfg["BLOCK_T"],
-                    BLOCK_N=cfg["BLOCK_N"],
-                    BLOCK_K=cfg["BLOCK_K"],
-                    COUNT_BLOCK=_COUNT_BLOCK,
-                )
-                signature = dict(
-                    A=ty, W=ty, BIAS=ty, OUT=ty, META="*i32", COLS="*i32", T="i32", C="i32",
-                    stride_at="i32", stride_ot="i32",
-                )
-                specs.append(dict(
-                    name=f"_bd_gemm_kernel[{variant},{_TL[dtype]},cfg{ci}]",
-                    first_choice=ci == 0 and dtype == torch.bfloat16 and variant != "fwd_bias",
-                    fn=_bd_gemm_kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    divisible_by_16=["A", "W", "BIAS", "OUT", "META", "COLS", "stride_at", "stride_ot"],
-                    expect_mma=True,
-                    num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"],
-                ))
+                constexprs = dict(stride_ak=1, stride_on=1, HAS_BIAS=has_bias, TRANS_W=trans_w, UPCAST_DOT=False,
+                                  INPUT_PRECISION=dot_precision(dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
+                                  BLOCK_K=cfg["BLOCK_K"], COUNT_BLOCK=_COUNT_BLOCK)
+                signature = dict(A=ty, W=ty, BIAS=ty, OUT=ty, META="*i32", COLS="*i32", T="i32", C="i32",
+                                 stride_at="i32", stride_ot="i32")
+                if not has_bias:
+                    del signature["BIAS"]
+                    constexprs["BIAS"] = None
+                specs.append(_spec(f"_bd_gemm_kernel[{variant},{tag},cfg{ci}]", _bd_gemm_kernel,
+                                   ci == 0 and dtype == torch.bfloat16 and variant != "fwd_bias", signature, constexprs,
+                                   cfg))
+                specs[-1]["archs"] = _archs(cfg, elsize, "gemm")
         for ci, cfg in enumerate(DW_CONFIGS):
             for variant, out_ty in (("direct", ty), ("split", "*fp32")):
-                constexprs = dict(
-                    stride_dym=1,
-                    stride_xk=1,
-                    UPCAST_DOT=False,
-                    INPUT_PRECISION=_precision(dtype),
-                    BLOCK_M=cfg["BLOCK_M"],
-                    BLOCK_N=cfg["BLOCK_N"],
-                    BLOCK_T=cfg["BLOCK_T"],
-                    COUNT_BLOCK=_COUNT_BLOCK,
-                )
-                signature = dict(
-                    DY=ty, X=ty, DW=out_ty, META="*i32", TILES="*i32", T="i32", MN="i32", T_CHUNK="i32", SPLIT="i32",
-                    stride_dyt="i32", stride_xt="i32", stride_dws="i32",
-                )
-                specs.append(dict(
-                    name=f"_bd_dw_kernel[{variant},{_TL[dtype]},cfg{ci}]",
-                    first_choice=ci == 0 and dtype == torch.bfloat16 and variant == "direct",
-                    fn=_bd_dw_kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    divisible_by_16=["DY", "X", "DW", "META", "TILES", "stride_dyt", "stride_xt", "stride_dws"],
-                    expect_mma=True,
-                    num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"],
-                ))
+                constexprs = dict(stride_dym=1, stride_xk=1, UPCAST_DOT=False, INPUT_PRECISION=dot_precision(dtype),
+                                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
+                                  COUNT_BLOCK=_COUNT_BLOCK)
+                signature = dict(DY=ty, X=ty, DW=out_ty, META="*i32", TILES="*i32", T="i32", MN="i32", T_CHUNK="i32",
+                                 SPLIT="i32", stride_dyt="i32", stride_xt="i32", stride_dws="i32")
+                specs.append(_spec(f"_bd_dw_kernel[{variant},{tag},cfg{ci}]", _bd_dw_kernel,
+                                   ci == 0 and dtype == torch.bfloat16 and variant == "direct", signature, constexprs,
+                                   cfg))
+                specs[-1]["archs"] = _archs(cfg, elsize, "dw")
     return specs
+
+
+def _archs(cfg: Dict[str, int], elsize: int, kind: str) -> Tuple[int, ...]:
+    """The archs whose shared memory per block holds this config's pipeline (``_choose``
+    leaves it out on the others)."""
+    return tuple(a for a in (90, 80) if _smem_bytes(cfg, elsize, kind) <= ARCH_LIMITS[a].smem_per_block)
