@@ -348,14 +348,14 @@ MUTATIONS = [
         "the Triton sinks gradient has the wrong sign",
     ),
     Mutation(
-        "hf_sinks_dropped", "sft_kernels/integrations/transformers.py",
+        "hf_sinks_dropped", "sft_kernels/integrations/transformers/backend.py",
         '        mods["sinks"] = kwargs["s_aux"]',
         "        pass",
         ["tests/test_hf_matrix.py"], "gpt",
         "the Hugging Face backend drops GPT-OSS's s_aux sinks",
     ),
     Mutation(
-        "hf_softcap_dropped", "sft_kernels/integrations/transformers.py",
+        "hf_softcap_dropped", "sft_kernels/integrations/transformers/backend.py",
         '        mods["softcap"] = float(kwargs["softcap"])',
         "        pass",
         ["tests/test_hf_matrix.py"], "softcap",
