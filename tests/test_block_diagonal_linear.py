@@ -123,6 +123,10 @@ def test_extra_repr_reports_blocks_and_saving():
     assert "8 x (512, 512)" in r and "2,097,152 vs dense 16,777,216" in r and "8.0x fewer" in r and "87.5% saved" in r
     r = repr(BlockDiagonalLinear([3, 5], [7, 2], bias=False))
     assert "[(7, 3), (2, 5)]" in r and "bias=False" in r
+    # a ZeRO-3 partitioned layer holds an empty local weight; deepspeed.initialize formats its repr
+    layer = BlockDiagonalLinear(64, 64, groups=4)
+    layer.weight.data = torch.empty(0)
+    assert "1,024 vs dense 4,096" in repr(layer) and "4.0x fewer" in repr(layer)
 
 
 def test_dtype_device_and_backend_passthrough():

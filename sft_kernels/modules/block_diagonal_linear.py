@@ -183,7 +183,9 @@ class BlockDiagonalLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dense = self.in_features * self.out_features
-        ours = self.weight.numel()
+        # from the block sizes, not weight.numel(): 0 for a ZeRO-3 partitioned weight, whose
+        # repr deepspeed.initialize formats
+        ours = sum(m * n for n, m in zip(self.in_sizes, self.out_sizes))
         if self.equal_blocks:
             blocks = f"{self.groups} x ({self.out_sizes[0]}, {self.in_sizes[0]})"
         else:
