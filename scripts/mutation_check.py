@@ -75,7 +75,7 @@ MUTATIONS = [
         "    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)",
         "    left, right = _resolve_window(left, right, keys, seqlen_q, WINDOW_MODE, CAUSAL)",
         ["tests/test_attention.py"], "triton and (varlen or packed)",
-        "as above, in the Triton kernels (all three resolve the window)", count=3,
+        "as above, in the Triton kernels (the query-tile prologue and dK/dV resolve the window)", count=2,
     ),
     Mutation(
         "causal_keeps_right", "sft_kernels/window.py",
@@ -126,7 +126,7 @@ MUTATIONS = [
         "    off_b = tl.program_id(2)\n    off_hk = off_h % (tl.num_programs(1) // group)\n"
         "    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
         ["tests/test_attention.py"], "triton",
-        "the forward and dQ map query head h to kv head h % heads_kv instead of h // group", count=2,
+        "the forward and dQ (their shared prologue) map query head h to kv head h % heads_kv instead of h // group",
     ),
     Mutation(
         "gqa_head_mapping_torch", f"{ATT}/torch_impl.py",

@@ -216,3 +216,61 @@ def test_batch_split_into_several_launches_is_exact(varlen, monkeypatch, triton_
     assert_rel(lse.cpu()[fin], ref_lse[fin], TOL[torch.float32], "lse")
     for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
         assert_rel(g.cpu(), r, TOL[torch.float32], name)
+
+
+# ----------------------------------------------------------------------------- shared plumbing
+def test_ops_import_nothing_from_testing():
+    """The kernels and launchers run without the test tooling (the compile check imports
+    from ``ops._triton_utils``, never the other way)."""
+    code = ("import sys, sft_kernels.ops.block_diag.triton_kernels, sft_kernels.ops.sliding_window_attention."
+            "triton_kernels; bad = [m for m in sys.modules if m.startswith('sft_kernels.testing')]; "
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", ["fwd=128,64,8", "fwd=96,64,8,2", "fwd=128,64,6,2", "fwd=128,64,8,0",
+                                 "fdw=128,64,8,2", "fwd=a,64,8,2"])
+def test_attention_pinned_config_checked(bad, monkeypatch):
+    """One checked parser for both ops' pinned configs: a wrong count, a block size or
+    num_warps that is not a power of two, num_stages 0, an unknown kernel, a non-integer."""
+    from sft_kernels.ops.sliding_window_attention import triton_kernels as tk
+
+    monkeypatch.setenv("SFT_KERNELS_SWA_CONFIG", "fwd=128,64,8,3;dq=64,32,4,2")
+    assert tk.config_list("fwd", 64) == [(128, 64, 8, 3)] and tk.config_list("dq", 256) == [(64, 32, 4, 2)]
+    monkeypatch.setenv("SFT_KERNELS_SWA_CONFIG", bad)
+    with pytest.raises(ValueError, match="SFT_KERNELS_SWA_CONFIG"):
+        tk.config_list("fwd", 64)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "y", "0", "off"])
+def test_one_interpreter_rule(value, monkeypatch):
+    """backends, the kernels' launchers and the compile check agree with Triton's own
+    reading of TRITON_INTERPRET (what makes ``@triton.jit`` interpret)."""
+    import triton
+
+    from sft_kernels.backends import triton_interpret
+    from sft_kernels.ops._triton_utils import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpret() == interpreting() == bool(triton.knobs.runtime.interpret)
+
+
+def test_block_diag_configs_within_the_devices_shared_memory(monkeypatch):
+    """On a device with sm_80's 163 KiB per block, the fp32 configs whose operand pipeline
+    is larger are never tried (they used to be left to fail at launch)."""
+    from sft_kernels.ops import _triton_utils as tu
+    from sft_kernels.ops.block_diag import triton_kernels as tk
+
+    assert tu.ARCH_LIMITS[80].smem_per_block == 163 * 1024 and tu.ARCH_LIMITS[90].smem_per_block == 227 * 1024
+    monkeypatch.delenv("SFT_KERNELS_BD_CONFIG", raising=False)
+    monkeypatch.setattr(tk, "device_limits", lambda device: tu.ARCH_LIMITS[80])
+    tried = []
+    monkeypatch.setattr(tk._TUNER, "choose", lambda key, cands, launch: tried.append(cands) or cands[0])
+    cuda = torch.device("cuda", 0)
+    for kind, configs in (("gemm", tk.GEMM_CONFIGS), ("dw", tk.DW_CONFIGS)):
+        for elsize in (2, 4):
+            tk._choose(kind, ("k", elsize), cuda, elsize, configs, None)
+            assert tried[-1] and all(tk._smem_bytes(c, elsize, kind) <= 163 * 1024 for c in tried[-1])
+            assert len(tried[-1]) == (len(configs) if elsize == 2 else sum(
+                tk._smem_bytes(c, 4, kind) <= 163 * 1024 for c in configs))

@@ -24,7 +24,12 @@ Window encoding (see :mod:`sft_kernels.window`, the same named constants): MODE_
 uses (left, right) as given; MODE_KEYS resolves W = clamp(keys, 1, seqlen_k) per
 sequence; MODE_SQRT resolves W = floor(sqrt(seqlen_k)) per sequence. ``UPCAST`` casts dot
 operands to fp32; it is set under ``TRITON_INTERPRET=1``, whose ``tl.dot`` mishandles
-fp16/bf16.
+fp16/bf16 (:mod:`.._triton_utils` holds that and the rest of the Triton plumbing).
+
+Arguments: absent pointers (``cu_seqlens`` of a padded batch, ``SINKS`` / ``DSINK`` without
+sinks) are ``None``, which Triton specialises as a constexpr; sequence lengths and window
+bounds are ``do_not_specialize`` (no recompile when a length happens to be 1 or a multiple
+of 16).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ import triton
 import triton.language as tl
 
 from ...window import MODE_EXPLICIT, MODE_KEYS, MODE_SQRT
+from .._triton_utils import (
+    Tuner, arch_of, cast_out, dot_precision, ensure_tma_allocator, interpreting, pinned_config, upcast_dots,
+)
 
 # The window modes as compile-time globals of the kernels (one definition: window.py).
 _MODE_EXPLICIT = tl.constexpr(MODE_EXPLICIT)
@@ -78,8 +86,8 @@ def _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE: tl.constexpr, CAUS
 def _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
     """(q_start, k_start, seqlen_q, seqlen_k) of sequence ``off_b``.
 
-    (Zero is spelled ``off_b * 0`` so that it is a tensor even when Triton specialises an
-    integer argument equal to 1 into a constexpr.)
+    (Zero is spelled ``off_b * 0``: a tensor, as the packed branch's starts are, so that the
+    callers' ``.to(tl.int64)`` applies to both.)
     """
     if IS_VARLEN:
         q_start = tl.load(cu_seqlens_q + off_b)
@@ -146,18 +154,6 @@ def _query_phases(start_n, off, left, right, seqlen_q, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 -> the output dtype, rounding to nearest even as the GPU's cvt.rn does. Triton's
-    interpreter (UPCAST) truncates fp32 -> bf16 (1 ulp of error instead of 0.5: 4.528 ->
-    4.5, not 4.53125), so there the rounding is done by hand on the bits first."""
-    if UPCAST and DTYPE == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
-@triton.jit
 def _tanh(x):
     """tanh in fp32 from exp2 (the interpreter has no libdevice tanh): a series where
     ``1 - e^(-2|x|)`` would cancel (|x| < 0.25; next term 2e-9), else (1 - e) / (1 + e)."""
@@ -211,6 +207,31 @@ def _band_mask(rows, cols, off, left, right, seqlen_q, seqlen_k):
     return keep
 
 
+@triton.jit
+def _q_tile_prologue(
+    cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, group, left, right, keys,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW_MODE: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """What a query-tile program (grid (tiles, heads, batch): the forward and dQ) starts
+    from: its tile, head, kv head and sequence, the sequence's rows and resolved window, the
+    tile's row / key / feature offsets and 64-bit batch / head indices. The caller returns
+    when ``start_m >= seqlen_q`` (a tile past its sequence's end)."""
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hk = off_h // group
+    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)
+    off = seqlen_k - seqlen_q
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (pid_m, start_m, off_h, q_start, k_start, seqlen_q, seqlen_k, left, right, off, offs_m, offs_n, offs_d,
+            off_b.to(tl.int64), off_h.to(tl.int64), off_hk.to(tl.int64))
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(
@@ -253,7 +274,11 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+# sequence lengths and window bounds: run-time values, never specialised on == 1 or % 16
+_RUNTIME_INTS = ["seqlen_q", "seqlen_k", "left", "right", "keys"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _swa_fwd_kernel(
     Q, K, V, O, LSE, SINKS, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
@@ -261,7 +286,7 @@ def _swa_fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -277,23 +302,11 @@ def _swa_fwd_kernel(
     this sequence and head (shape (seqlen, HEAD_DIM), so the copy engine zero-fills rows
     past the sequence and columns past HEAD_DIM); otherwise masked pointer loads.
     """
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
-    off_hk = off_h // group
-    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    (_pid_m, start_m, off_h, q_start, k_start, seqlen_q, seqlen_k, left, right, off, offs_m, offs_n, offs_d, b64, h64,
+     hk64) = _q_tile_prologue(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, group, left, right, keys, BLOCK_M,
+                              BLOCK_N, BLOCK_D, WINDOW_MODE, CAUSAL, IS_VARLEN)
     if start_m >= seqlen_q:
         return
-    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)
-    off = seqlen_k - seqlen_q
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    b64 = off_b.to(tl.int64)
-    h64 = off_h.to(tl.int64)
-    hk64 = off_hk.to(tl.int64)
     # row 0 of this sequence and head; every row offset below is added in 64 bits
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
@@ -331,16 +344,16 @@ def _swa_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     if USE_TMA:  # the store is clipped to (seqlen_q, HEAD_DIM)
         o_desc = tl.make_tensor_descriptor(o_base, [seqlen_q, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
-        o_desc.store([start_m, 0], _cast_out(acc, O.dtype.element_ty, UPCAST))
+        o_desc.store([start_m, 0], cast_out(acc, O.dtype.element_ty, UPCAST))
     else:
         o_offs = tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :]
-        tl.store(o_base + start_m.to(tl.int64) * stride_om + o_offs, _cast_out(acc, O.dtype.element_ty, UPCAST), mask=q_ok)
+        tl.store(o_base + start_m.to(tl.int64) * stride_om + o_offs, cast_out(acc, O.dtype.element_ty, UPCAST), mask=q_ok)
     l_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
     tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 # ----------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q"])
 def _bwd_preprocess_kernel(
     O, DO, DELTA, cu_seqlens_q,
     stride_ob, stride_om, stride_oh,
@@ -414,7 +427,7 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
@@ -424,7 +437,7 @@ def _swa_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -472,8 +485,8 @@ def _swa_bwd_dkdv_kernel(
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + row0 * stride_dkn + tile_n * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + row0 * stride_dvn + tile_n * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, _cast_out(dk, DK.dtype.element_ty, UPCAST), mask=kv_ok)
-    tl.store(dv_ptrs, _cast_out(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
+    tl.store(dk_ptrs, cast_out(dk, DK.dtype.element_ty, UPCAST), mask=kv_ok)
+    tl.store(dv_ptrs, cast_out(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
 
 
 @triton.jit
@@ -514,7 +527,7 @@ def _bwd_dq_inner(
     return dq, pdp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["dsink_tiles"])
 def _swa_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, SINKS, DSINK, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
@@ -523,7 +536,7 @@ def _swa_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, dsink_tiles, tune_bucket,
+    seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, dsink_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -533,23 +546,11 @@ def _swa_bwd_dq_kernel(
     HAS_SINKS: also this tile's share of d sink[head] = -sum over its rows of P_sink * delta,
     P_sink = exp(sink - lse), into DSINK[sequence, head, tile] (``dsink_tiles`` slots per
     (sequence, head); summed by the launcher: no atomics, a fixed order)."""
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
-    off_hk = off_h // group
-    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    (pid_m, start_m, off_h, q_start, k_start, seqlen_q, seqlen_k, left, right, off, offs_m, offs_n, offs_d, b64, h64,
+     hk64) = _q_tile_prologue(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, group, left, right, keys, BLOCK_M,
+                              BLOCK_N, BLOCK_D, WINDOW_MODE, CAUSAL, IS_VARLEN)
     if start_m >= seqlen_q:
         return
-    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)
-    off = seqlen_k - seqlen_q
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    b64 = off_b.to(tl.int64)
-    h64 = off_h.to(tl.int64)
-    hk64 = off_hk.to(tl.int64)
     row0 = (q_start + start_m).to(tl.int64)  # first query of this tile, 64-bit row offset
     tile_m = tl.arange(0, BLOCK_M)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
@@ -578,7 +579,7 @@ def _swa_bwd_dq_kernel(
         tl.store(DSINK + (b64 * tl.num_programs(1) + h64) * dsink_tiles + pid_m, -tl.sum(p_sink * pdp, 0))
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + tile_m * stride_dqm + offs_d[None, :],
-             _cast_out(dq, DQ.dtype.element_ty, UPCAST), mask=q_ok)
+             cast_out(dq, DQ.dtype.element_ty, UPCAST), mask=q_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -620,20 +621,12 @@ _CONFIGS = {
 }
 _INTERPRET_CONFIG = (16, 16, 1, 1)  # TRITON_INTERPRET=1: one small config, no tuning
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid.y and grid.z
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CONFIG_NAMES = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def _pinned(kind: str):
-    spec = os.environ.get("SFT_KERNELS_SWA_CONFIG", "")
-    for part in filter(None, spec.split(";")):
-        name, _, vals = part.partition("=")
-        if name.strip() == kind:
-            bm, bn, w, s = (int(x) for x in vals.split(","))
-            return [(bm, bn, w, s)]
-    return None
+    cfg = pinned_config("SFT_KERNELS_SWA_CONFIG", kind, _CONFIG_NAMES, tuple(_CONFIGS))
+    return None if cfg is None else [tuple(cfg[n] for n in _CONFIG_NAMES)]
 
 
 def head_dim_class(head_dim: int) -> int:
@@ -650,28 +643,48 @@ def config_list(kind: str, head_dim: int, arch: int = 90):
     pinned = _pinned(kind)
     if pinned:
         return pinned
-    if _interpreting():
+    if interpreting():
         return [_INTERPRET_CONFIG]
     return [tuple(e[:4]) for e in _CONFIGS[kind][head_dim_class(head_dim)] if arch in _entry_archs(e)]
 
 
-def _arch(device) -> int:
-    return 90 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 else 80
+_TUNER = Tuner("sliding_window_attention")
+_TUNE_KEYS = ("HEAD_DIM", "IS_VARLEN", "WINDOW_MODE", "USE_TMA")  # with tune_bucket and the dtypes
+
+
+class _Tuned:
+    """A kernel launched with the config :data:`_TUNER` picks from ``configs``:
+    ``tuned[grid](*args, tune_bucket=b, **constexprs)``, ``grid`` a function of the config's
+    meta-parameters. The key is the kind, the config list, the dtypes and the shape-class
+    constexprs (HEAD_DIM, IS_VARLEN, WINDOW_MODE, USE_TMA, ...) plus ``tune_bucket`` (the
+    band's width class), never a raw length; ``tune_bucket`` is the tuner's, not an
+    argument of the kernel."""
+
+    def __init__(self, kernel, kind: str, configs):
+        self.kernel, self.kind = kernel, kind
+        self.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                        for bm, bn, w, s in configs]
+
+    def __getitem__(self, grid):
+        def launch(*args, tune_bucket: int, **kwargs):
+            def run(cfg):
+                meta = dict(kwargs, **cfg.kwargs)
+                self.kernel[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+            key = (self.kind, tuple(str(c) for c in self.configs), tune_bucket,
+                   tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
+                   tuple(kwargs.get(k) for k in _TUNE_KEYS))
+            run(_TUNER.choose(key, self.configs, run))
+
+        return launch
 
 
 def _autotuned(kernel, kind: str):
-    """One Autotuner per (kernel, config list); the list depends on head_dim and arch."""
-    cache = {}
-    key = ["HEAD_DIM", "tune_bucket", "IS_VARLEN", "WINDOW_MODE"] + (["USE_TMA"] if kind == "fwd" else [])
+    """The tuned launcher of ``kernel`` for a head_dim and arch: the config list depends on
+    both (and on a pinned config, read at each call)."""
 
     def get(head_dim: int, arch: int = 90):
-        configs = tuple(config_list(kind, head_dim, arch))
-        if configs not in cache:
-            cache[configs] = triton.autotune(
-                [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
-                key=key,
-            )(kernel)
-        return cache[configs]
+        return _Tuned(kernel, kind, tuple(config_list(kind, head_dim, arch)))
 
     return get
 
@@ -721,22 +734,6 @@ def _tma_ok(*tensors) -> bool:
     return True
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    # global scratch for the descriptors a program builds (128 bytes each)
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator(device) -> None:
-    """Device-side descriptors need Triton's scratch allocator; set ours unless the caller
-    set one (a context variable: backward and checkpoint-recompute threads need it too)."""
-    if device.type != "cuda":
-        return
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_allocator)
-
-
 def _batch_chunks(batch: int):
     """(start, count) pieces of at most 65,535 sequences: one launch each (grid.z)."""
     return [(b0, min(_MAX_GRID_YZ, batch - b0)) for b0 in range(0, batch, _MAX_GRID_YZ)]
@@ -750,13 +747,11 @@ def _rows(t, b0, n, varlen):
 
 def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     varlen = cu_seqlens_q is not None
-    dummy = torch.empty(0, dtype=torch.int32, device=q.device)
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
-    upcast = q.device.type == "cpu"  # interpreter: fp32 dot operands
     meta = dict(
-        HEAD_DIM=d, BLOCK_D=block_d, WINDOW_MODE=spec.mode, CAUSAL=spec.causal, IS_VARLEN=varlen, UPCAST=upcast,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=d, BLOCK_D=block_d, WINDOW_MODE=spec.mode, CAUSAL=spec.causal, IS_VARLEN=varlen,
+        UPCAST=upcast_dots(q.device), DOT_PREC=dot_precision(q.dtype),
     )
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -764,7 +759,7 @@ def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     else:
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-        cu_q = cu_k = dummy
+        cu_q = cu_k = None  # absent: a constexpr None in the kernels
     if q.shape[-2] > _MAX_GRID_YZ:
         raise ValueError(f"sliding_window_attention: backend='triton' launches one grid row per head; "
                          f"{q.shape[-2]} query heads exceed {_MAX_GRID_YZ}")
@@ -801,15 +796,14 @@ def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, m
         return out, lse.fill_(float("-inf"))
     use_tma = _tma_ok(q, k, v, out)
     if use_tma:
-        _ensure_allocator(q.device)
-    sinks_arg = sinks if sinks is not None else cu_q
+        ensure_tma_allocator(q.device)
     for b0, nb in _batch_chunks(batch):
         qc, kc, vc, oc, lc = (_rows(t, b0, nb, varlen) for t in (q, k, v, out, lse))
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
-        _fwd_tuned(q.shape[-1], _arch(q.device))[grid](
-            qc, kc, vc, oc, lc, sinks_arg, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
+        _fwd_tuned(q.shape[-1], arch_of(q.device))[grid](
+            qc, kc, vc, oc, lc, sinks, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
             *_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(oc, varlen), *_lse_strides(lc, varlen),
-            lq, lk, hq // hkv, left, right, keys, scale, float(softcap), bucket, USE_TMA=use_tma,
+            lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tune_bucket=bucket, USE_TMA=use_tma,
             SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None, **meta,
         )
     return out, lse
@@ -829,8 +823,7 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
     if q.numel() == 0 or k.numel() == 0:  # (op.py does not launch these) no key: dsinks = 0 too
         return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
     delta = _empty_like(lse)
-    pre_m = 16 if _interpreting() else 64
-    sinks_arg = sinks if sinks is not None else cu_q
+    pre_m = 16 if interpreting() else 64
     cap = dict(SOFTCAP=softcap > 0)
     for b0, nb in _batch_chunks(batch):
         oc, doc, qc, kc, vc, lc, dc, dqc, dkc, dvc = (
@@ -842,21 +835,23 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
         )
         common = (*_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(doc, varlen))
         grid = lambda meta_: (triton.cdiv(lk, meta_["BLOCK_N"]), hkv, nb)  # noqa: E731
-        _dkdv_tuned(q.shape[-1], _arch(q.device))[grid](
+        _dkdv_tuned(q.shape[-1], arch_of(q.device))[grid](
             qc, kc, vc, doc, lc, dc, dkc, dvc, cq, ck, *common, *_bsh(dkc, varlen), *_bsh(dvc, varlen),
-            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), bucket, **cap,
-            **meta,
+            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap),
+            tune_bucket=bucket, **cap, **meta,
         )
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
-        dq_tuned = _dq_tuned(q.shape[-1], _arch(q.device))
+        dq_tuned = _dq_tuned(q.shape[-1], arch_of(q.device))
         # one slot per (sequence, head, query tile) at the smallest tile of the list; zeros: a
         # tile past its sequence's end returns before writing its slot
-        tiles = triton.cdiv(lq, min(c.kwargs["BLOCK_M"] for c in dq_tuned.configs)) if sinks is not None else 0
-        dsink_part = torch.zeros((nb, hq, tiles), dtype=torch.float32, device=q.device)
+        tiles, dsink_part = 0, None
+        if sinks is not None:
+            tiles = triton.cdiv(lq, min(c.kwargs["BLOCK_M"] for c in dq_tuned.configs))
+            dsink_part = torch.zeros((nb, hq, tiles), dtype=torch.float32, device=q.device)
         dq_tuned[grid](
-            qc, kc, vc, doc, lc, dc, dqc, sinks_arg, dsink_part, cq, ck, *common, *_bsh(dqc, varlen),
-            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tiles, bucket,
-            HAS_SINKS=sinks is not None, **cap, **meta,
+            qc, kc, vc, doc, lc, dc, dqc, sinks, dsink_part, cq, ck, *common, *_bsh(dqc, varlen),
+            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tiles,
+            tune_bucket=bucket, HAS_SINKS=sinks is not None, **cap, **meta,
         )
         if sinks is not None:
             dsinks += dsink_part.sum((0, 2))
@@ -873,14 +868,12 @@ _TENSOR_ARGS = {
 }
 
 
-def _signature(kind: str, dtype: str) -> dict:
-    import inspect
-
-    fn = _KERNELS[kind]
-    params = inspect.signature(getattr(fn, "fn", fn)).parameters
+def _signature(kind: str, dtype: str, absent=()) -> dict:
+    """Runtime argument types; the pointers named in ``absent`` are left out (the launch
+    passes None: a constexpr)."""
     sig = {}
-    for name in params:
-        if name.isupper() and name not in _TENSOR_ARGS[kind] + ("LSE", "DELTA", "SINKS", "DSINK"):
+    for name in _param_names(kind):
+        if name in absent or (name.isupper() and name not in _TENSOR_ARGS[kind] + ("LSE", "DELTA", "SINKS", "DSINK")):
             continue  # constexpr
         if name in _TENSOR_ARGS[kind]:
             sig[name] = f"*{dtype}"
@@ -895,19 +888,30 @@ def _signature(kind: str, dtype: str) -> dict:
     return sig
 
 
+def _param_names(kind: str):
+    import inspect
+
+    fn = _KERNELS[kind]
+    return tuple(inspect.signature(getattr(fn, "fn", fn)).parameters)
+
+
 def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXPLICIT, varlen: bool = False,
                  causal: bool = True, tma: bool = False, first: bool = False, softcap: bool = False,
                  sinks: bool = False) -> dict:
     """One compile-check spec (``sft_kernels.testing.compile_check``) of ``kind`` in
-    ``dtype`` ("fp16"/"bf16") at ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages[, archs])``;
-    ``softcap`` / ``sinks`` compile those score modifiers in (sinks: the forward and dQ,
-    where their gradient is summed; dK/dV has none)."""
+    ``dtype`` ("fp16"/"bf16"/"fp32") at ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages[,
+    archs])``; ``softcap`` / ``sinks`` compile those score modifiers in (sinks: the forward
+    and dQ, where their gradient is summed; dK/dV has none). Pointers a launch leaves out
+    (``cu_seqlens`` unpacked, ``SINKS`` / ``DSINK`` without sinks) are constexpr None, as the
+    launchers pass them."""
     bm, bn, warps, stages = cfg[:4]
     archs = (90,) if tma else tuple(_entry_archs(cfg))
-    sig = _signature(kind, dtype)
+    absent = (() if varlen else ("cu_seqlens_q", "cu_seqlens_k")) + (() if sinks else ("SINKS", "DSINK"))
+    sig = _signature(kind, dtype, absent)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn,
-                      WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False, DOT_PREC="tf32",
-                      SOFTCAP=softcap)
+                      WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False,
+                      DOT_PREC="ieee" if dtype == "fp32" else "tf32", SOFTCAP=softcap)
+    constexprs.update({n: None for n in absent if n in _param_names(kind)})
     if kind == "fwd":
         constexprs["USE_TMA"] = tma
     if kind in ("fwd", "dq"):
