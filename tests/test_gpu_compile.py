@@ -265,3 +265,13 @@ def test_ctas_per_sm():
     assert ctas_per_sm(90, 128, 4, 1024) == 4
     assert ctas_per_sm(90, 64, 4, 100 * 1024) == 2  # shared memory: 2 x (100 + 1) KiB of 228 KiB
     assert ctas_per_sm(80, 64, 4, 100 * 1024) == 1  # 164 KiB on sm_80
+
+
+def test_one_occupancy_rule():
+    """The check's CTAs/SM and the persistent launchers' grids come from one rule, with
+    the launchers' no-GPU limits (ops/_triton_utils: nothing at run time imports testing/)."""
+    from sft_kernels.ops import _triton_utils as tu
+    from sft_kernels.testing import compile_check as cc
+
+    assert cc.occupancy is tu.occupancy and cc.ctas_per_sm is tu.ctas_per_sm
+    assert cc.SMEM_LIMIT == {arch: lim.smem_per_block for arch, lim in tu.ARCH_LIMITS.items()}
