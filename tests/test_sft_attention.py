@@ -264,3 +264,17 @@ def test_bad_forward_arguments():
         layer(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6]))
     with pytest.raises(ValueError, match="position_ids must have shape"):
         layer(x, position_ids=torch.arange(5)[None])
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_compiled_layer_refuses_a_padding_hole(compile_backend):
+    """Under torch.compile the padding check cannot read the mask on the host: it asserts on
+    the device instead, so a hole still fails the call rather than shifting every key after it."""
+    torch._dynamo.reset()
+    layer = SFTAttention(32, 4, window_size=4)
+    compiled = torch.compile(layer, backend=compile_backend)
+    x = torch.randn(2, 6, 32)
+    good = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    torch.testing.assert_close(compiled(x, attention_mask=good), layer(x, attention_mask=good))
+    with pytest.raises(Exception, match="padding between tokens"):
+        compiled(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6]))

@@ -23,14 +23,13 @@ group ``i`` (of ``g``) produces ``[q heads, k heads, v heads]`` of that group,
 ``cat([q_proj, k_proj, v_proj])``. Query head ``h`` uses KV head ``h // (Hq/Hkv)``, which
 lives in the same group, so groups never need each other's heads.
 
-The padding helpers (:func:`unpad_mask`, :func:`padded_sliding_window_attention`) are
-shared with the Hugging Face integration.
+Rotary embeddings live in :mod:`.rotary`, padding in :mod:`.padding` (both shared with the
+Hugging Face integration).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -39,6 +38,8 @@ import torch.nn as nn
 from ..ops.sliding_window_attention.op import sliding_window_attention
 from ..window import WindowArg, parse_window
 from .block_diagonal_linear import BlockDiagonalLinear
+from .padding import as_bool_mask, check_one_block, pad_rows, padded_sliding_window_attention, unpad_mask
+from .rotary import apply_rotary, autocast_qkv, rope_cos_sin, rope_inv_freq, rotate_half
 
 __all__ = [
     "SFTAttention",
@@ -50,156 +51,6 @@ __all__ = [
     "rotate_half",
     "unpad_mask",
 ]
-
-
-# ----------------------------------------------------------------------------- rotary
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1, x2] -> [-x2, x1]`` over the last dimension (Llama / GPT-NeoX convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """``1 / theta ** (2i / D)`` for ``i < D/2``, float32 (as Hugging Face computes it)."""
-    if head_dim % 2 != 0:
-        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-    if not (isinstance(theta, (int, float)) and theta > 0 and math.isfinite(theta)):
-        raise ValueError(f"rope_theta must be a positive finite number, got {theta!r}")
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape ``positions.shape + (head_dim,)``.
-
-    Computed in float32 and cast to ``dtype``, exactly as Hugging Face's rotary embedding
-    modules do, so a float64 model reproduces theirs bit for bit.
-    """
-    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float32)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (..., heads, head_dim)`` by ``cos, sin (..., head_dim)`` (broadcast over heads)."""
-    cos = cos.unsqueeze(-2)
-    sin = sin.unsqueeze(-2)
-    return x * cos + rotate_half(x) * sin
-
-
-# ----------------------------------------------------------------------------- mixed precision
-_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def autocast_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Under ``torch.autocast`` on q's device, q, k and v in the autocast dtype; else unchanged.
-
-    That is what eager attention's matmuls and SDPA compute in under autocast. It matters
-    because rotary embeddings (float32 cos/sin from float32 positions) promote q and k to
-    float32 while v stays in the autocast dtype of its projection; the kernels need one
-    dtype. The casts are differentiable, so gradients return in each input's own dtype.
-    """
-    dev = q.device.type
-    if not torch.is_autocast_enabled(dev):
-        return q, k, v
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dt else t for t in (q, k, v))
-
-
-# ----------------------------------------------------------------------------- padding
-def _as_bool_mask(name: str, mask: torch.Tensor, shape) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of 1 (token) / 0 (padding), got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape (batch, seqlen) = {tuple(shape)}, got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_floating_point() or mask.is_complex():
-        if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must hold only 1 (token) and 0 (padding); got other values")
-    return mask != 0
-
-
-def _check_contiguous(name: str, valid: torch.Tensor) -> None:
-    """Each row's tokens must form one block (right or left padding, not holes)."""
-    if torch.compiler.is_compiling() or valid.shape[1] < 2:
-        return
-    v = valid.to(torch.int8)
-    starts = (v[:, 1:] - v[:, :-1] == 1).sum(1) + v[:, 0]
-    if bool((starts > 1).any()):
-        row = int((starts > 1).nonzero()[0, 0])
-        raise ValueError(
-            f"{name}: row {row} has padding between tokens; only right or left padding (one block of "
-            "tokens per row) is supported, since the window counts positions"
-        )
-
-
-def unpad_mask(valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """``valid (batch, seqlen)`` bool -> ``(indices, cu_seqlens, max_seqlen)``.
-
-    ``indices`` (int64) are the flat positions ``b * seqlen + t`` of the tokens, row-major;
-    ``cu_seqlens`` (int32, ``batch + 1``) their per-row prefix sums.
-    """
-    lens = valid.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(valid.reshape(-1), as_tuple=False).reshape(-1)
-    cu = torch.nn.functional.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))
-    return indices, cu, int(lens.max()) if lens.numel() else 0
-
-
-def _pad_rows(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Scatter packed rows ``(total, ...)`` into zeros ``(batch, seqlen, ...)``."""
-    out = packed.new_zeros((batch * seqlen,) + tuple(packed.shape[1:]))
-    out = out.index_copy(0, indices, packed)  # out of place: differentiable w.r.t. packed
-    return out.view((batch, seqlen) + tuple(packed.shape[1:]))
-
-
-def padded_sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_valid: Optional[torch.Tensor],
-    k_valid: Optional[torch.Tensor],
-    window_size: WindowArg,
-    causal: bool,
-    softmax_scale: Optional[float] = None,
-    backend: str = "auto",
-    *,
-    softcap: float = 0.0,
-    sinks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Sliding-window attention on a padded batch, computed on the unpadded tokens only.
-
-    Args:
-        q: ``(batch, seqlen_q, heads_q, head_dim)``; k, v: ``(batch, seqlen_k, heads_kv, head_dim)``.
-        q_valid, k_valid: bool ``(batch, seqlen_q)`` / ``(batch, seqlen_k)``, True on real
-            tokens, or both None (no padding). Each row must be one contiguous block;
-            queries are bottom-right aligned with the keys of their row (left-padded
-            generation with a cache: the queries are the last tokens).
-        window_size, causal, softmax_scale, backend, softcap, sinks: as in
-            :func:`sft_kernels.sliding_window_attention`; an int / ``"sqrt"`` window is
-            resolved per row from that row's number of real keys.
-
-    Returns:
-        ``(batch, seqlen_q, heads_q, head_dim)``; rows of padded queries are zero.
-    """
-    if (q_valid is None) != (k_valid is None):
-        raise ValueError("q_valid and k_valid must both be given or both be None")
-    if q_valid is None or q_valid.numel() == 0 or k_valid.numel() == 0:  # no padding, or nothing to unpad
-        return sliding_window_attention(q, k, v, window_size, causal, softmax_scale, backend=backend,
-                                        softcap=softcap, sinks=sinks)
-    b, lq = q.shape[:2]
-    lk = k.shape[1]
-    idx_q, cu_q, max_q = unpad_mask(q_valid)
-    idx_k, cu_k, max_k = unpad_mask(k_valid)
-    qp = q.reshape(b * lq, *q.shape[2:]).index_select(0, idx_q)
-    kp = k.reshape(b * lk, *k.shape[2:]).index_select(0, idx_k)
-    vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
-    out = sliding_window_attention(
-        qp, kp, vp, window_size, causal, softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend, softcap=softcap, sinks=sinks,
-    )
-    return _pad_rows(out, idx_q, b, lq)
 
 
 def _positive_int(name: str, value) -> int:
@@ -417,7 +268,7 @@ class SFTAttention(nn.Module):
                     "SFTAttention(context_parallel_group=...): an attention_mask needs causal=True (with a two-sided "
                     "window real tokens would attend pad keys); pass equal-length rows without a mask"
                 )
-            _as_bool_mask("attention_mask", attention_mask, (b, l))
+            as_bool_mask("attention_mask", attention_mask, (b, l))
         if position_ids is not None:
             self._positions(None, position_ids, b, l, hidden_states.device)
         if position_embeddings is not None:
@@ -498,8 +349,8 @@ class SFTAttention(nn.Module):
         b, l, c = self._check_hidden(hidden_states)
         valid = None
         if attention_mask is not None:
-            valid = _as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
-            _check_contiguous("attention_mask", valid)
+            valid = as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
+            check_one_block("attention_mask", valid)
             if valid.numel() == 0:  # batch 0 or no token: nothing to unpad, the empty result as without a mask
                 valid = None
         dev = hidden_states.device
@@ -531,7 +382,7 @@ class SFTAttention(nn.Module):
             sinks=self.sinks,
         )
         out = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-        return _pad_rows(out, indices, b, l)
+        return pad_rows(out, indices, b, l)
 
     def _local_attention(self, q, k, v, valid=None):
         """What each rank runs between the two all-to-alls: the whole sequence, its heads."""
@@ -556,11 +407,11 @@ class SFTAttention(nn.Module):
         offset = rank * l
         full_valid = valid = None
         if attention_mask is not None:
-            valid = _as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
+            valid = as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
             parts = [torch.empty_like(valid) for _ in range(world)]
             dist.all_gather(parts, valid.contiguous(), group=group)
             full_valid = torch.cat(parts, dim=1)
-            _check_contiguous("attention_mask (all-gathered over the sequence parallel group)", full_valid)
+            check_one_block("attention_mask (all-gathered over the sequence parallel group)", full_valid)
 
         def positions():
             if position_ids is not None:
@@ -598,7 +449,7 @@ class SFTAttention(nn.Module):
         b, l, c = hidden_states.shape
         valid = lengths = None
         if attention_mask is not None:
-            valid = _as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
+            valid = as_bool_mask("attention_mask", attention_mask, (b, l)).to(hidden_states.device)
             lengths = right_padded_lengths(valid, self.context_parallel_group, self.sequence_parallel_group)
 
         def positions():

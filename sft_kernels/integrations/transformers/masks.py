@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...modules.padding import check_one_block
 from ...ops.sliding_window_attention.op import sliding_window_attention
 from ...window import MODE_KEYS, MODE_SQRT, WindowArg, parse_window
 from .context_parallel import _context_parallel_mask
@@ -22,23 +23,11 @@ def _is_segments(mask) -> bool:
             and mask.shape[0] == 2 and mask.shape[2] == _SEGMENTS)
 
 
+_HOLE_HINT = "; use attn_implementation='sdpa' or 'eager' for such masks"
+
+
 def _check_one_block(name: str, valid: torch.Tensor) -> None:
-    """Each row's True entries must form one block (left or right padding, no holes)."""
-    if valid.shape[1] < 2:
-        return
-    v = valid.to(torch.int8)
-    blocks = (v[:, 1:] - v[:, :-1] == 1).sum(1) + v[:, 0]
-    if torch.compiler.is_compiling():
-        # no host read while compiling: a device-side assert instead of a silent wrong answer
-        torch._assert_async((blocks <= 1).all(), f"sft_sliding_window: {name} has padding between tokens")
-        return
-    if bool((blocks > 1).any()):
-        row = int((blocks > 1).nonzero()[0, 0])
-        raise ValueError(
-            f"sft_sliding_window: {name} row {row} has padding between tokens; only left or right padding (one "
-            "block of tokens per row) is supported, since the window counts positions; use attn_implementation="
-            "'sdpa' or 'eager' for such masks"
-        )
+    check_one_block(f"sft_sliding_window: {name}", valid, _HOLE_HINT)
 
 
 def _segments(q_valid: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
