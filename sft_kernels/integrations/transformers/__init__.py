@@ -102,6 +102,7 @@ function, its checks, :func:`register`), :mod:`.context_parallel` (the halo path
 
 from .backend import register, sft_attention_forward
 from .context_parallel import context_parallel
+from .loss import causal_lm_loss, tiled_loss, untiled_loss
 from .masks import sft_attention_mask
 from .patch import SFTAttentionHF, patch_model
 from .settings import ATTN_IMPLEMENTATION, MIN_TRANSFORMERS_VERSION
@@ -110,9 +111,12 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "MIN_TRANSFORMERS_VERSION",
     "SFTAttentionHF",
+    "causal_lm_loss",
     "context_parallel",
     "patch_model",
     "register",
     "sft_attention_forward",
     "sft_attention_mask",
+    "tiled_loss",
+    "untiled_loss",
 ]
