@@ -5,6 +5,8 @@
   neighbours (traffic O(window), independent of the sequence length).
 - :func:`context_parallel_groups`: the process groups for context parallelism, optionally
   with DeepSpeed-Ulysses inside each context-parallel shard, and data parallelism across.
+- :func:`register_alst`: DeepSpeed's ALST (``UlyssesSPAttentionHF``) with this package's attention
+  as its core, padding masks passed through (:mod:`.alst`).
 """
 
 from .context_parallel import (  # noqa: F401
@@ -14,5 +16,7 @@ from .context_parallel import (  # noqa: F401
     context_parallel_groups,
     halo_plan,
 )
+from .alst import register_alst  # noqa: F401  (imports DeepSpeed and transformers only when called)
 
-__all__ = ["HaloPlan", "ParallelGroups", "context_parallel_attention", "context_parallel_groups", "halo_plan"]
+__all__ = ["HaloPlan", "ParallelGroups", "context_parallel_attention", "context_parallel_groups", "halo_plan",
+           "register_alst"]

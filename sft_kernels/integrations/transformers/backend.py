@@ -211,7 +211,9 @@ def sft_attention_forward(
         scaling: softmax scale (default ``head_dim ** -0.5``).
         dropout: must be 0 in training.
         kwargs: ``sliding_window`` (W keys including self), ``is_causal``, ``position_ids``,
-            ``cu_seq_lens_q/k`` + ``max_length_q/k`` (packed rows), others ignored.
+            ``cu_seq_lens_q/k`` + ``max_length_q/k`` (packed rows), ``sft_padding_mask`` (a 2D
+            padding mask over the whole sequence that :func:`sft_kernels.parallel.alst.register_alst`
+            passes where ALST dropped ``attention_mask``), others ignored.
 
     Returns:
         ``(attn_output (batch, q_len, heads_q, head_dim), None)``, as the HF layers expect.
@@ -229,6 +231,11 @@ def sft_attention_forward(
             "attn_implementation='eager'"
         )
     window, model_window = _layer_window(module, kwargs, causal)
+    alst_padding = kwargs.pop("sft_padding_mask", None)
+    if attention_mask is None and alst_padding is not None:
+        # under ALST (sft_kernels.parallel.alst): DeepSpeed's wrapper drops every mask, register_alst
+        # hands the whole sequence's 2D padding mask here instead (the 2D path below)
+        attention_mask = alst_padding
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, model_window,
                   **_score_modifiers(kwargs))

@@ -1,0 +1,82 @@
+"""DeepSpeed's ALST (``UlyssesSPAttentionHF.register_with_transformers``) with this package's
+attention as its core (``sft_kernels.parallel.alst.register_alst``), on 2 gloo processes each
+holding half of every row, against one process running the whole batch with the same backend.
+
+One launch of ``tests/alst_worker.py`` (about 40 s on 2 shared cores, mostly start-up); the
+tests read what each rank wrote.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("deepspeed")
+
+from _procs import Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "alst_worker.py")
+# float64 models; both sides run the same kernels on the same whole sequences (the all-to-all only
+# moves heads), so logits agree exactly and losses / gradients to summation order (measured
+# <= 3.4e-16): 1e-12 leaves room for another summation order, none for a wrong key (>= 4e-4).
+TOL = 1e-12
+CONTROL_MIN = 1e-4  # measured >= 4.2e-4 (window off by one, ALST's own entry on left padding)
+CASES = {"mistral-w5-unpadded", "mistral-w5-right-padded", "mistral-w5-left-padded", "mistral-w5-packed",
+         "mistral-w20-packed", "llama-sqrt-packed", "llama-sqrt-right-padded", "mistral-w5-packed-local-cu-seq-lens"}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    prebuild_deepspeed_cpu_ops()
+    out = tmp_path_factory.mktemp("alst")
+    g = Group([[sys.executable, WORKER, str(out)]] * 2, rank_envs(2, free_port()))
+    assert g.wait() == [0, 0], g.report()
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_forward_and_gradients_equal_one_process(ranks):
+    """Unpadded, right- and left-padded, packed rows (sequences inside a shard and across the
+    boundary, position_ids restarting), Mistral windows 5 and 20, Llama with the registered "sqrt"
+    window; local cu_seq_lens handed to ALST's wrapper are dropped, not followed."""
+    for r, data in enumerate(ranks):
+        assert data["sp_world"] == 2
+        assert set(data["results"]) == CASES
+        for name, errs in data["results"].items():
+            assert set(errs) == {"logits", "loss", "grads_max"}
+            bad = {k: v for k, v in errs.items() if not v <= TOL}
+            assert not bad, f"rank {r} {name}: relative errors above {TOL}: {bad}"
+
+
+def test_controls_fail_the_same_comparison(ranks):
+    for r, data in enumerate(ranks):
+        c = data["controls"]
+        for b in ("unpadded", "packed"):
+            assert c[f"window-off-by-one-{b}"]["loss"] > CONTROL_MIN, (r, c)
+            assert c[f"window-off-by-one-{b}"]["grads_max"] > CONTROL_MIN, (r, c)
+            assert c["oracle-window-off-by-one"][b] > CONTROL_MIN, (r, c)
+        # ALST's own entry drops the mask: a left-padded row's real queries see its pad keys
+        left = c["alst-alone-left-padded"]
+        assert left["loss"] > CONTROL_MIN and left["grads_max"] > CONTROL_MIN, (r, left)
+        # right padding under causal attention: no real query sees a pad key, so loss and gradients
+        # agree even without the mask; only the pad positions' outputs (no label reads them) differ
+        right = c["alst-alone-right-padded"]
+        assert right["loss"] <= TOL and right["grads_max"] <= TOL, (r, right)
+        # the shard's cu_seq_lens on the gathered sequence are refused by the op
+        assert "cu_seqlens_q[-1] must equal the number of packed tokens" in c["alst-alone-local-cu-seq-lens"]
+    # rank 1 holds row 1's pad positions (17..23), whose outputs differ without the mask
+    assert ranks[1]["controls"]["alst-alone-right-padded"]["logits"] > CONTROL_MIN
+
+
+def test_training_losses_equal_one_process(ranks):
+    """fp32 Mistral (window 5), 4 AdamW steps over packed, right-padded, left-padded and unpadded
+    batches: ALST on 2 ranks (gradients all-reduced) prints one process's losses (measured: the
+    same float32 values)."""
+    for r, data in enumerate(ranks):
+        one, alst = data["train_one"], data["train_alst"]
+        assert len(one) == len(alst) == 4
+        for a, b in zip(alst, one):
+            assert abs(a - b) <= 1e-6 * abs(b), (r, alst, one)
+        assert len(set(one)) == 4  # the steps moved the model
