@@ -3,6 +3,9 @@
 #               references on the local device, benchmarks them
 #   make test   creates .venv, installs the package with its test extras (dev, hf,
 #               deepspeed), runs pytest
+#   make test-fast
+#               the inner loop: everything but the distributed, Hugging Face / DeepSpeed and
+#               build tests (markers: tests/conftest.py FILE_MARKERS), a few minutes
 #   make wheel-check
 #               builds the sdist and wheel, installs the wheel in a fresh venv outside the
 #               checkout and runs info, toy benchmarks, the JIT CUDA build and smoke tests
@@ -20,7 +23,7 @@ PYTEST_ARGS ?=
 T36 := .venv-triton36
 T36_STAMP := $(T36)/.installed-triton-3.6.0
 
-.PHONY: install demo test bench info clean compile-check-triton36 wheel-check
+.PHONY: install demo test test-fast bench info clean compile-check-triton36 wheel-check
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +41,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not distributed and not hf and not build and not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/sft-kernels bench

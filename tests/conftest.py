@@ -45,7 +45,29 @@ def pytest_report_header(config):
     return f"sft_kernels {sft_kernels.__version__} from {os.path.dirname(sft_kernels.__file__)}"
 
 
+# Which files need more than one process, Hugging Face models or DeepSpeed, or a build: the
+# markers of `make test-fast` (-m "not distributed and not hf and not build"), one table
+# instead of a line in each file. A new file that starts processes, loads transformers or
+# DeepSpeed, or compiles, belongs here (test_markers_cover_the_files checks the imports).
+FILE_MARKERS = {
+    "distributed": {"test_alst", "test_context_parallel", "test_deepspeed_ops", "test_deepspeed_zero",
+                    "test_dschat", "test_dschat_parity", "test_hf_context_parallel", "test_input_errors_parallel",
+                    "test_input_errors_zero3", "test_train", "test_train_context_parallel", "test_train_dschat",
+                    "test_train_inputs", "test_ulysses"},
+    "hf": {"test_alst", "test_context_parallel", "test_convergence", "test_deepspeed_ops", "test_deepspeed_zero", "test_dschat", "test_dschat_parity", "test_hf_context_parallel",
+           "test_hf_matrix", "test_input_errors_hf", "test_input_errors_parallel", "test_input_errors_zero3",
+           "test_readme", "test_tiled_loss_hf", "test_train", "test_train_context_parallel", "test_train_dschat",
+           "test_train_inputs", "test_transformers_integration", "test_ulysses"},
+    "build": {"test_cuda_build", "test_deepspeed_ops", "test_gpu_check", "test_gpu_compile"},
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stem = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+        for marker, stems in FILE_MARKERS.items():
+            if stem in stems:
+                item.add_marker(getattr(pytest.mark, marker))
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_triton = pytest.mark.skip(reason="--triton-device=none")
     # `slow` tests (thorough property runs) are opt-in: they run when -m selects them
