@@ -5,8 +5,9 @@
   neighbours (traffic O(window), independent of the sequence length).
 - :func:`context_parallel_groups`: the process groups for context parallelism, optionally
   with DeepSpeed-Ulysses inside each context-parallel shard, and data parallelism across.
-- :func:`register_alst`: DeepSpeed's ALST (``UlyssesSPAttentionHF``) with this package's attention
-  as its core, padding masks passed through (:mod:`.alst`).
+- :func:`register_alst` / :func:`alst_parallelism_config` (accelerate): DeepSpeed's ALST
+  (``UlyssesSPAttentionHF``) with this package's attention as its core, padding masks passed
+  through (:mod:`.alst`).
 """
 
 from .context_parallel import (  # noqa: F401
@@ -16,7 +17,7 @@ from .context_parallel import (  # noqa: F401
     context_parallel_groups,
     halo_plan,
 )
-from .alst import register_alst  # noqa: F401  (imports DeepSpeed and transformers only when called)
+from .alst import alst_parallelism_config, register_alst  # noqa: F401  (DeepSpeed imported when called)
 
-__all__ = ["HaloPlan", "ParallelGroups", "context_parallel_attention", "context_parallel_groups", "halo_plan",
-           "register_alst"]
+__all__ = ["HaloPlan", "ParallelGroups", "alst_parallelism_config", "context_parallel_attention",
+           "context_parallel_groups", "halo_plan", "register_alst"]

@@ -29,6 +29,10 @@ What ALST's wrapper drops, and what :func:`register_alst` puts back (DeepSpeed 0
   "cu_seqlens_q[-1] must equal the number of packed tokens 72, got 36"). They are dropped; the
   gathered position_ids (restarting at every packed sequence) carry the same boundaries.
 
+With accelerate (HF Trainer, TRL): ``TrainingArguments(parallelism_config=alst_parallelism_config(P),
+deepspeed=...)``; see :func:`alst_parallelism_config` for what accelerate 1.16 refuses and how
+it is met.
+
 Usage (every rank, after ``deepspeed.init_distributed``)::
 
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sft_sliding_window")
@@ -45,6 +49,7 @@ ALST afterwards.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -75,45 +80,23 @@ def _local_key_validity(attention_mask: Optional[torch.Tensor], batch: int, n: i
     return (pos >= start) & (pos < start + keys[:, 2:3])
 
 
-def register_alst(model, sequence_parallel_size: int, micro_batch_size: int, seq_length: Optional[int] = None,
-                  seq_length_is_variable: bool = True, disable_in_eval: bool = False):
-    """ALST (DeepSpeed-Ulysses for Hugging Face models) with this package's attention as its core.
-
-    Calls DeepSpeed's ``UlyssesSPAttentionHF.register_with_transformers(model,
-    core_attn_implementation="sft_sliding_window", ...)`` with the arguments given, then wraps the
-    entry it installed so that padding masks reach the core and local ``cu_seq_lens`` do not (see
-    the module docstring). Returns DeepSpeed's ``mpu`` (its sequence-parallel groups), as
-    ``register_with_transformers`` does; None when ``sequence_parallel_size == 1`` (nothing
-    registered, as there).
-
-    Each rank feeds ``input_ids (batch, L/P)`` with ``L % P == 0``, the **global**
-    ``position_ids`` of its tokens (restarting at each packed sequence), and, when a batch is
-    padded, its slice of the 2D ``attention_mask`` (each row's real tokens one block over the
-    whole sequence: left or right padding). Heads: ``heads % P == 0``, ``heads_kv`` a multiple or
-    divisor of ``P`` (ALST's rules).
-    """
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+def _wrap_entry(mpu, disable_in_eval: bool) -> None:
+    """Put this module's wrapper in front of the entry ALST just installed for this backend."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     import deepspeed.comm as ds_dist
 
-    from ..integrations.transformers import ATTN_IMPLEMENTATION, register
+    from ..integrations.transformers import ATTN_IMPLEMENTATION, sft_attention_forward
 
-    if ATTN_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
-        register()
-    mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model, core_attn_implementation=ATTN_IMPLEMENTATION, sequence_parallel_size=sequence_parallel_size,
-        micro_batch_size=micro_batch_size, seq_length=seq_length, seq_length_is_variable=seq_length_is_variable,
-        disable_in_eval=disable_in_eval)
-    if mpu is None:
-        return None
     ulysses = ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION]
     group = mpu.get_sequence_parallel_group()
     world = mpu.get_sequence_parallel_world_size()
 
     def sft_alst_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if disable_in_eval and not module.training:  # ALST calls the core on the local shard as it is
-            return ulysses(module, query, key, value, attention_mask, *args, **kwargs)
+        if disable_in_eval and not module.training:
+            # ALST then runs the core on this rank's sequences as they are, but its wrapper has
+            # already dropped their mask: call the core directly, mask kept
+            return sft_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
         b, n = query.shape[0], query.shape[2]
         local = _local_key_validity(attention_mask, b, n, query.device).to(torch.uint8)
         parts = [torch.empty_like(local) for _ in range(world)]
@@ -126,4 +109,87 @@ def register_alst(model, sequence_parallel_size: int, micro_batch_size: int, seq
 
     sft_alst_attention.ulysses = ulysses  # ALST's own entry, for tests and controls
     ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = sft_alst_attention
-    return mpu
+
+
+def install() -> None:
+    """Make every ``UlyssesSPAttentionHF.register_with_transformers(...,
+    core_attn_implementation="sft_sliding_window")`` call -- accelerate's (HF Trainer, TRL) as
+    well as :func:`register_alst`'s -- put this module's wrapper in front of the entry it installs
+    (DeepSpeed's classmethod is wrapped once; other core attentions are left as they are).
+    Registers the backend's name with transformers if it is not registered yet."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ..integrations.transformers import ATTN_IMPLEMENTATION, register
+
+    if ATTN_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        register()
+    original = UlyssesSPAttentionHF.register_with_transformers
+    if getattr(original, "_sft_kernels", False):
+        return
+    original = original.__func__
+
+    @functools.wraps(original)  # accelerate passes disable_in_eval only where the signature lists it
+    def register_with_transformers(cls, model_name_or_path, core_attn_implementation, sequence_parallel_size,
+                                   *args, **kwargs):
+        mpu = original(cls, model_name_or_path, core_attn_implementation, sequence_parallel_size, *args, **kwargs)
+        if mpu is not None and core_attn_implementation == ATTN_IMPLEMENTATION:
+            _wrap_entry(mpu, bool(kwargs.get("disable_in_eval", False)))
+        return mpu
+
+    register_with_transformers._sft_kernels = True
+    UlyssesSPAttentionHF.register_with_transformers = classmethod(register_with_transformers)
+
+
+def alst_parallelism_config(sp_size: int, seq_length: Optional[int] = None, seq_length_is_variable: bool = True,
+                            disable_in_eval: bool = True):
+    """accelerate's ``ParallelismConfig(sp_backend="deepspeed", sp_size=sp_size)`` with this
+    backend as ALST's core attention, for ``TrainingArguments(parallelism_config=...)`` (HF
+    Trainer, TRL's SFTTrainer); calls :func:`install`.
+
+    accelerate 1.16's ``DeepSpeedSequenceParallelConfig`` accepts only ``sdpa``, the flash
+    attentions and hub kernels as ``sp_attn_implementation`` (a ValueError otherwise, at
+    construction), while DeepSpeed accepts any name in transformers' registry: the handler is
+    built with ``"sdpa"`` and then given ``"sft_sliding_window"``. On CPU (gloo) accelerate does
+    not initialise ``deepspeed.comm``; call ``deepspeed.init_distributed(dist_backend="gloo")``
+    before building ``TrainingArguments`` there.
+    """
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    from ..integrations.transformers import ATTN_IMPLEMENTATION
+
+    install()
+    handler = DeepSpeedSequenceParallelConfig(
+        sp_seq_length=seq_length, sp_seq_length_is_variable=seq_length_is_variable, sp_attn_implementation="sdpa",
+        sp_disable_in_eval=disable_in_eval)
+    handler.sp_attn_implementation = ATTN_IMPLEMENTATION
+    return ParallelismConfig(sp_backend="deepspeed", sp_size=sp_size, sp_handler=handler)
+
+
+def register_alst(model, sequence_parallel_size: int, micro_batch_size: int, seq_length: Optional[int] = None,
+                  seq_length_is_variable: bool = True, disable_in_eval: bool = False):
+    """ALST (DeepSpeed-Ulysses for Hugging Face models) with this package's attention as its core.
+
+    Calls DeepSpeed's ``UlyssesSPAttentionHF.register_with_transformers(model,
+    core_attn_implementation="sft_sliding_window", ...)`` with the arguments given (after
+    :func:`install`), so the entry it installs has this module's wrapper in front: padding masks
+    reach the core and local ``cu_seq_lens`` do not (see the module docstring). Returns
+    DeepSpeed's ``mpu`` (its sequence-parallel groups), as ``register_with_transformers`` does;
+    None when ``sequence_parallel_size == 1`` (nothing registered, as there).
+
+    Each rank feeds ``input_ids (batch, L/P)`` with ``L % P == 0``, the **global**
+    ``position_ids`` of its tokens (restarting at each packed sequence), and, when a batch is
+    padded, its slice of the 2D ``attention_mask`` (each row's real tokens one block over the
+    whole sequence: left or right padding). Heads: ``heads % P == 0``, ``heads_kv`` a multiple or
+    divisor of ``P`` (ALST's rules).
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from ..integrations.transformers import ATTN_IMPLEMENTATION
+
+    install()
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model, core_attn_implementation=ATTN_IMPLEMENTATION, sequence_parallel_size=sequence_parallel_size,
+        micro_batch_size=micro_batch_size, seq_length=seq_length, seq_length_is_variable=seq_length_is_variable,
+        disable_in_eval=disable_in_eval)
