@@ -144,12 +144,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 def deepspeed_tiled_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *,
                          chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ignore_index: int = IGNORE_INDEX,
-                         softcap: Optional[float] = None, normalizer=None, grad_scale: float = 1.0) -> torch.Tensor:
+                         softcap: Optional[float] = None, normalizer=None, grad_scale: float = 1.0,
+                         weight_used_again: bool = False) -> torch.Tensor:
     """The same loss through DeepSpeed's ``TiledFusedLogitsLoss`` (module docstring: why, and
     ``grad_scale``). ``lm_head``: the module (its hooks gather a ZeRO-3 weight); ``hidden``
     ``(batch, seq, H)``; ``labels`` ``(batch, seq)`` aligned. ``grad_scale``: the factor the
     caller's backward will apply to this loss (DeepSpeed's engine: 1/gradient_accumulation_steps
     when > 1); the weight gradient gets it at forward time, the value is returned unscaled.
+    ``weight_used_again``: the weight gets another gradient later in the backward (tied input
+    embeddings). ``TiledFusedLogitsLoss`` marks it ready for ZeRO-3's reduction at its last shard,
+    in the forward, and the embedding's gradient then adds it to the reduction bucket a second time
+    (DeepSpeed 0.19.8: ``assert len(set(p.ds_id ...)) == len(params_in_bucket)`` in stage3.py).
+    Here it stays unready through the shards (its gradient accumulates in ``.grad``) and is marked
+    ready after them, so the embedding's backward reduces the sum once.
     """
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
@@ -176,7 +183,12 @@ def deepspeed_tiled_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels:
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits.float(), y.long(), ignore_index=ignore_index, reduction="sum") / divisor
 
-    loss = TiledFusedLogitsLoss.apply(fn, lm_head, hidden, labels, None, shards, [weight], "sum")
+    if weight_used_again:
+        weight.ds_grad_is_ready = False
+        loss = TiledFusedLogitsLoss.apply(fn, lm_head, hidden, labels, None, shards, [], "sum")
+        weight.ds_grad_is_ready = True
+    else:
+        loss = TiledFusedLogitsLoss.apply(fn, lm_head, hidden, labels, None, shards, [weight], "sum")
     # the value: the loss; its gradient 1/grad_scale, so that when the caller multiplies by grad_scale
     # TiledFusedLogitsLoss receives exactly 1 and leaves the hidden-state gradient as fn made it
     return loss / grad_scale

@@ -196,6 +196,13 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
                         "split into N consecutive blocks held by N ranks (world size = N x data-parallel size); the "
                         "ranks of a group share a batch, ZeRO partitions over all ranks (DeepSpeed's "
                         "sequence-parallel groups). Needs --attn_implementation sft_sliding_window")
+    g.add_argument("--loss_chunk_tokens", type=_non_negative_int, default=0,
+                   help="N > 0: the loss from the last hidden states N tokens at a time, never an L x vocab logits "
+                        "tensor (sft_kernels.integrations.transformers.tiled_loss; DeepSpeed's TiledFusedLogitsLoss "
+                        "under ZeRO-3); same loss and gradients. 0: full logits")
+    g.add_argument("--mlp_chunk_tokens", type=_non_negative_int, default=0,
+                   help="N > 0: every layer's MLP N tokens at a time (DeepSpeed's TiledMLP through "
+                        "sft_kernels.modules.tiled_mlp); same outputs and gradients, one more MLP forward. 0: plain")
 
 
 def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argparse.ArgumentParser:

@@ -469,6 +469,14 @@ def run(args):
 
     config = ds_config(args, world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
     model = build_model(args, tokenizer, ds_config=config, context_parallel_group=cp_group)
+    if getattr(args, "loss_chunk_tokens", 0):  # issue 22: no L x V logits; grad_scale: what backward applies
+        from ..integrations.transformers.loss import tiled_loss  # (DeepSpeed's 1/gas, the N of N l_j)
+
+        tiled_loss(model, args.loss_chunk_tokens, grad_scale=cp / gas)
+    if getattr(args, "mlp_chunk_tokens", 0):
+        from ..modules.tiled_mlp import tiled_mlp
+
+        tiled_mlp(model, args.mlp_chunk_tokens)
     n_params = sum(_numel(p) for p in model.parameters())
     n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     held = local_parameter_bytes(model)
@@ -528,6 +536,12 @@ def run(args):
             if shards is None:
                 loss = engine(**batch).loss
                 shown = loss.item()
+            elif getattr(args, "loss_chunk_tokens", 0):  # shards.train_loss's N l_j, chunked
+                inputs, labels, count = shards.shard(batch)
+                loss = engine(**inputs, shift_labels=labels, num_items_in_batch=max(count, 1)).loss
+                shown = loss.detach().clone()
+                torch.distributed.all_reduce(shown, group=shards.group)
+                loss, shown = loss * cp, shown.item()
             else:  # this rank's block; shown: the whole micro-batch's loss
                 loss, shown = shards.train_loss(engine, batch)
             if args.print_loss:

@@ -45,6 +45,11 @@ def _is_partitioned(weight: torch.Tensor) -> bool:
     return hasattr(weight, "ds_id")
 
 
+def _tied(model, head) -> bool:
+    embeddings = model.get_input_embeddings()
+    return embeddings is not None and embeddings.weight is head.weight
+
+
 def causal_lm_loss(model, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                    shift_labels: Optional[torch.Tensor] = None, num_items_in_batch=None,
                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -65,7 +70,8 @@ def causal_lm_loss(model, hidden: torch.Tensor, labels: Optional[torch.Tensor] =
         # ZeRO-3: the module call gathers the weight; see linear_cross_entropy's docstring
         return deepspeed_tiled_loss(head, hidden, shift_labels, chunk_tokens=chunk, ignore_index=ignore_index,
                                     softcap=softcap, normalizer=normalizer,
-                                    grad_scale=settings.get("grad_scale", 1.0))
+                                    grad_scale=settings.get("grad_scale", 1.0),
+                                    weight_used_again=_tied(model, head))
     return linear_cross_entropy(hidden, head.weight, shift_labels, bias=getattr(head, "bias", None),
                                 chunk_tokens=chunk, ignore_index=ignore_index, softcap=softcap,
                                 normalizer=normalizer)
