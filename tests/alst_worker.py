@@ -210,8 +210,30 @@ controls["oracle-window-off-by-one"] = {b: rel(oracle_w4[b][1], oracle[f"mistral
 
 train_alst = train(build("mistral", 5, torch.float32), train_sharded)
 
+# ------------------------------------------------------------------ bytes this rank sends, counted on the calls
+sent = {"all_to_all_single": 0, "all_gather": 0}
+real_a2a, real_gather = ds_dist.all_to_all_single, ds_dist.all_gather
+
+
+def counted_a2a(output, tensor, *args, **kwargs):
+    sent["all_to_all_single"] += tensor.numel() * tensor.element_size() * (WORLD - 1) // WORLD
+    return real_a2a(output, tensor, *args, **kwargs)
+
+
+def counted_gather(tensor_list, tensor, *args, **kwargs):
+    sent["all_gather"] += tensor.numel() * tensor.element_size() * (WORLD - 1)
+    return real_gather(tensor_list, tensor, *args, **kwargs)
+
+
+ds_dist.all_to_all_single, ds_dist.all_gather = counted_a2a, counted_gather
+model = build("mistral", 5)
+ids, mask, pos, shifted = batch("packed")
+loss = loss_of(model(input_ids=ids[:, LO:HI], position_ids=pos[:, LO:HI]).logits, shifted[:, LO:HI], 1)
+loss.backward()
+ds_dist.all_to_all_single, ds_dist.all_gather = real_a2a, real_gather
+
 with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as f:
-    json.dump({"results": results, "controls": controls, "train_one": train_one, "train_alst": train_alst,
+    json.dump({"results": results, "controls": controls, "train_one": train_one, "train_alst": train_alst, "sent": sent,
                "sp_world": mpu.get_sequence_parallel_world_size()}, f, indent=1)
 ds_dist.barrier()
 from sft_kernels.train.loop import exit_process  # noqa: E402

@@ -82,6 +82,19 @@ def test_training_losses_equal_one_process(ranks):
         assert len(set(one)) == 4  # the steps moved the model
 
 
+def test_bytes_counted_on_the_calls_equal_the_model(ranks):
+    """One forward + backward of the float64 Mistral (2 layers, 4 heads, 2 KV heads, head_dim 8) on
+    a packed batch of 3 rows of 24 tokens: what each rank hands to all_to_all_single / all_gather
+    equals sft_kernels.bench.context_parallel.alst_bytes per layer (27648 + 288 + 36 B)."""
+    from sft_kernels.bench.context_parallel import alst_bytes
+
+    per_layer = alst_bytes(2, 24, heads=4, kv_heads=2, head_dim=8, elem=8, batch=3)
+    assert per_layer == 3 * (2 * (2 * 4 + 2 * 2) * 12 * 8 * 8 // 2 + 8 * 12 + 12)
+    for r, data in enumerate(ranks):
+        assert sum(data["sent"].values()) == 2 * per_layer, (r, data["sent"], per_layer)
+        assert data["sent"]["all_gather"] == 2 * 3 * (8 * 12 + 12), (r, data["sent"])
+
+
 TRAINER = os.path.join(ROOT, "tests", "alst_trainer_worker.py")
 
 

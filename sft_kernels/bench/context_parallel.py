@@ -90,6 +90,27 @@ def model_bytes(impl: str, world: int, seqlen: int, window: int, heads: int, kv_
     return [0] * world
 
 
+def alst_bytes(world: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, elem: int, batch: int = 1,
+               padding_gather: bool = True) -> int:
+    """Bytes each rank sends per layer step (forward + backward) under DeepSpeed's ALST
+    (``UlyssesSPAttentionHF``, DeepSpeed 0.19.8) with this package's core through
+    :func:`sft_kernels.parallel.alst.register_alst`, ``batch`` rows of ``seqlen`` tokens:
+
+    - q, k, v to heads and the output back: ``2 (2 heads + 2 kv) n head_dim e (P - 1) / P``
+      with ``kv = heads_kv`` replicated up to ``P`` when ``heads_kv < P`` (ALST repeats K/V heads
+      before the all-to-all);
+    - its all-gather of the int64 position_ids, every layer: ``8 n (P - 1)``;
+    - register_alst's all-gather of the shard's padding (one byte a token), every layer: ``n (P - 1)``.
+
+    Counted on the calls in ``tests/test_alst.py``. Independent of the window: ALST moves every
+    head of every token whatever the window, and packed rows move the same bytes as one sequence.
+    """
+    n = seqlen // world
+    kv = kv_heads * max(1, world // kv_heads)
+    heads_part = 2 * (2 * heads + 2 * kv) * n * head_dim * elem * (world - 1) // world
+    return batch * (heads_part + 8 * n * (world - 1) + (n * (world - 1) if padding_gather else 0))
+
+
 def ulysses_possible(world: int, heads: int, kv_heads: int) -> bool:
     return heads % world == 0 and kv_heads % world == 0
 
