@@ -1,6 +1,6 @@
 """The benchmarks, runnable from an installed package.
 
-    sft-kernels bench [--op attention|block_diag|e2e|context_parallel|all] [--quick | --toy] [--out DIR]
+    sft-kernels bench [--op attention|block_diag|e2e|context_parallel|memory|all] [--quick | --toy] [--out DIR]
     python -m sft_kernels.bench.<name> [its flags]      (``--help`` lists them)
 
 Each module times one op (or the training step) against the baselines a user would
@@ -21,6 +21,7 @@ BENCHMARKS = {
     "block_diag": ("sft_kernels.bench.block_diag", None),
     "e2e": ("sft_kernels.bench.e2e", "transformers"),
     "context_parallel": ("sft_kernels.bench.context_parallel", None),
+    "memory": ("sft_kernels.bench.memory", "transformers"),
 }
 # what `sft-kernels bench` runs by default (context parallelism starts gloo processes: ask for it)
 DEFAULT = ("attention", "block_diag", "e2e")
