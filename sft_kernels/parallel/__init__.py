@@ -8,6 +8,8 @@
 - :func:`register_alst` / :func:`alst_parallelism_config` (accelerate): DeepSpeed's ALST
   (``UlyssesSPAttentionHF``) with this package's attention as its core, padding masks passed
   through (:mod:`.alst`).
+- :func:`context_parallel_packed_attention`: packed rows across ranks; a sequence crossing a
+  shard boundary sends only its own keys, one inside a shard sends nothing (:mod:`.packed`).
 """
 
 from .context_parallel import (  # noqa: F401
@@ -17,7 +19,9 @@ from .context_parallel import (  # noqa: F401
     context_parallel_groups,
     halo_plan,
 )
+from .packed import PackedHaloPlan, context_parallel_packed_attention, packed_halo_plan  # noqa: F401
 from .alst import alst_parallelism_config, register_alst  # noqa: F401  (DeepSpeed imported when called)
 
-__all__ = ["HaloPlan", "ParallelGroups", "alst_parallelism_config", "context_parallel_attention",
-           "context_parallel_groups", "halo_plan", "register_alst"]
+__all__ = ["HaloPlan", "PackedHaloPlan", "ParallelGroups", "alst_parallelism_config", "context_parallel_attention",
+           "context_parallel_groups", "context_parallel_packed_attention", "halo_plan", "packed_halo_plan",
+           "register_alst"]

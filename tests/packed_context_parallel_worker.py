@@ -1,0 +1,96 @@
+"""One rank of tests/test_packed_context_parallel.py (4 processes, gloo): one packed row of 32
+tokens split into shards of 8, several sequences per row, through
+``sft_kernels.parallel.packed.context_parallel_packed_attention``.
+
+Oracle: the dense float64 reference (``sft_kernels/ops/sliding_window_attention/reference.py``)
+run by this process on each whole sequence alone, forward and backward with the same upstream
+gradient; each rank compares its rows of the output and of dq, dk, dv (halo gradients returned to
+their owners). Writes the relative errors, the controls and the exchange plans to ``rank<r>.json``.
+
+argv: out_dir
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+RANK, WORLD = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+
+from sft_kernels.ops.sliding_window_attention.reference import sliding_window_attention_reference  # noqa: E402
+from sft_kernels.parallel.packed import context_parallel_packed_attention, packed_halo_plan  # noqa: E402
+
+L, H, HKV, D = 32, 4, 2, 8
+N = L // WORLD
+LO, HI = RANK * N, (RANK + 1) * N
+LAYOUTS = {  # cu_seqlens of the row
+    "inside-and-one-boundary": [0, 3, 8, 22, 32],  # 0-2 and 3-7 inside shard 0; 8-21 crosses 16; 22-31 crosses 24
+    "several-boundaries": [0, 2, 29, 32],  # 2-28 crosses 8, 16 and 24
+    "aligned": [0, 8, 16, 24, 32],  # every sequence one shard: nothing to exchange
+}
+WINDOWS = {"w5": 5, "w12": 12, "sqrt": "sqrt", "pair-9": (9, 0), "unbounded": None}
+
+
+def rel(a, b):
+    d, n = float((a - b).norm()), float(b.norm())
+    return d / n if n > 0 else d
+
+
+def data(seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, L, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(1, L, HKV, D, generator=g, dtype=torch.float64)
+    v = torch.randn(1, L, HKV, D, generator=g, dtype=torch.float64)
+    do = torch.randn(1, L, H, D, generator=g, dtype=torch.float64)
+    return q, k, v, do
+
+
+def oracle(cu, window, q, k, v, do):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = torch.zeros_like(q)
+    for a, b in zip(cu, cu[1:]):  # each sequence alone
+        o, _ = sliding_window_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], window, True)
+        out = out.index_copy(1, torch.arange(a, b), o)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def parallel(cu, window, q, k, v, do):
+    ql, kl, vl = (t[:, LO:HI].clone().requires_grad_() for t in (q, k, v))
+    out = context_parallel_packed_attention(ql, kl, vl, cu, window)
+    out.backward(do[:, LO:HI])
+    return out.detach(), ql.grad, kl.grad, vl.grad
+
+
+def errs(ref, got):
+    return {name: rel(g, r[:, LO:HI]) for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got)}
+
+
+results, controls, plans = {}, {}, {}
+for i, (lname, cu) in enumerate(LAYOUTS.items()):
+    for wname, window in WINDOWS.items():
+        x = data(10 * i + len(wname))
+        results[f"{lname}-{wname}"] = errs(oracle(cu, window, *x), parallel(cu, window, *x))
+        p = packed_halo_plan(RANK, WORLD, cu, window)
+        plans[f"{lname}-{wname}"] = {"halo": p.halo, "sent": p.rows_sent(), "received": p.rows_received()}
+    # control: the window one key narrower than the oracle's (W = 5 against W = 4, 12 against 11)
+    x = data(100 + i)
+    for w in (5, 12):
+        controls[f"{lname}-w{w}-vs-w{w - 1}"] = errs(oracle(cu, w, *x), parallel(cu, w - 1, *x))
+
+try:
+    context_parallel_packed_attention(torch.zeros(1, N + (RANK == 1), H, D, dtype=torch.float64),
+                                      *(torch.zeros(1, N + (RANK == 1), HKV, D, dtype=torch.float64),) * 2,
+                                      LAYOUTS["aligned"], 5)
+    mismatch = None
+except ValueError as e:
+    mismatch = str(e)
+
+with open(os.path.join(sys.argv[1], f"rank{RANK}.json"), "w") as f:
+    json.dump({"results": results, "controls": controls, "plans": plans, "mismatch": mismatch}, f, indent=1)
+dist.barrier()
+dist.destroy_process_group()
