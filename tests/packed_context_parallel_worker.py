@@ -22,6 +22,7 @@ RANK, WORLD = dist.get_rank(), dist.get_world_size()
 torch.set_num_threads(1)
 
 from sft_kernels.ops.sliding_window_attention.reference import sliding_window_attention_reference  # noqa: E402
+from sft_kernels.parallel import context_parallel_attention  # noqa: E402
 from sft_kernels.parallel.packed import context_parallel_packed_attention, packed_halo_plan  # noqa: E402
 
 L, H, HKV, D = 32, 4, 2, 8
@@ -81,6 +82,15 @@ for i, (lname, cu) in enumerate(LAYOUTS.items()):
     x = data(100 + i)
     for w in (5, 12):
         controls[f"{lname}-w{w}-vs-w{w - 1}"] = errs(oracle(cu, w, *x), parallel(cu, w - 1, *x))
+
+# the public entry: context_parallel_attention(..., cu_seqlens=)
+x = data(7)
+cu = LAYOUTS["several-boundaries"]
+ql, kl, vl = (t[:, LO:HI].clone().requires_grad_() for t in x[:3])
+out = context_parallel_attention(ql, kl, vl, "sqrt", cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+out.backward(x[3][:, LO:HI])
+results["several-boundaries-sqrt-via-context_parallel_attention"] = errs(
+    oracle(cu, "sqrt", *x), (out.detach(), ql.grad, kl.grad, vl.grad))
 
 try:
     context_parallel_packed_attention(torch.zeros(1, N + (RANK == 1), H, D, dtype=torch.float64),

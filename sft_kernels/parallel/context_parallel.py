@@ -434,6 +434,7 @@ def context_parallel_attention(
     group=None,
     backend: str = "auto",
     return_lse: bool = False,
+    cu_seqlens=None,
 ):
     """Sliding-window attention over a sequence split across the ranks of ``group``.
 
@@ -443,8 +444,8 @@ def context_parallel_attention(
     :func:`sft_kernels.sliding_window_attention` on the whole sequence, forward and backward.
 
     Args:
-        q: ``(batch, n, heads_q, head_dim)``, this rank's shard. Packed (varlen) input is not
-            supported (ValueError).
+        q: ``(batch, n, heads_q, head_dim)``, this rank's shard; with ``cu_seqlens``, one
+            packed row ``(1, n, heads_q, head_dim)``.
         k, v: ``(batch, n, heads_kv, head_dim)``, the same tokens; ``heads_q % heads_kv == 0``
             (GQA/MQA: only ``heads_kv`` heads are exchanged).
         window_size: as in :func:`sft_kernels.sliding_window_attention`, resolved from the
@@ -460,6 +461,11 @@ def context_parallel_attention(
             Triton on CUDA tensors, PyTorch on CPU). fp16/bf16/fp32; float64 on ``"torch"``.
         return_lse: also return this shard's log-sum-exp ``(batch, heads_q, n)`` (float32;
             float64 for float64 input), not differentiable.
+        cu_seqlens: the whole packed row's sequence boundaries (global, ``[0, ..., P n]``), the
+            same on every rank: several sequences in one row, each with its window resolved from
+            its own length, and a sequence crossing a shard boundary exchanges only its own keys
+            (:func:`sft_kernels.parallel.packed.context_parallel_packed_attention`; causal only,
+            no ``return_lse``).
 
     Communication per call: one all-gather of 10 numbers (the consistency check; a host
     sync on GPU), then point-to-point messages of ``min(left, r n)`` keys+values to the
@@ -477,6 +483,13 @@ def context_parallel_attention(
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"{NAME}: torch.distributed is not initialised (torch.distributed.init_process_group() "
                          "or deepspeed.init_distributed())")
+    if cu_seqlens is not None:
+        if return_lse:
+            raise ValueError(f"{NAME}: return_lse is not available with cu_seqlens (packed rows)")
+        from .packed import context_parallel_packed_attention
+
+        return context_parallel_packed_attention(q, k, v, cu_seqlens, window_size, causal, softmax_scale, group,
+                                                 backend)
     if group is None:
         group = dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
