@@ -83,6 +83,30 @@ for i, (lname, cu) in enumerate(LAYOUTS.items()):
     for w in (5, 12):
         controls[f"{lname}-w{w}-vs-w{w - 1}"] = errs(oracle(cu, w, *x), parallel(cu, w - 1, *x))
 
+# bytes this rank sends in one forward + backward, counted on the calls (P2P sends, all-gathers)
+sent = {}
+real_batch, real_gather = dist.batch_isend_irecv, dist.all_gather
+
+
+def counted_batch(ops):
+    sent["p2p"] = sent.get("p2p", 0) + sum(op.tensor.numel() * op.tensor.element_size() for op in ops
+                                           if op.op is dist.isend)
+    return real_batch(ops)
+
+
+def counted_gather(parts, t, *args, **kwargs):
+    sent["all_gather"] = sent.get("all_gather", 0) + t.numel() * t.element_size() * (WORLD - 1)
+    return real_gather(parts, t, *args, **kwargs)
+
+
+for name, cu, w in (("inside-and-one-boundary-w5", LAYOUTS["inside-and-one-boundary"], 5),
+                    ("several-boundaries-w12", LAYOUTS["several-boundaries"], 12)):
+    sent = {}
+    dist.batch_isend_irecv, dist.all_gather = counted_batch, counted_gather
+    parallel(cu, w, *data(3))
+    dist.batch_isend_irecv, dist.all_gather = real_batch, real_gather
+    plans[name]["bytes_counted"] = sum(sent.values())
+
 # the public entry: context_parallel_attention(..., cu_seqlens=)
 x = data(7)
 cu = LAYOUTS["several-boundaries"]

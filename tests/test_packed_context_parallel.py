@@ -82,3 +82,19 @@ def test_each_sequence_sends_only_its_own_keys(ranks):
 def test_unequal_shards_raise_on_every_rank(ranks):
     for r, data in enumerate(ranks):
         assert data["mismatch"] and "equal shards of the same row" in data["mismatch"], (r, data["mismatch"])
+
+
+def test_bytes_counted_on_the_calls_equal_the_model(ranks):
+    """What each rank hands to the P2P sends and the all-gather in one forward + backward equals
+    sft_kernels.bench.context_parallel.packed_halo_bytes (float64, 2 KV heads of 8); ALST on the
+    same row sends alst_bytes whatever the packing (4 heads, 2 KV heads replicated to 4)."""
+    from sft_kernels.bench.context_parallel import alst_bytes, packed_halo_bytes
+
+    layouts = {"inside-and-one-boundary-w5": ([0, 3, 8, 22, 32], 5), "several-boundaries-w12": ([0, 2, 29, 32], 12)}
+    for name, (cu, w) in layouts.items():
+        model = packed_halo_bytes(4, cu, w, kv_heads=2, head_dim=8, elem=8)
+        assert [d["plans"][name]["bytes_counted"] for d in ranks] == model, name
+    # by hand: rank 1 of the first row sends 4 rows of [8, 22) to rank 2 (K+V of 2 heads x 8 x 8 B) and
+    # gets nothing back to return; plus 7 float64 to each of 3 ranks
+    assert packed_halo_bytes(4, [0, 3, 8, 22, 32], 5, 2, 8, 8)[1] == 4 * 2 * 2 * 8 * 8 + 7 * 8 * 3
+    assert max(packed_halo_bytes(4, [0, 2, 29, 32], 12, 2, 8, 8)) < alst_bytes(4, 32, 4, 2, 8, 8, padding_gather=False)

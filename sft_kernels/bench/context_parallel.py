@@ -111,6 +111,22 @@ def alst_bytes(world: int, seqlen: int, heads: int, kv_heads: int, head_dim: int
     return batch * (heads_part + 8 * n * (world - 1) + (n * (world - 1) if padding_gather else 0))
 
 
+def packed_halo_bytes(world: int, cu_seqlens, window, kv_heads: int, head_dim: int, elem: int) -> list:
+    """Bytes each rank sends per layer step (forward + backward) for one packed row through
+    :func:`sft_kernels.parallel.context_parallel_packed_attention`: the rows its plan sends (each
+    sequence's own keys before a boundary, as far as its window reaches) as K and V forward, and
+    the dK/dV of the rows it received back to their owners; plus the consistency all-gather of 7
+    float64. Counted on the calls in ``tests/test_packed_context_parallel.py``."""
+    from sft_kernels.parallel.packed import packed_halo_plan
+
+    row = 2 * kv_heads * head_dim * elem
+    out = []
+    for r in range(world):
+        plan = packed_halo_plan(r, world, cu_seqlens, window)
+        out.append((plan.rows_sent() + plan.rows_received()) * row + 7 * 8 * (world - 1))
+    return out
+
+
 def ulysses_possible(world: int, heads: int, kv_heads: int) -> bool:
     return heads % world == 0 and kv_heads % world == 0
 
