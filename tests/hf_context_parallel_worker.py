@@ -160,6 +160,64 @@ case("mistral-w20-padding", "mistral", 20)  # window above a shard
 case("mistral-w7-patch-model", "mistral", 7, patched=True)  # SFTAttentionHF layers (patch_model)
 case("llama-full-causal-context-manager", "llama", None, use_context_manager=True)  # no model window: all of the past
 
+# ------------------------------------------------------------------ packed rows (context_parallel_packed=True)
+PACKED = [[5, 11, 8], [24], [12, 12], [2, 19, 3]]  # across the boundary (12), whole row, on it, inside + across
+
+
+def packed_batch(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(PACKED), L), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(m) for m in row]) for row in PACKED])
+    shifted = torch.full_like(ids, -100)
+    shifted[:, :-1] = ids[:, 1:]
+    shifted[:, :-1][pos[:, 1:] == 0] = -100  # no label across a packed boundary
+    return ids, pos, shifted
+
+
+def packed_reference(window, ids, pos, shifted):
+    """Eager on each packed sequence alone."""
+    model = build("mistral", window, "eager")
+    logits = torch.zeros(*ids.shape, VOCAB, dtype=torch.float64)
+    loss = 0.0
+    for row, lengths in enumerate(PACKED):
+        a = 0
+        for m in lengths:
+            out = model(input_ids=ids[row:row + 1, a:a + m]).logits[0]
+            logits[row, a:a + m] = out.detach()
+            loss = loss + F.cross_entropy(out, shifted[row, a:a + m], ignore_index=-100, reduction="sum")
+            a += m
+    loss = loss / (shifted != -100).sum()
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def packed_compare(window, model_window, ref):
+    ids, pos, shifted = packed_batch()
+    sft_hf.register(context_parallel_group=dist.group.WORLD, context_parallel_packed=True)
+    model = build("mistral", model_window, "sft_sliding_window")
+    lo, hi = RANK * N, (RANK + 1) * N
+    logits = model(input_ids=ids[:, lo:hi], position_ids=pos[:, lo:hi]).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), shifted[:, lo:hi].flatten(), ignore_index=-100, reduction="sum")
+    loss = loss / (shifted != -100).sum()
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for n_, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        grads[n_] = g
+    sft_hf.register()
+    ref_logits, ref_loss, ref_grads = ref
+    return {"logits": rel(logits.detach(), ref_logits[:, lo:hi]), "loss": rel(total, ref_loss),
+            "grads_max": max(rel(grads[n_], ref_grads[n_]) for n_ in ref_grads)}
+
+
+packed_ref5 = packed_reference(5, *packed_batch())
+packed_results = {"mistral-w5-packed": packed_compare(5, 5, packed_ref5),
+                  "mistral-w20-packed": packed_compare(20, 20, packed_reference(20, *packed_batch()))}
+controls["packed-window-off-by-one"] = packed_compare(5, 4, packed_ref5)
+
 # ------------------------------------------------------------------ controls: the comparison must fail
 ids, mask, shifted = batch()
 ref5 = reference("mistral", 5, ids, mask, shifted)
@@ -213,7 +271,8 @@ expect_error("two-sided-with-padding", lambda: sft_hf.sft_attention_forward(
     Layer(), q, kv, kv, mask[:, lo:hi], is_causal=False, position_ids=pos))
 
 with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as f:
-    json.dump({"results": results, "controls": controls, "errors": errors}, f, indent=1)
+    json.dump({"results": results, "controls": controls, "errors": errors, "packed": packed_results}, f,
+              indent=1)
 dist.barrier()
 from sft_kernels.train.loop import exit_process  # noqa: E402
 

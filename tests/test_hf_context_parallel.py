@@ -44,6 +44,20 @@ def test_logits_loss_and_gradients_equal_eager_on_the_whole_sequence(ranks):
             assert not bad, f"rank {r} {name}: relative errors above {TOL}: {bad}"
 
 
+def test_packed_rows_equal_eager_on_each_sequence(ranks):
+    """register(context_parallel_group=..., context_parallel_packed=True): rows of packed sequences
+    (position_ids restarting; a sequence across the shard boundary, one starting on it, one inside a
+    shard) give eager's logits, loss and gradients on each sequence alone; a window one key
+    narrower misses."""
+    for r, data in enumerate(ranks):
+        assert set(data["packed"]) == {"mistral-w5-packed", "mistral-w20-packed"}
+        for name, errs in data["packed"].items():
+            bad = {k: v for k, v in errs.items() if not v < TOL}
+            assert not bad, f"rank {r} {name}: relative errors above {TOL}: {bad}"
+        c = data["controls"]["packed-window-off-by-one"]
+        assert c["loss"] > CONTROL_MIN and c["grads_max"] > CONTROL_MIN, (r, c)
+
+
 def test_controls_fail_the_same_comparison(ranks):
     """A window one key too narrow, and each rank attending within its own shard only (no halo),
     must be far outside the tolerance: the comparison can see a halo-sized error."""

@@ -243,7 +243,8 @@ def sft_attention_forward(
 
 
 
-def register(window_size: WindowArg = None, backend: str = "auto", context_parallel_group=None) -> str:
+def register(window_size: WindowArg = None, backend: str = "auto", context_parallel_group=None,
+             context_parallel_packed: bool = False) -> str:
     """Register ``attn_implementation="sft_sliding_window"`` with transformers.
 
     Args:
@@ -263,9 +264,15 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
             exchange; the window resolved from the global length) and every rank gets its
             shard's outputs of the whole-sequence model, forward and backward; gradients of
             the parameters are the sum over the group. Refused with a ValueError on every rank:
-            packed rows, a KV cache (generation), position_ids that are not the global ones,
-            padding other than right padding, softcap / sinks, two-sided windows with padding.
+            packed rows (unless context_parallel_packed), a KV cache (generation), position_ids
+            that are not the global ones, padding other than right padding, softcap / sinks,
+            two-sided windows with padding.
             :func:`context_parallel` sets it for a block only.
+        context_parallel_packed: with ``context_parallel_group``, rows are packed
+            (``DataCollatorWithFlattening``): each rank feeds its block of every row with the
+            row's own position_ids (restarting at 0 at each sequence, not global positions), no
+            attention_mask; a sequence crossing a shard boundary exchanges only its own keys,
+            windows resolved per sequence. Causal layers only.
 
     Returns:
         the name to pass as ``attn_implementation`` (``"sft_sliding_window"``).
@@ -286,6 +293,7 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
     if backend not in BACKENDS:
         raise ValueError(f"register: backend must be one of {BACKENDS}, got {backend!r}")
     _settings["context_parallel_group"] = _check_context_parallel_group(context_parallel_group)
+    _settings["context_parallel_packed"] = bool(context_parallel_packed)
     _settings["window_size"] = window_size
     _settings["backend"] = backend
     _settings["cuda_backend"] = "torch" if _triton_import_error() else "triton"

@@ -98,6 +98,8 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
                 f"{_CP}: the {field} differs across the group: {vals} on group ranks 0..{world - 1}; every rank must "
                 f"run the model on a shard of the same shape (batch, L/P) (pad the sequence to a multiple of P)"
             )
+    if _settings.get("context_parallel_packed"):
+        return _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwargs, backend, group)
     metas = all_gather_ints(local_prefix_counts(valid) + pos_ok, group)  # every rank: its counts and verdicts
     bad = [r for r, m in enumerate(metas) if not all(m[b:])]
     if bad:
@@ -114,6 +116,42 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     if lengths is not None:
         out = out * valid[:, :, None, None].to(out.dtype)  # pad rows zero, as without context parallelism
     return out
+
+
+def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwargs, backend, group):
+    """Packed rows (``register(context_parallel_group=..., context_parallel_packed=True)``): each
+    rank feeds its block of every row with the row's position_ids restarting at 0 at each packed
+    sequence (``DataCollatorWithFlattening``'s, sliced); the blocks' position_ids are all-gathered
+    (``8 batch n (P-1)`` bytes per rank per layer) and each row's sequence boundaries read off them,
+    identically on every rank, so a sequence crossing a shard boundary exchanges only its own keys
+    (:func:`sft_kernels.parallel.packed.context_parallel_packed_attention`, one call per row)."""
+    import torch.distributed as dist
+
+    from ...parallel.context_parallel import all_gather_ints
+    from ...parallel.packed import context_parallel_packed_attention
+
+    b, n = q.shape[:2]
+    ok = int(bool(valid.all())) if causal else 0
+    if not all(m[0] for m in all_gather_ints([ok], group)):
+        raise ValueError(f"{_CP}: packed rows (context_parallel_packed=True) take no padding and causal layers only: "
+                         "drop the attention_mask (the flattening collator gives none) and pad nothing")
+    pos = kwargs["position_ids"].to(q.device).reshape(-1, n).expand(b, n).contiguous().to(torch.int64)
+    parts = [torch.empty_like(pos) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, pos, group=group)
+    full = torch.cat(parts, dim=1)  # (batch, P n), the same on every rank
+    prev = torch.cat([full.new_full((b, 1), -1), full[:, :-1]], dim=1)
+    good = ((full == 0) | (full == prev + 1)).all() and bool((full[:, 0] == 0).all())
+    if not good:
+        raise ValueError(f"{_CP}: with context_parallel_packed=True each row's position_ids must count 0, 1, ... "
+                         "within each packed sequence and restart at 0 at the next (got other values on some rank)")
+    out = []
+    for row in range(b):
+        starts = torch.nonzero(full[row] == 0).flatten().tolist()
+        cu = starts + [full.shape[1]]
+        out.append(context_parallel_packed_attention(q[row:row + 1].contiguous(), k[row:row + 1].contiguous(),
+                                                     v[row:row + 1].contiguous(), cu, window, True, scaling, group,
+                                                     backend))
+    return torch.cat(out, dim=0)
 
 
 def _context_parallel_mask(q_length, kv_length, q_offset, kv_offset, attention_mask):
