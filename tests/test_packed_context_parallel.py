@@ -16,9 +16,9 @@ from _procs import Group, free_port, rank_envs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "packed_context_parallel_worker.py")
 # float64 against the float64 dense reference: measured <= 8.6e-16 (out, dq, dk, dv); a window
-# one key narrower misses by >= 0.14 on some rank. 1e-12 leaves room for summation order only.
+# one key narrower misses by 0.49-0.77 on the worst rank. 1e-12 leaves room for summation order only.
 TOL = 1e-12
-CONTROL_MIN = 1e-2
+CONTROL_MIN = 1e-2  # measured 0.49-0.77 on the worst rank
 LAYOUTS = ("inside-and-one-boundary", "several-boundaries", "aligned")
 WINDOWS = ("w5", "w12", "sqrt", "pair-9", "unbounded")
 
