@@ -12,7 +12,7 @@ variant with transformers' gradient checkpointing:
 
 Measured (never modelled here; :mod:`sft_kernels.memory_model` models it): on CPU, in a fresh
 process per (variant, L, vocab), ``resident`` = RSS growth from building the model to after a
-warm-up step (parameters + AdamW states), ``step`` = the peak RSS growth of the next step above
+64-token warm-up step (parameters + AdamW states), ``step`` = the peak RSS growth of the next step above
 that (gradients, checkpoints, recompute, attention, logits); ``peak`` = resident + step. A fixed
 malloc mmap threshold returns freed blocks at once, so RSS tracks live memory. On GPU:
 ``torch.cuda.max_memory_allocated`` likewise.
@@ -86,8 +86,8 @@ def setup(variant: str, model: Dict, vocab: int, seqlen: int, loss_chunk: int, m
     ids = torch.randint(3, vocab, (1, seqlen), generator=g).to(device)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
 
-    def step():
-        loss = net(**batch).loss
+    def step(tokens=None):
+        loss = net(**{k: v[:, :tokens] for k, v in batch.items()}).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -106,7 +106,9 @@ def child_main(spec: Dict) -> None:
     setup(**tiny, device="cpu")()  # imports, first dispatches: not the step's memory
     base = _rss()
     step = setup(**spec, device="cpu")
-    loss = step()
+    # the warm-up step at 64 tokens: AdamW's states and the gradients' first allocation depend on the
+    # parameters only, and a full-length warm-up would double the run (L = 32k: minutes on 2 cores)
+    loss = step(64)
     resident = _rss()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
@@ -252,6 +254,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="accepted for sft-kernels bench; same as the defaults")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     p.add_argument("--out", default=None, help="result folder (default: see common.result_dir)")
+    p.add_argument("--from-partial", default=None, metavar="DIR",
+                   help="write memory.json, .md and .png in DIR from its memory.partial.jsonl (a run cut off)")
     p.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -261,7 +265,12 @@ def main(argv=None) -> int:
     if args.measure_memory:
         child_main(json.loads(args.measure_memory))
         return 0
-    records = run(args)
+    if args.from_partial:
+        with open(os.path.join(args.from_partial, f"{OP}.partial.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        args.out = args.from_partial
+    else:
+        records = run(args)
     env = records[0]["env"] if records else common.environment(args.device)
     out_dir = common.result_dir(args.out, args.device, env)
     common.write_json(dict(env=env, records=records), os.path.join(out_dir, "memory.json"))
