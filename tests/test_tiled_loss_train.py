@@ -15,6 +15,7 @@ from sft_kernels.train import build_parser, run  # noqa: E402
 
 FLAGS = ["--max_seq_len", "64", "--no_progress", "--per_device_eval_batch_size", "32", "--max_steps", "3",
          "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0.05"]
+REL_CP = 1e-6  # test_train_context_parallel's bound for context parallel against one process (measured: below)
 REL = 2e-6  # measured: losses within 1.4e-7 (ZeRO 0) and 5.4e-8 (ZeRO-3); grad_scale 1 instead of 1/gas: 8.7e-4
 
 
@@ -40,3 +41,26 @@ def test_tiled_run_equals_full_logits_run(tmp_path, zero):
         assert (a[1] is None) == (b[1] is None) and (a[1] is None or _rel(a[1], b[1]) <= REL), (a, b)
     assert zero == 0 or ref["train_grad_norms_this_run"][0][1] is not None  # ZeRO-3 computes norms: compared
     assert _rel(got["eval_after"]["loss"], ref["eval_after"]["loss"]) <= REL
+
+
+def test_context_parallel_tiled_run_equals_one_process_full_logits(tmp_path):
+    """2 gloo ranks, each holding half of every sequence, ZeRO-3 (DeepSpeed's path on the tied,
+    partitioned head): the block losses N l_j through shift_labels / num_items_in_batch, scaled
+    by N and 1/gas, give the one-process full-logits run's losses."""
+    import json
+    import sys
+
+    from _procs import Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs
+
+    prebuild_deepspeed_cpu_ops()
+    cp_dir = tmp_path / "cp2"
+    flags = ["--output_dir", str(cp_dir), "--data_output_path", str(cp_dir) + "-data", *FLAGS, "--zero_stage", "3",
+             "--context_parallel_size", "2", "--loss_chunk_tokens", "21"]
+    g = Group([[sys.executable, "-m", "sft_kernels.train", f"--local_rank={rank}", *flags] for rank in range(2)],
+              rank_envs(2, free_port(), pythonpath=False))
+    assert g.wait() == [0, 0], g.report()
+    got = json.loads((cp_dir / "metrics.json").read_text())
+    ref = _run(tmp_path / "ref", "--zero_stage", 3)
+    assert len(got["train_losses"]) == 3
+    for (s1, a), (s2, b) in zip(got["train_losses"], ref["train_losses"]):
+        assert s1 == s2 and _rel(a, b) <= REL_CP, (s1, a, b)
