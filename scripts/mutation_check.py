@@ -92,11 +92,11 @@ MUTATIONS = [
         "an even non-causal int window puts its extra key on the right",
     ),
     Mutation(
-        "left_edge_off_by_one_torch", f"{ATT}/torch_impl.py",
-        "        keep &= j >= i - left",
-        "        keep &= j > i - left",
+        "left_edge_off_by_one_torch", "sft_kernels/window.py",
+        "        mask &= j >= i - left",
+        "        mask &= j > i - left",
         ["tests/test_attention.py"], "torch_path",
-        "the PyTorch path's band drops its leftmost key",
+        "the band mask the PyTorch path applies (window.band_mask) drops its leftmost key",
     ),
     Mutation(
         "right_edge_off_by_one_triton", f"{ATT}/triton_kernels.py",
@@ -113,11 +113,11 @@ MUTATIONS = [
         "the forward / dQ treat the band's last, partial key tile as mask-free",
     ),
     Mutation(
-        "top_left_alignment_torch", f"{ATT}/torch_impl.py",
-        "    off = lk - lq\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
-        "    off = 0\n    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):\n        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
+        "top_left_alignment_torch", "sft_kernels/window.py",
+        "    i = torch.arange(start, stop, device=device).unsqueeze(1) + (seqlen_k - seqlen_q)",
+        "    i = torch.arange(start, stop, device=device).unsqueeze(1)",
         ["tests/test_attention.py"], "torch_path",
-        "the forward masks with top-left alignment when seqlen_q != seqlen_k",
+        "the PyTorch path masks with top-left alignment when seqlen_q != seqlen_k",
     ),
     # ------------------------------------------------------------------ heads, rows, gradients
     Mutation(

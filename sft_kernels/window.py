@@ -153,17 +153,19 @@ def packed_sequences(cu_seqlens_q, cu_seqlens_k, spec: WindowSpec):
         yield cq[i], cq[i + 1], ck[i], ck[i + 1], left, right
 
 
-def band_mask(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None, rows=None):
+def band_mask(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None, rows=None, cols=None):
     """Dense boolean mask (seqlen_q, seqlen_k): True where query i may attend key j.
 
-    ``rows=(start, stop)`` returns only those query rows (same alignment).
+    ``rows=(start, stop)`` / ``cols=(start, stop)`` return only those query rows / key columns
+    (same alignment): the PyTorch path masks one chunk's scores with it.
     """
     import torch
 
     start, stop = rows if rows is not None else (0, seqlen_q)
+    lo, hi = cols if cols is not None else (0, seqlen_k)
     i = torch.arange(start, stop, device=device).unsqueeze(1) + (seqlen_k - seqlen_q)
-    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
-    mask = torch.ones(stop - start, seqlen_k, dtype=torch.bool, device=device)
+    j = torch.arange(lo, hi, device=device).unsqueeze(0)
+    mask = torch.ones(stop - start, hi - lo, dtype=torch.bool, device=device)
     if left >= 0:
         mask &= j >= i - left
     if right >= 0:

@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...window import WindowSpec, packed_sequences
+from ...window import WindowSpec, band_mask, packed_sequences
 
 # Query rows per chunk. Swept with the single-threaded workers on the CI machine (fp32, B=1,
 # H=8, D=64, L=16384, causal window 256, fwd+bwd; CPU seconds, the work itself, as the machine
@@ -83,17 +83,6 @@ def _chunks(lq: int, lk: int, left: int, right: int, rows: int, r0: int = 0, r1:
         cut_left = left >= 0 and (qe - 1 + off - left) > lo
         cut_right = right >= 0 and (qs + off + right) < hi - 1
         yield qs, qe, lo, hi, cut_left or cut_right
-
-
-def _band(qs, qe, lo, hi, off, left, right, device):
-    i = torch.arange(qs, qe, device=device).unsqueeze(1) + off
-    j = torch.arange(lo, hi, device=device).unsqueeze(0)
-    keep = torch.ones(qe - qs, hi - lo, dtype=torch.bool, device=device)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
 
 
 def _reach(lk: int, left: int, right: int) -> int:
@@ -157,14 +146,13 @@ def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1, softcap=0.0, 
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    off = lk - lq
     for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
         if hi <= lo:
             continue  # no key in reach: zeros, lse -inf
         c = qe - qs
         s, _ = _capped_scores(_q_chunk(q, qs, qe, hkv, cdt), _kv_range(k, lo, hi, cdt), scale, softcap)
         if needs_mask:
-            keep = _band(qs, qe, lo, hi, off, left, right, q.device)
+            keep = band_mask(lq, lk, left, right, q.device, rows=(qs, qe), cols=(lo, hi))
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         if sinks is not None:  # the sink: one more logit in the denominator, value 0
@@ -196,7 +184,6 @@ def _bwd_rows(do, q, k, v, out, lse, dq, dk, dv, left, right, scale, rows, r0, r
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    off = lk - lq
     for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
         if hi <= lo:
             continue
@@ -206,7 +193,7 @@ def _bwd_rows(do, q, k, v, out, lse, dq, dk, dv, left, right, scale, rows, r0, r
         kr, vr = _kv_range(k, lo, hi, cdt), _kv_range(v, lo, hi, cdt)
         s, cap_grad = _capped_scores(qc, kr, scale, softcap, grad=True)
         if needs_mask:
-            keep = _band(qs, qe, lo, hi, off, left, right, q.device)
+            keep = band_mask(lq, lk, left, right, q.device, rows=(qs, qe), cols=(lo, hi))
             s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
         p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()  # lse holds any sink
         dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).transpose(1, 2)  # sums the G query heads
