@@ -422,6 +422,13 @@ MUTATIONS = [
         ["tests/test_attention.py"], "tile_edges and torch_path",
         "int_window_centre_swapped, held to the fixed cases alone (the entry above lets a property draw catch it)",
     ),
+    Mutation(
+        "padding_hole_unchecked_when_compiled", "sft_kernels/modules/padding.py",
+        '        torch._assert_async((blocks <= 1).all(), f"{name} has padding between tokens")\n',
+        "",
+        ["tests/test_sft_attention.py"], "hole",
+        "under torch.compile the padding check returns without its device-side assertion",
+    ),
 ]
 
 
