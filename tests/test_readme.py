@@ -141,8 +141,12 @@ def _blocks(page):
 
 
 BLOCKS = _blocks(README)
+# A block that runs only on several ranks under a launcher says so on its first line
+# ("# on every rank ..."): it is compiled, not run.
+LAUNCHED = re.compile(r"\A# on every rank")
 DOC_BLOCKS = [(page, i) for page in DOCS for i, code in enumerate(_blocks(page))
-              if re.search(r"^\s*(from|import) ", code, re.M)]
+              if re.search(r"^\s*(from|import) ", code, re.M) and not LAUNCHED.match(code)]
+LAUNCHED_BLOCKS = [(page, i) for page in DOCS for i, code in enumerate(_blocks(page)) if LAUNCHED.match(code)]
 
 
 def test_readme_has_examples():
@@ -168,6 +172,11 @@ def _run_block(code, name, tmp_path):
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"python-block-{i}")
 def test_readme_example_runs(index, tmp_path):
     _run_block(BLOCKS[index], f"README.md python block {index}", tmp_path)
+
+
+@pytest.mark.parametrize("page,index", LAUNCHED_BLOCKS, ids=[f"{_rel(p)}-{i}" for p, i in LAUNCHED_BLOCKS])
+def test_docs_launcher_blocks_compile(page, index):
+    compile(_blocks(page)[index], f"{_rel(page)} python block {index}", "exec")
 
 
 @pytest.mark.parametrize("page,index", DOC_BLOCKS, ids=[f"{_rel(p)}-{i}" for p, i in DOC_BLOCKS])
