@@ -131,8 +131,9 @@ def child_peak_main(make: Callable[[], Callable[[], object]], warm: Optional[Cal
     print(json.dumps({"peak_bytes": max(0, _status_bytes("VmHWM") - base)}))
 
 
-def cpu_peak_bytes(module: str, args: List[str], timeout: float = 600) -> Optional[int]:
-    """Run ``python -m module --measure-memory ARGS`` in a fresh process; None if it fails.
+def cpu_child_json(module: str, args: List[str], timeout: float = 600) -> Optional[dict]:
+    """Run ``python -m module --measure-memory ARGS`` in a fresh process and return the last
+    JSON object it printed; None if it fails (the child's last stderr line is reported).
 
     A fixed malloc mmap threshold makes freed large blocks go back to the OS at once,
     so the resident-set peak tracks live memory rather than the allocator's caching.
@@ -147,10 +148,19 @@ def cpu_peak_bytes(module: str, args: List[str], timeout: float = 600) -> Option
         return None
     for line in reversed(out.stdout.strip().splitlines()):
         try:
-            return int(json.loads(line)["peak_bytes"])
-        except (ValueError, KeyError):
+            record = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(record, dict):
+            return record
+    progress(f"  memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
     return None
+
+
+def cpu_peak_bytes(module: str, args: List[str], timeout: float = 600) -> Optional[int]:
+    """The ``peak_bytes`` a :func:`child_peak_main` child reports (:func:`cpu_child_json`)."""
+    record = cpu_child_json(module, args, timeout)
+    return int(record["peak_bytes"]) if record and "peak_bytes" in record else None
 
 
 def result_dir(out: Optional[str], device: str, env: Optional[Dict[str, str]] = None) -> str:

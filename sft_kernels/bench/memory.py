@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Dict, List, Optional
 
@@ -119,20 +118,8 @@ def child_main(spec: Dict) -> None:
 
 
 def measure_cpu(spec: Dict, timeout: float) -> Optional[Dict]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, "-m", __spec__.name if __spec__ else "sft_kernels.bench.memory", "--measure-memory",
-           json.dumps(spec)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None
-    for line in reversed(out.stdout.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    common.progress(f"  child failed: {out.stderr.strip().splitlines()[-1:] }")
-    return None
+    return common.cpu_child_json(__spec__.name if __spec__ else "sft_kernels.bench.memory", [json.dumps(spec)],
+                                 timeout)
 
 
 def measure_cuda(spec: Dict) -> Dict:
