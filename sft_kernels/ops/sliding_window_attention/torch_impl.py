@@ -16,7 +16,7 @@ thread, each running its ops single-threaded (no barrier inside an op, no spinni
 a worker on a busy core simply takes fewer tasks. At that shape on the 2-core CI machine
 while other jobs loaded it (load average 12-16): the chunk loop on the intra-op team
 32-45 s, dense causal SDPA 29-33 s; this path 1.8 s, and 2.7 s with a pinned busy loop
-beside it (benchmarks/bench_attention.py times both conditions). Larger ops alone do not
+beside it (sft_kernels/bench/attention.py times both conditions). Larger ops alone do not
 get there within the memory budget: under that load one batched matmul of 8 x (128 x 64 @
 64 x 384) took 18 ms on the 2-thread team against 1.1 ms on one thread, and the team only
 caught up at 8192 rows (~100 ms of work per op), while the O(L * w) peak-memory target
