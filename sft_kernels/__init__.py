@@ -19,12 +19,13 @@ from .ops.block_diag.reference import block_diag_matmul_reference  # noqa: E402
 from .ops.sliding_window_attention.op import sliding_window_attention  # noqa: E402
 from .ops.sliding_window_attention.reference import sliding_window_attention_reference  # noqa: E402
 from .parallel.context_parallel import context_parallel_attention  # noqa: E402
-from .window import parse_window, resolve_window, sliding_window_to_window_size  # noqa: E402
+from .window import WindowSpec, parse_window, resolve_window, sliding_window_to_window_size  # noqa: E402
 
 __all__ = [
     "BACKENDS",
     "BlockDiagonalLinear",
     "SFTAttention",
+    "WindowSpec",
     "backend_status",
     "block_diag_matmul",
     "block_diag_matmul_reference",

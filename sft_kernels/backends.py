@@ -84,6 +84,16 @@ def backend_status() -> Dict[str, BackendStatus]:
     return status
 
 
+def auto_backend(device_type: str) -> str:
+    """What ``backend="auto"`` runs on tensors of ``device_type``: Triton on CUDA tensors when
+    it imports, the PyTorch path everywhere else. The one place that rule is written; the
+    CUDA C++ kernels are never picked by auto (verified only in the CPU emulator, unmeasured
+    on a GPU: ``backend="cuda"`` asks for them)."""
+    if device_type == "cuda" and not _triton_import_error():
+        return "triton"
+    return "torch"
+
+
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     """The concrete backend for one call of ``op`` on tensors living on ``device``.
 
@@ -93,9 +103,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = device.type == "cuda"
     if backend == "auto":
-        if on_cuda and not _triton_import_error():
-            return "triton"
-        return "torch"
+        return auto_backend(device.type)
     if backend == "torch":
         return "torch"
     if backend == "triton":

@@ -101,7 +101,7 @@ def op_case(name, n, window_size, causal, hq=4, hkv=2, d=8, b=2, scale=None, dty
     (out_ref * do).sum().backward()
     # this rank's shard through context_parallel_attention
     qs, ks, vs = (shard(t).to(dtype).clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = context_parallel_attention(qs, ks, vs, window_size, causal, scale, backend=backend, return_lse=True)
+    out, lse = context_parallel_attention(qs, ks, vs, window_size=window_size, causal=causal, softmax_scale=scale, backend=backend, return_lse=True)
     (out * shard(do).to(dtype)).sum().backward()
     res = {
         "out": rel(out, shard(out_ref)), "lse": rel(lse, shard(lse_ref, 2)),
@@ -167,18 +167,18 @@ def t(*shape, dtype=torch.float64):
 
 
 expect_error("unequal-lengths", lambda: context_parallel_attention(
-    t(1, N + (RANK == 0), 2, 8), t(1, N + (RANK == 0), 2, 8), t(1, N + (RANK == 0), 2, 8), 3))
+    t(1, N + (RANK == 0), 2, 8), t(1, N + (RANK == 0), 2, 8), t(1, N + (RANK == 0), 2, 8), window_size=3))
 # L = P N + 1 split as evenly as possible: the group size does not divide L
 _len = [len(c) for c in torch.arange(P * N + 1).tensor_split(P)][RANK]
 expect_error("group-does-not-divide-L", lambda: context_parallel_attention(
-    t(1, _len, 2, 8), t(1, _len, 2, 8), t(1, _len, 2, 8), 3))
+    t(1, _len, 2, 8), t(1, _len, 2, 8), t(1, _len, 2, 8), window_size=3))
 expect_error("window-differs", lambda: context_parallel_attention(
-    t(1, N, 2, 8), t(1, N, 2, 8), t(1, N, 2, 8), 3 if RANK == 0 else 4))
+    t(1, N, 2, 8), t(1, N, 2, 8), t(1, N, 2, 8), window_size=3 if RANK == 0 else 4))
 expect_error("heads-differ", lambda: context_parallel_attention(
-    t(1, N, 2, 8), t(1, N, 2 if RANK == 0 else 1, 8), t(1, N, 2 if RANK == 0 else 1, 8), 3))
-expect_error("packed", lambda: context_parallel_attention(t(N, 2, 8), t(N, 2, 8), t(N, 2, 8), 3))
+    t(1, N, 2, 8), t(1, N, 2 if RANK == 0 else 1, 8), t(1, N, 2 if RANK == 0 else 1, 8), window_size=3))
+expect_error("packed", lambda: context_parallel_attention(t(N, 2, 8), t(N, 2, 8), t(N, 2, 8), window_size=3))
 expect_error("one-rank-bad-dtype", lambda: context_parallel_attention(
-    *(torch.ones(1, N, 2, 8, dtype=torch.int64 if RANK == 1 else torch.float64) for _ in range(3)), 3))
+    *(torch.ones(1, N, 2, 8, dtype=torch.int64 if RANK == 1 else torch.float64) for _ in range(3)), window_size=3))
 # the group still works after the errors (no rank left behind in a collective)
 op_case("after-errors", N, window_size=(N + 1, 1), causal=False, seed=1)
 

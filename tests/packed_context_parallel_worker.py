@@ -111,7 +111,7 @@ for name, cu, w in (("inside-and-one-boundary-w5", LAYOUTS["inside-and-one-bound
 x = data(7)
 cu = LAYOUTS["several-boundaries"]
 ql, kl, vl = (t[:, LO:HI].clone().requires_grad_() for t in x[:3])
-out = context_parallel_attention(ql, kl, vl, "sqrt", cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+out = context_parallel_attention(ql, kl, vl, window_size="sqrt", cu_seqlens=torch.tensor(cu, dtype=torch.int32))
 out.backward(x[3][:, LO:HI])
 results["several-boundaries-sqrt-via-context_parallel_attention"] = errs(
     oracle(cu, "sqrt", *x), (out.detach(), ql.grad, kl.grad, vl.grad))

@@ -71,7 +71,7 @@ def _check_against_reference(q, k, v, window, causal, backend, grads=True, gener
     """
     dtype = q.dtype
     sinks = kw.pop("sinks", None)
-    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend=backend, sinks=sinks, **kw)
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, return_lse=True, backend=backend, sinks=sinks, **kw)
     assert out.dtype == dtype and out.shape == q.shape
     ref_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items() if not n.startswith("max_")}
     leaves = (q, k, v) + ((sinks,) if sinks is not None else ())
@@ -186,8 +186,8 @@ def test_torch_path_fp16(name):
 
 def test_auto_on_cpu_uses_torch_path():
     q, k, v = _inputs(1, 20, 20, 2, 2, 8, torch.float32, "cpu")
-    a = sliding_window_attention(q, k, v, (3, 0))
-    b = sliding_window_attention(q, k, v, (3, 0), backend="torch")
+    a = sliding_window_attention(q, k, v, window_size=(3, 0))
+    b = sliding_window_attention(q, k, v, window_size=(3, 0), backend="torch")
     assert torch.equal(a, b)
 
 
@@ -196,7 +196,7 @@ def test_torch_path_long_sequence_against_reference_chunk():
     torch.manual_seed(3)
     b, L, h, d, w = 1, 8192, 2, 32, 256
     q, k, v = [torch.randn(b, L, h, d, dtype=torch.float64) for _ in range(3)]
-    out, lse = sliding_window_attention(q, k, v, w, causal=True, return_lse=True, backend="torch")
+    out, lse = sliding_window_attention(q, k, v, window_size=w, causal=True, return_lse=True, backend="torch")
     for start in (0, 4000, L - 300):
         rows = (start, start + 300)
         ref, ref_lse = sliding_window_attention_reference(q, k, v, w, causal=True, query_range=rows)
@@ -210,7 +210,7 @@ def test_torch_path_long_sequence_gradients_chunk():
     b, L, h, d, w = 1, 8192, 2, 16, 128
     q, k, v = [torch.randn(b, L, h, d, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     rows = (5000, 5200)
-    out = sliding_window_attention(q, k, v, w, causal=True, backend="torch")
+    out = sliding_window_attention(q, k, v, window_size=w, causal=True, backend="torch")
     do = torch.randn(b, rows[1] - rows[0], h, d, dtype=torch.float64)
     dq, dk, dv = torch.autograd.grad((out[:, rows[0]:rows[1]] * do).sum(), (q, k, v))
     ref, _ = sliding_window_attention_reference(q, k, v, w, causal=True, query_range=rows)
@@ -264,7 +264,7 @@ def test_varlen_against_per_sequence_reference(name, backend, triton_device):
     lens_q, lens_k, window, causal = VARLEN_CASES[name]
     device = triton_device if backend == "triton" else "cpu"
     q, k, v, cu_q, cu_k = _varlen(lens_q, lens_k, 4, 2, 32, torch.float32, device)
-    out, lse = sliding_window_attention(q, k, v, window, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                         return_lse=True, backend=backend)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -327,7 +327,7 @@ def test_triton_writes_every_output_element(triton_device, monkeypatch):
     for case in ("q_longer_causal", "hd80_gqa", "diag_only"):
         b, lq, lk, hq, hkv, d, window, causal = CASES[case]
         q, k, v = _inputs(b, lq, lk, hq, hkv, d, torch.float32, triton_device)
-        out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend="triton")
+        out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, return_lse=True, backend="triton")
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         for g in (dq, dk, dv):
@@ -337,7 +337,7 @@ def test_triton_writes_every_output_element(triton_device, monkeypatch):
 @pytest.mark.interpret
 def test_triton_backward_is_deterministic(triton_device):
     q, k, v = _inputs(1, 64, 64, 4, 1, 32, torch.float32, triton_device)
-    out = sliding_window_attention(q, k, v, (20, 0), True, backend="triton")
+    out = sliding_window_attention(q, k, v, window_size=(20, 0), causal=True, backend="triton")
     do = torch.randn_like(out)
     g1 = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
     g2 = torch.autograd.grad(out, (q, k, v), do)
@@ -537,7 +537,7 @@ def test_sinks_rows_without_keys_keep_the_sink_and_its_gradient():
 def test_sinks_keep_their_dtype_and_reach_a_parameter():
     q, k, v = _inputs(1, 12, 12, 2, 1, 8, torch.bfloat16, "cpu")
     sinks = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
-    sliding_window_attention(q, k, v, 5, True, sinks=sinks).float().sum().backward()
+    sliding_window_attention(q, k, v, window_size=5, causal=True, sinks=sinks).float().sum().backward()
     assert sinks.grad is not None and sinks.grad.dtype == torch.bfloat16 and torch.isfinite(sinks.grad).all()
     assert (sinks.grad != 0).all()
 
@@ -558,7 +558,7 @@ def test_sinks_keep_their_dtype_and_reach_a_parameter():
 def test_bad_score_modifiers(kwargs, exc, match):
     q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
     with pytest.raises(exc, match=match):
-        sliding_window_attention(q, k, v, 4, True, **kwargs)
+        sliding_window_attention(q, k, v, window_size=4, causal=True, **kwargs)
 
 
 def test_cuda_backend_refuses_score_modifiers_by_name(monkeypatch):
@@ -569,7 +569,7 @@ def test_cuda_backend_refuses_score_modifiers_by_name(monkeypatch):
     q = torch.randn(1, 8, 2, 64, dtype=torch.float16)
     for kw in (dict(softcap=30.0), dict(sinks=torch.zeros(2))):
         with pytest.raises(ValueError, match="backend='cuda' supports neither softcap nor sinks; use backend='triton'"):
-            sliding_window_attention(q, q, q, 4, True, backend="cuda", **kw)
+            sliding_window_attention(q, q, q, window_size=4, causal=True, backend="cuda", **kw)
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -589,7 +589,7 @@ def test_rows_without_keys_are_zero_with_zero_grad(backend, triton_device):
 def test_fp16_large_logits_stay_finite(backend, triton_device):
     device = triton_device if backend == "triton" else "cpu"
     q, k, v = _inputs(1, 48, 48, 2, 2, 32, torch.float16, device, scale=30.0)  # logits ~ 1e3 to 1e4
-    out = sliding_window_attention(q, k, v, (10, 0), True, backend=backend)
+    out = sliding_window_attention(q, k, v, window_size=(10, 0), causal=True, backend=backend)
     assert torch.isfinite(out).all()
     ref, _ = sliding_window_attention_reference(*(t.detach().cpu().double() for t in (q, k, v)), (10, 0), True)
     assert_rel(out.cpu(), ref, TOL[torch.float16], "out")
@@ -600,19 +600,19 @@ def test_fp16_large_logits_stay_finite(backend, triton_device):
 def test_non_contiguous_inputs():
     qkv = torch.randn(2, 50, 3, 4, 16, dtype=torch.float64)
     q, k, v = qkv.unbind(2)  # strided views
-    out = sliding_window_attention(q, k, v, (5, 0), True, backend="torch")
+    out = sliding_window_attention(q, k, v, window_size=(5, 0), causal=True, backend="torch")
     ref, _ = sliding_window_attention_reference(q, k, v, (5, 0), True)
     assert_rel(out, ref, TOL[torch.float64], "out")
     qt = torch.randn(2, 16, 50, 4, dtype=torch.float64).transpose(1, 3)  # last dim not contiguous
     kt = torch.randn(2, 16, 50, 4, dtype=torch.float64).transpose(1, 3)
-    out = sliding_window_attention(qt, kt, kt, (5, 0), True)
+    out = sliding_window_attention(qt, kt, kt, window_size=(5, 0), causal=True)
     ref, _ = sliding_window_attention_reference(qt, kt, kt, (5, 0), True)
     assert_rel(out, ref, TOL[torch.float64], "out (transposed)")
 
 
 def test_softmax_scale_and_lse():
     q, k, v = _inputs(1, 30, 30, 2, 2, 8, torch.float64, "cpu")
-    out, lse = sliding_window_attention(q, k, v, (4, 4), softmax_scale=0.3, return_lse=True)
+    out, lse = sliding_window_attention(q, k, v, window_size=(4, 4), softmax_scale=0.3, return_lse=True)
     ref, ref_lse = sliding_window_attention_reference(q, k, v, (4, 4), softmax_scale=0.3)
     assert_rel(out, ref, 1e-10, "out")
     assert_rel(lse, ref_lse, 1e-10, "lse")
@@ -698,7 +698,7 @@ def test_torch_compile_fullgraph(compile_backend):
     q, k, v = _inputs(2, 40, 40, 4, 2, 16, torch.float32, "cpu")
 
     def f(q, k, v):
-        return sliding_window_attention(q * 2, k, v, (7, 0), True, backend="torch").sum()
+        return sliding_window_attention(q * 2, k, v, window_size=(7, 0), causal=True, backend="torch").sum()
 
     compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
     loss = compiled(q, k, v)
@@ -847,7 +847,7 @@ def test_triton_gpu_sizes(name, dtype):
 def test_triton_gpu_varlen_long():
     lens = [1000, 17, 3000, 513]
     q, k, v, cu_q, cu_k = _varlen(lens, lens, 8, 2, 128, torch.bfloat16, "cuda")
-    out = sliding_window_attention(q, k, v, 512, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton")
+    out = sliding_window_attention(q, k, v, window_size=512, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton")
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -892,7 +892,7 @@ def test_large_logits_hold_the_documented_bar(logits, dtype, backend, triton_dev
         return [out, lse] + grads(out, xs, dt)
 
     xs = [t.to(device).requires_grad_() for t in (q, k, v)]
-    out, lse = sliding_window_attention(*xs, window, True, backend=backend, return_lse=True)
+    out, lse = sliding_window_attention(*xs, window_size=window, causal=True, backend=backend, return_lse=True)
     mine = [t.cpu() for t in [out, lse] + grads(out, xs, dtype)]
     ref = reference(torch.float64)
     names = ("out", "lse", "dq", "dk", "dv")

@@ -45,7 +45,7 @@ def test_tma_forward(name, tma, triton_device):
     q = torch.randn(b, lq, hq, d, device=triton_device, requires_grad=True)
     k = torch.randn(b, lk, hkv, d, device=triton_device, requires_grad=True)
     v = torch.randn(b, lk, hkv, d, device=triton_device, requires_grad=True)
-    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend="triton")
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, return_lse=True, backend="triton")
     assert tma == [True], "the descriptor path did not run"
     assert not torch.isnan(out).any(), "unwritten output elements"
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
@@ -67,7 +67,7 @@ def test_tma_forward_packed(tma, triton_device):
     q = torch.randn(sum(lens), 4, 48, device=triton_device)
     k = torch.randn(sum(lens), 2, 48, device=triton_device)
     v = torch.randn(sum(lens), 2, 48, device=triton_device)
-    out, lse = sliding_window_attention(q, k, v, (7, 0), True, cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True,
+    out, lse = sliding_window_attention(q, k, v, window_size=(7, 0), causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True,
                                         backend="triton")
     assert tma == [True]
     ref, ref_lse = sliding_window_attention_reference(q.double(), k.double(), v.double(), (7, 0), True,
@@ -99,7 +99,7 @@ def test_q_k_v_with_different_row_strides(tma, monkeypatch, triton_device):
     v = torch.randn(b, L, hkv, d + 8, device=triton_device)[..., :d]  # row stride 80, head stride 40
     q, k, v = (t.requires_grad_() for t in (q.clone(), k.detach(), v.detach()))
     assert len({q.stride(1), k.stride(1), v.stride(1)}) == 2 and k.stride(1) != v.stride(1)
-    out = sliding_window_attention(q, k, v, (9, 0), True, backend="triton")
+    out = sliding_window_attention(q, k, v, window_size=(9, 0), causal=True, backend="triton")
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref, _ = sliding_window_attention_reference(q64, k64, v64, (9, 0), True)
     assert_rel(out.cpu(), ref, TOL[torch.float32], "out")

@@ -105,7 +105,7 @@ def _tol(dtype, backend, device):
 def test_forward_vs_reference(case, bias, dtype, backend):
     in_f, out_f = SPLITS[case]
     x, w, b = _make(in_f, out_f, lead=(97,), dtype=dtype, bias=bias)
-    y = block_diag_matmul(x, w, in_f, out_f, b, backend=backend)
+    y = block_diag_matmul(x, w, in_f, out_f, bias=b, backend=backend)
     assert y.dtype == dtype and y.shape == (97, sum(out_f))
     ref = _ref64(x, w, b, in_f, out_f)
     assert_rel(y, ref, TOL[dtype], f"{case} y")
@@ -119,7 +119,7 @@ def test_forward_vs_reference(case, bias, dtype, backend):
 def test_gradients_vs_reference(case, bias, dtype):
     in_f, out_f = SPLITS[case]
     x, w, b = _make(in_f, out_f, lead=(3, 41), dtype=dtype, bias=bias, requires_grad=True)
-    y = block_diag_matmul(x, w, in_f, out_f, b, backend="torch")
+    y = block_diag_matmul(x, w, in_f, out_f, bias=b, backend="torch")
     gy = torch.randn_like(y)
     y.backward(gy)
     dx, dw, db = _ref64_grads(x, w, b, in_f, out_f, gy)
@@ -134,22 +134,22 @@ def test_gradcheck_float64():
     in_f, out_f = [3, 1, 4], [2, 5, 1]
     for backend in ("torch", "auto"):
         x, w, b = _make(in_f, out_f, lead=(2, 3), dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, w, b: block_diag_matmul(x, w, in_f, out_f, b, backend=backend), (x, w, b))
+        assert torch.autograd.gradcheck(lambda x, w, b: block_diag_matmul(x, w, in_f, out_f, bias=b, backend=backend), (x, w, b))
     x, w, b = _make([4] * 3, [2] * 3, lead=(5,), dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: block_diag_matmul(x, w, [4] * 3, [2] * 3, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: block_diag_matmul(x, w, [4] * 3, [2] * 3, bias=b), (x, w, b))
 
 
 def test_auto_single_block_is_linear():
     x, w, b = _make([37], [19], lead=(5, 7))
-    y = block_diag_matmul(x, w, [37], [19], b)
+    y = block_diag_matmul(x, w, [37], [19], bias=b)
     assert torch.equal(y, torch.nn.functional.linear(x, w.view(19, 37), b))
     assert bd_op._resolve("auto", torch.device("cpu"), [16] * 4, [16] * 4, torch.float32) == "torch"
 
 
 def test_weight_3d_for_equal_blocks():
     x, w, b = _make([8] * 4, [6] * 4)
-    y = block_diag_matmul(x, w.view(4, 6, 8), [8] * 4, [6] * 4, b)
-    assert torch.equal(y, block_diag_matmul(x, w, [8] * 4, [6] * 4, b))
+    y = block_diag_matmul(x, w.view(4, 6, 8), [8] * 4, [6] * 4, bias=b)
+    assert torch.equal(y, block_diag_matmul(x, w, [8] * 4, [6] * 4, bias=b))
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -175,7 +175,7 @@ def test_layouts_forward_backward(case, layout):
     in_f, out_f = SPLITS[case]
     x = _layouts(sum(in_f))[layout].requires_grad_(True)
     _, w, b = _make(in_f, out_f, requires_grad=True)
-    y = block_diag_matmul(x, w, in_f, out_f, b, backend="torch")
+    y = block_diag_matmul(x, w, in_f, out_f, bias=b, backend="torch")
     assert y.shape == (*x.shape[:-1], sum(out_f))
     ref = _ref64(x, w, b, in_f, out_f)
     assert_rel(y, ref, TOL[torch.float32], layout)
@@ -193,7 +193,7 @@ def test_broadcast_grad_with_zero_strides():
     # sum().backward() hands the op an expanded gradient (stride 0 everywhere)
     in_f, out_f = SPLITS["unequal"]
     x, w, b = _make(in_f, out_f, lead=(11,), requires_grad=True)
-    block_diag_matmul(x, w, in_f, out_f, b, backend="torch").sum().backward()
+    block_diag_matmul(x, w, in_f, out_f, bias=b, backend="torch").sum().backward()
     dx, dw, db = _ref64_grads(x, w, b, in_f, out_f, torch.ones(11, sum(out_f)))
     assert_rel(x.grad, dx, TOL[torch.float32], "dx")
     assert_rel(w.grad, dw, TOL[torch.float32], "dw")
@@ -244,7 +244,7 @@ def test_property_random_splits(problem):
     in_f, out_f, lead, bias, dtype, seed = problem
     gen = torch.Generator().manual_seed(seed)
     x, w, b = _make(in_f, out_f, lead=lead, dtype=dtype, bias=bias, requires_grad=True, generator=gen)
-    y = block_diag_matmul(x, w, in_f, out_f, b)
+    y = block_diag_matmul(x, w, in_f, out_f, bias=b)
     ref = _ref64(x, w, b, in_f, out_f)
     assert_close(y.detach(), ref, dtype, f"{in_f}->{out_f} y", _lowp_ref(x, w, b, in_f, out_f).detach())
     gy = torch.randn(y.shape, generator=gen).to(dtype)
@@ -272,7 +272,7 @@ def test_torch_compile_fullgraph():
     x, w, b = _make(in_f, out_f, lead=(2, 9), requires_grad=True)
 
     def f(x, w, b):
-        return torch.relu(block_diag_matmul(x, w, in_f, out_f, b)).square().sum()
+        return torch.relu(block_diag_matmul(x, w, in_f, out_f, bias=b)).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     loss = compiled(x, w, b)
@@ -346,7 +346,7 @@ def test_triton_rejects_float64():
 def test_triton_forward_backward(case, dtype, triton_device):
     in_f, out_f = TRITON_SPLITS[case]
     x, w, b = _make(in_f, out_f, lead=(2, 23), dtype=dtype, device=triton_device, requires_grad=True)
-    y = block_diag_matmul(x, w, in_f, out_f, b, backend="triton")
+    y = block_diag_matmul(x, w, in_f, out_f, bias=b, backend="triton")
     ref = _ref64(x, w, b, in_f, out_f)
     tol = _tol(dtype, "triton", triton_device)
     assert_rel(y.cpu(), ref.cpu(), tol, f"{case} y")
@@ -366,7 +366,7 @@ def test_triton_layouts(layout, triton_device):
     in_f, out_f = TRITON_SPLITS["unequal"]
     x = _layouts(sum(in_f))[layout].to(triton_device).requires_grad_(True)
     _, w, b = _make(in_f, out_f, device=triton_device, requires_grad=True)
-    y = block_diag_matmul(x, w, in_f, out_f, b, backend="triton")
+    y = block_diag_matmul(x, w, in_f, out_f, bias=b, backend="triton")
     assert y.shape == (*x.shape[:-1], sum(out_f))
     tol = _tol(torch.float32, "triton", triton_device)
     assert_rel(y.cpu(), _ref64(x, w, b, in_f, out_f).cpu(), tol, layout)

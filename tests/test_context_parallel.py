@@ -208,7 +208,7 @@ def test_requires_initialised_distributed():
 
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
-        context_parallel_attention(q, q, q, 3)
+        context_parallel_attention(q, q, q, window_size=3)
 
 
 # ----------------------------------------------------------------------------- benchmark and example

@@ -241,7 +241,7 @@ def test_attention_public_api(name, dtype):
 
     q, k, v, window, causal = _attn_inputs(ATTN[name], dtype)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend="cuda")
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, return_lse=True, backend="cuda")
     do = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     _compare(dtype, out, lse, dq, dk, dv, *_ref_all(q, k, v, window, causal, do))

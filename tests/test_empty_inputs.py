@@ -56,7 +56,7 @@ def test_attention_padded_empty(name, window, causal, backend, triton_device):
     b, lq, lk, hq, hkv, d = PADDED[name]
     device = _device(backend, triton_device)
     q, k, v = _rand(b, lq, hq, d, device=device), _rand(b, lk, hkv, d, device=device), _rand(b, lk, hkv, d, device=device)
-    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend=backend)
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, return_lse=True, backend=backend)
     ref, ref_lse = sliding_window_attention_reference(*(t.detach().cpu().double() for t in (q, k, v)), window, causal)
     assert out.shape == q.shape == ref.shape and out.dtype == q.dtype
     assert lse.shape == (b, hq, lq) == ref_lse.shape and lse.dtype == torch.float32
@@ -69,7 +69,7 @@ def test_attention_padded_empty(name, window, causal, backend, triton_device):
 def test_attention_padded_empty_dtypes_torch(dtype):
     for b, lq, lk, hq, hkv, d in PADDED.values():
         q, k, v = (_rand(b, n, h, d, device="cpu", dtype=dtype) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
-        out, lse = sliding_window_attention(q, k, v, (3, 0), True, return_lse=True, backend="torch")
+        out, lse = sliding_window_attention(q, k, v, window_size=(3, 0), causal=True, return_lse=True, backend="torch")
         assert out.shape == q.shape and out.dtype == dtype
         assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert lse.shape == (b, hq, lq) and torch.isneginf(lse).all()
@@ -101,7 +101,7 @@ def test_attention_packed_no_tokens(name, window, causal, backend, triton_device
     lens_q, lens_k = PACKED_EMPTY[name]
     device = _device(backend, triton_device)
     cu_q, cu_k, q, k, v = _packed_inputs(lens_q, lens_k, device)
-    out, lse = sliding_window_attention(q, k, v, window, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                         return_lse=True, backend=backend)
     ref, ref_lse = sliding_window_attention_reference(*(t.detach().cpu().double() for t in (q, k, v)), window, causal,
                                                       cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
@@ -126,7 +126,7 @@ def test_attention_packed_zero_length_sequences(name, window, causal, backend, t
     lens_q, lens_k = PACKED_MIXED[name]
     device = _device(backend, triton_device)
     cu_q, cu_k, q, k, v = _packed_inputs(lens_q, lens_k, device)
-    out, lse = sliding_window_attention(q, k, v, window, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                         return_lse=True, backend=backend)
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = sliding_window_attention_reference(q64, k64, v64, window, causal, cu_seqlens_q=cu_q.cpu(),
@@ -184,7 +184,7 @@ def test_attention_empty_on_gpu(backend):
     for b, lq, lk, hq, hkv, _ in PADDED.values():
         q = torch.randn(b, lq, hq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(b, lk, hkv, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-        out, lse = sliding_window_attention(q, k, v, (3, 0), True, return_lse=True, backend=backend)
+        out, lse = sliding_window_attention(q, k, v, window_size=(3, 0), causal=True, return_lse=True, backend=backend)
         assert out.shape == q.shape and lse.shape == (b, hq, lq) and torch.isneginf(lse).all()
         _check_empty_grads(q, k, v, out)
 

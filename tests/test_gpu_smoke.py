@@ -159,7 +159,7 @@ def test_block_diag(case, triton_device, monkeypatch):
     def run(xx, ww, bb, ref_dtype):
         leaves = [t.detach().to(ref_dtype or t.dtype).requires_grad_() for t in (xx, ww, bb) if t is not None]
         if ref_dtype is None:
-            y = block_diag_matmul(leaves[0], leaves[1], sizes_in, sizes_out, leaves[2] if bias else None,
+            y = block_diag_matmul(leaves[0], leaves[1], sizes_in, sizes_out, bias=leaves[2] if bias else None,
                                   backend="triton")
         else:  # the test's own dense answer: x @ block_diag(W_1..W_g)^T (+ b)
             blocks, off = [], 0

@@ -236,7 +236,7 @@ def test_integer_like_windows_mean_their_int(name, causal):
     spec = parse_window(given, causal)
     assert all(type(x) is int for x in (spec.left, spec.right, spec.keys))  # plain ints reach the custom op
     q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64) for _ in range(3))
-    got = sliding_window_attention(q, k, v, given, causal)
+    got = sliding_window_attention(q, k, v, window_size=given, causal=causal)
     want, _ = sliding_window_attention_reference(q, k, v, plain, causal)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
     ref_given, _ = sliding_window_attention_reference(q, k, v, given, causal)  # the reference takes them too

@@ -72,7 +72,7 @@ def _inputs(b, lq, lk, hq, hkv, d, dtype, gen=None):
 
 def _check(q, k, v, window, causal, **kw):
     dtype = q.dtype
-    out, lse = sliding_window_attention(q, k, v, window, causal, return_lse=True, backend="torch", **kw)
+    out, lse = sliding_window_attention(q, k, v, window_size=window, causal=causal, return_lse=True, backend="torch", **kw)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = sliding_window_attention_reference(q64, k64, v64, window, causal, **kw)
     low = None
@@ -143,7 +143,7 @@ def test_pooled_backward_is_deterministic(pooled, threads):
     b, lq, lk, hq, hkv, d, window, causal = CASES["bidir_41_30_mqa"]
     q, k, v = _inputs(b, lq, lk, hq, hkv, d, torch.float32)
     do = torch.randn(b, lq, hq, d)
-    runs = [torch.autograd.grad(sliding_window_attention(q, k, v, window, causal, backend="torch"), (q, k, v), do)
+    runs = [torch.autograd.grad(sliding_window_attention(q, k, v, window_size=window, causal=causal, backend="torch"), (q, k, v), do)
             for _ in range(3)]
     for other in runs[1:]:
         for a, z in zip(runs[0], other):
@@ -238,7 +238,7 @@ def test_tasks_run_single_threaded_on_workers(pooled, monkeypatch):
     monkeypatch.setattr(torch_impl, "_fwd_rows", spy(fwd))
     monkeypatch.setattr(torch_impl, "_bwd_rows", spy(bwd))
     q, k, v = _inputs(1, 100, 100, 4, 2, 16, torch.float32)
-    out = sliding_window_attention(q, k, v, (19, 0), True, backend="torch")
+    out = sliding_window_attention(q, k, v, window_size=(19, 0), causal=True, backend="torch")
     torch.autograd.grad(out.sum(), (q, k, v))
     assert seen and all(name.startswith("sft_kernels_swa") and n == 1 and not grad for name, n, grad in seen), seen
     assert torch.get_num_threads() == main_threads
@@ -256,14 +256,14 @@ def test_task_error_reaches_the_caller(pooled, monkeypatch):
     monkeypatch.setattr(torch_impl, "_fwd_rows", broken)
     q, k, v = _inputs(1, 64, 64, 2, 2, 8, torch.float32)
     with pytest.raises(RuntimeError, match="task failed on purpose"):
-        sliding_window_attention(q, k, v, (9, 0), True, backend="torch")
+        sliding_window_attention(q, k, v, window_size=(9, 0), causal=True, backend="torch")
 
 
 def _child(conn):
     torch_impl.INLINE_WORK, torch_impl.CHUNK = 0, 8
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 60, 2, 8, dtype=torch.float64) for _ in range(3))
-    out = sliding_window_attention(q, k, v, (9, 0), True, backend="torch")
+    out = sliding_window_attention(q, k, v, window_size=(9, 0), causal=True, backend="torch")
     conn.send([t.numpy() for t in (q, k, v, out)])  # plain arrays: torch would share them by fd
     conn.close()
 
@@ -272,7 +272,7 @@ def test_pool_works_in_a_forked_child(pooled):
     """A fork()ed child (a DataLoader worker, say) builds its own pool instead of waiting
     on the parent's threads, which it does not have."""
     q, k, v = _inputs(1, 60, 60, 2, 2, 8, torch.float64)
-    sliding_window_attention(q, k, v, (9, 0), True, backend="torch")  # the parent's pool exists
+    sliding_window_attention(q, k, v, window_size=(9, 0), causal=True, backend="torch")  # the parent's pool exists
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(child,))

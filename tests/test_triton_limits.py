@@ -202,7 +202,7 @@ def test_batch_split_into_several_launches_is_exact(varlen, monkeypatch, triton_
     else:
         shape, kw = (8, 20, 2, 16), {}
     q, k, v = (torch.randn(shape, device=triton_device, requires_grad=True) for _ in range(3))
-    out, lse = sliding_window_attention(q, k, v, (6, 0), True, return_lse=True, backend="triton", **kw)
+    out, lse = sliding_window_attention(q, k, v, window_size=(6, 0), causal=True, return_lse=True, backend="triton", **kw)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     assert seen and all(len(chunks) == 3 for chunks in seen), seen

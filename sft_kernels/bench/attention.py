@@ -107,7 +107,7 @@ def make_call(impl, cfg, q, k, v):
         raise RuntimeError(f"{impl} has no {mod}")
     if impl.startswith("sft_"):
         backend, extra = impl[4:], modifiers(cfg, q.device)
-        return lambda: sliding_window_attention(q, k, v, w, causal=True, backend=backend, **extra)
+        return lambda: sliding_window_attention(q, k, v, window_size=w, causal=True, backend=backend, **extra)
     if impl == "sdpa_causal":
         if q.is_cuda:
             from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -220,7 +220,7 @@ class Problem:
             def build(rg):
                 w = self.flat.clone().requires_grad_(rg)
                 b = self.bias.clone().requires_grad_(rg)
-                return (lambda x: block_diag_matmul(x, w, self.in_f, self.out_f, b, backend=backend)), [w, b]
+                return (lambda x: block_diag_matmul(x, w, self.in_f, self.out_f, bias=b, backend=backend)), [w, b]
 
             return build
 

@@ -272,15 +272,15 @@ def worker(args) -> None:
 
         def run(impl):
             if impl == "halo":
-                return context_parallel_attention(q, k, v, w, True, backend="torch")
+                return context_parallel_attention(q, k, v, window_size=w, causal=True, backend="torch")
             if impl == "ulysses":
                 qh, kh, vh = (_SeqToHeads.apply(t, world, dist) for t in (q, k, v))
-                return _HeadsToSeq.apply(sliding_window_attention(qh, kh, vh, w, True, backend="torch"), world, dist)
+                return _HeadsToSeq.apply(sliding_window_attention(qh, kh, vh, window_size=w, causal=True, backend="torch"), world, dist)
             if impl == "allgather_kv":
                 kf, vf = (_GatherKV.apply(t, world, dist) for t in (k, v))
                 end = (rank + 1) * n  # keys up to this shard's end: bottom-right aligned with its queries
-                return sliding_window_attention(q, kf[:, :end], vf[:, :end], w, True, backend="torch")
-            return sliding_window_attention(q, k, v, w, True, backend="torch")
+                return sliding_window_attention(q, kf[:, :end], vf[:, :end], window_size=w, causal=True, backend="torch")
+            return sliding_window_attention(q, k, v, window_size=w, causal=True, backend="torch")
 
         def step(impl):
             out = run(impl)

@@ -124,7 +124,7 @@ class BlockDiagonalLinear(nn.Module):
                 nn.init.uniform_(self.bias[o : o + m], -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_diag_matmul(x, self.weight, self.in_sizes, self.out_sizes, self.bias, backend=self.backend)
+        return block_diag_matmul(x, self.weight, self.in_sizes, self.out_sizes, bias=self.bias, backend=self.backend)
 
     # --------------------------------------------------------------- merge / split
 

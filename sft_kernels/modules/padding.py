@@ -102,7 +102,7 @@ def padded_sliding_window_attention(
     if (q_valid is None) != (k_valid is None):
         raise ValueError("q_valid and k_valid must both be given or both be None")
     if q_valid is None or q_valid.numel() == 0 or k_valid.numel() == 0:  # no padding, or nothing to unpad
-        return sliding_window_attention(q, k, v, window_size, causal, softmax_scale, backend=backend,
+        return sliding_window_attention(q, k, v, window_size=window_size, causal=causal, softmax_scale=softmax_scale, backend=backend,
                                         softcap=softcap, sinks=sinks)
     b, lq = q.shape[:2]
     lk = k.shape[1]
@@ -112,7 +112,7 @@ def padded_sliding_window_attention(
     kp = k.reshape(b * lk, *k.shape[2:]).index_select(0, idx_k)
     vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
     out = sliding_window_attention(
-        qp, kp, vp, window_size, causal, softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        qp, kp, vp, window_size=window_size, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
         max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend, softcap=softcap, sinks=sinks,
     )
     return pad_rows(out, idx_q, b, lq)

@@ -363,7 +363,7 @@ class SFTAttention(nn.Module):
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             q, k, v = autocast_qkv(q, k, v)
             out = sliding_window_attention(
-                q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend, softcap=self.softcap,
+                q, k, v, window_size=self.window_size, causal=self.causal, softmax_scale=self.scaling, backend=self.backend, softcap=self.softcap,
                 sinks=self.sinks,
             )
             return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
@@ -377,7 +377,7 @@ class SFTAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = autocast_qkv(q, k, v)
         out = sliding_window_attention(
-            q, k, v, self.window_size, self.causal, self.scaling, cu_seqlens_q=cu, cu_seqlens_k=cu,
+            q, k, v, window_size=self.window_size, causal=self.causal, softmax_scale=self.scaling, cu_seqlens_q=cu, cu_seqlens_k=cu,
             max_seqlen_q=max_len, max_seqlen_k=max_len, backend=self.backend, softcap=self.softcap,
             sinks=self.sinks,
         )
@@ -387,7 +387,7 @@ class SFTAttention(nn.Module):
     def _local_attention(self, q, k, v, valid=None):
         """What each rank runs between the two all-to-alls: the whole sequence, its heads."""
         if valid is None:
-            return sliding_window_attention(q, k, v, self.window_size, self.causal, self.scaling, backend=self.backend)
+            return sliding_window_attention(q, k, v, window_size=self.window_size, causal=self.causal, softmax_scale=self.scaling, backend=self.backend)
         return padded_sliding_window_attention(
             q, k, v, valid, valid, self.window_size, self.causal, self.scaling, backend=self.backend
         )

@@ -294,7 +294,7 @@ class _HaloAttention(torch.autograd.Function):
         recvs = [(p.peer, (b, p.rows, 2 * hkv, d)) for p in plan.recv_left + plan.recv_right]
         reqs, bufs = _post(sends, recvs, group, k)
         # the local band runs while the halo is in flight
-        out, lse = sliding_window_attention(q, k, v, (plan.left, plan.right), False, scale, return_lse=True,
+        out, lse = sliding_window_attention(q, k, v, window_size=(plan.left, plan.right), causal=False, softmax_scale=scale, return_lse=True,
                                             backend=impl)
         _wait(reqs)
         del sends
@@ -305,12 +305,12 @@ class _HaloAttention(torch.autograd.Function):
         if left_part is not None:
             kl, vl = _split_kv(bufs[:nl], hkv)
             rows, win = left_part
-            o_p, l_p = sliding_window_attention(q[:, rows], kl, vl, win, False, scale, return_lse=True, backend=impl)
+            o_p, l_p = sliding_window_attention(q[:, rows], kl, vl, window_size=win, causal=False, softmax_scale=scale, return_lse=True, backend=impl)
             parts.append((rows, o_p, l_p))
         if right_part is not None:
             kr, vr = _split_kv(bufs[nl:], hkv)
             rows, win = right_part
-            o_p, l_p = sliding_window_attention(q[:, rows], kr, vr, win, False, scale, return_lse=True, backend=impl)
+            o_p, l_p = sliding_window_attention(q[:, rows], kr, vr, window_size=win, causal=False, softmax_scale=scale, return_lse=True, backend=impl)
             parts.append((rows, o_p, l_p))
         out = _merge(out, lse, parts)
         ctx.save_for_backward(q, k, v, out, lse, kl, vl, kr, vr)
@@ -428,6 +428,7 @@ def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     window_size: WindowArg,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
@@ -448,7 +449,8 @@ def context_parallel_attention(
             packed row ``(1, n, heads_q, head_dim)``.
         k, v: ``(batch, n, heads_kv, head_dim)``, the same tokens; ``heads_q % heads_kv == 0``
             (GQA/MQA: only ``heads_kv`` heads are exchanged).
-        window_size: as in :func:`sft_kernels.sliding_window_attention`, resolved from the
+        window_size: (keyword-only, like everything after ``v``) as in
+            :func:`sft_kernels.sliding_window_attention`, resolved from the
             **global** length ``L`` (an int ``W`` is ``min(W, L)`` keys including self,
             ``"sqrt"`` is ``floor(sqrt(L))`` keys, ``(left, right)`` explicit, -1 unbounded:
             then the halo is the whole sequence on that side, as traffic-heavy as an
@@ -508,7 +510,7 @@ def context_parallel_attention(
     elif error is not None:
         raise error
     if world == 1:
-        out, lse = sliding_window_attention(q, k, v, (left, right), False, scale, return_lse=True, backend=impl)
+        out, lse = sliding_window_attention(q, k, v, window_size=(left, right), causal=False, softmax_scale=scale, return_lse=True, backend=impl)
         return (out, lse) if return_lse else out
     plan = halo_plan(rank, world, n, left, right)
     # the backward calls the raw backward op on the saved tensors, which reads them as contiguous
@@ -667,7 +669,7 @@ def context_parallel_padded_attention(q, k, v, lengths: Optional[Sequence[int]],
     an int ``W`` or an explicit window gives the same answer as resolving from ``L``.
     """
     if lengths is None:
-        return context_parallel_attention(q, k, v, window_size, causal, softmax_scale, group, backend)
+        return context_parallel_attention(q, k, v, window_size=window_size, causal=causal, softmax_scale=softmax_scale, group=group, backend=backend)
     if not causal:
         raise ValueError(
             "context parallelism with an attention_mask needs causal=True: with a two-sided window the last real "
@@ -688,11 +690,11 @@ def context_parallel_padded_attention(q, k, v, lengths: Optional[Sequence[int]],
         by_window.setdefault(key, []).append(row)
     if len(by_window) == 1 and sum(len(r) for r in by_window.values()) == q.shape[0]:
         (left,) = by_window
-        return context_parallel_attention(q, k, v, (left, 0), True, softmax_scale, group, backend)
+        return context_parallel_attention(q, k, v, window_size=(left, 0), causal=True, softmax_scale=softmax_scale, group=group, backend=backend)
     out = torch.zeros_like(q)
     for left in sorted(by_window):  # the same order on every rank: the lengths are global
         idx = torch.tensor(by_window[left], device=q.device)
         part = context_parallel_attention(q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx),
-                                          (left, 0), True, softmax_scale, group, backend)
+                                          window_size=(left, 0), causal=True, softmax_scale=softmax_scale, group=group, backend=backend)
         out = out.index_copy(0, idx, part)
     return out

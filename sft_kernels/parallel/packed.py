@@ -195,8 +195,8 @@ def context_parallel_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch
         cq = torch.tensor([0] + [b - a for a, b, _, _ in pcs]).cumsum(0).to(torch.int32).to(q.device)
         ck = torch.tensor([0] + [b - a for _, _, a, b in pcs]).cumsum(0).to(torch.int32).to(q.device)
         o = sliding_window_attention(
-            q[0].index_select(0, iq), kf[0].index_select(0, ik), vf[0].index_select(0, ik), (left, 0), True,
-            softmax_scale, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=int(cq.diff().max()),
+            q[0].index_select(0, iq), kf[0].index_select(0, ik), vf[0].index_select(0, ik), window_size=(left, 0), causal=True,
+            softmax_scale=softmax_scale, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=int(cq.diff().max()),
             max_seqlen_k=int(ck.diff().max()), backend=backend)
         out = out.index_copy(0, iq, o)
     return out.unsqueeze(0)

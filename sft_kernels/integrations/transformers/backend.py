@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ...backends import BACKENDS, auto_backend
 from ...modules.sft_attention import autocast_qkv, hf_layer_window
 from ...ops.sliding_window_attention.op import sliding_window_attention
 from ...window import WindowArg, parse_window
@@ -43,8 +44,8 @@ def _layer_window(module, kwargs, causal: bool):
 
 def _backend(device: torch.device, backend: Optional[str] = None) -> str:
     backend = _settings["backend"] if backend is None else backend
-    if backend == "auto":  # as the op's auto: Triton on CUDA tensors, the PyTorch path elsewhere
-        return _settings["cuda_backend"] if device.type == "cuda" else "torch"
+    if backend == "auto":  # the op's rule (backends.auto_backend), resolved for CUDA in register()
+        return _settings["cuda_backend"] if device.type == "cuda" else auto_backend(device.type)
     return backend
 
 
@@ -95,8 +96,8 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
             max_q = int(max_q) if max_q is not None else None
             max_k = int(max_k) if max_k is not None else None
         out = sliding_window_attention(
-            q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), window, causal,
-            scaling, cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_q=max_q,
+            q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), window_size=window, causal=causal,
+            softmax_scale=scaling, cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_q=max_q,
             max_seqlen_k=max_k, backend=backend, **mods,
         )
         return out.view(b, q_len, *out.shape[1:])
@@ -104,7 +105,7 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
         out = _packed_attention(q, k, v, kwargs["position_ids"].to(q.device), window, causal, scaling, backend, **mods)
         if out is not None:
             return out
-    return sliding_window_attention(q, k, v, window, causal, scaling, backend=backend, **mods)
+    return sliding_window_attention(q, k, v, window_size=window, causal=causal, softmax_scale=scaling, backend=backend, **mods)
 
 
 
@@ -288,7 +289,6 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
     """
     _transformers()
     parse_window(window_size, True)  # validate now, not inside a forward
-    from ...backends import BACKENDS, _triton_import_error
 
     if backend not in BACKENDS:
         raise ValueError(f"register: backend must be one of {BACKENDS}, got {backend!r}")
@@ -296,7 +296,7 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
     _settings["context_parallel_packed"] = bool(context_parallel_packed)
     _settings["window_size"] = window_size
     _settings["backend"] = backend
-    _settings["cuda_backend"] = "torch" if _triton_import_error() else "triton"
+    _settings["cuda_backend"] = auto_backend("cuda")
     try:  # where transformers lists the outputs being recorded (imported here: not importable while compiling)
         from transformers.utils.output_capturing import _active_collector as collector
     except ImportError:  # transformers < 5.x records them otherwise, and passes output_attentions down

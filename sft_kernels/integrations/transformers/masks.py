@@ -66,7 +66,7 @@ def _segments_attention(q, k, v, seg, window, causal, scaling, backend, **mods):
     cu = F.pad(seg.reshape(2, -1).cumsum(1, dtype=torch.int32), (1, 0))
     out = sliding_window_attention(
         q.reshape(b * lq, *q.shape[2:]), k.reshape(b * lk, *k.shape[2:]), v.reshape(b * lk, *v.shape[2:]),
-        window, causal, scaling, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=lq, max_seqlen_k=lk,
+        window_size=window, causal=causal, softmax_scale=scaling, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=lq, max_seqlen_k=lk,
         backend=backend, **mods,
     )
     return out.view(b, lq, *out.shape[1:])
@@ -108,8 +108,8 @@ def _packed_attention(q, k, v, position_ids, window, causal, scaling, backend, *
     torch._check(cu.numel() <= b * l + 1)
     max_len = l if compiling else int((cu[1:] - cu[:-1]).max())
     out = sliding_window_attention(
-        q.reshape(b * l, *q.shape[2:]), k.reshape(b * l, *k.shape[2:]), v.reshape(b * l, *v.shape[2:]), window,
-        causal, scaling, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+        q.reshape(b * l, *q.shape[2:]), k.reshape(b * l, *k.shape[2:]), v.reshape(b * l, *v.shape[2:]), window_size=window,
+        causal=causal, softmax_scale=scaling, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
         backend=backend, **mods,
     )
     return out.view(b, l, *out.shape[1:])

@@ -116,8 +116,6 @@ def _check(x, weight, bias, in_features, out_features, backend) -> None:
 
 
 def _resolve(backend: str, device: torch.device, in_features, out_features, dtype: torch.dtype) -> str:
-    if backend == "auto" and len(in_features) == 1:
-        return "torch"  # a single block is nn.Linear: F.linear / mm (cuBLAS, MKL)
     impl = resolve_backend(backend, device, OP)
     if impl == "triton":
         if dtype == torch.float64:
@@ -253,6 +251,7 @@ def block_diag_matmul(
     weight: torch.Tensor,
     in_features: Sequence[int],
     out_features: Sequence[int],
+    *,
     bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:

@@ -220,6 +220,7 @@ def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     window_size: WindowArg = (-1, -1),
     causal: bool = False,
     softmax_scale: Optional[float] = None,
@@ -233,6 +234,10 @@ def sliding_window_attention(
     sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention in which each query sees only a band of keys; cost O(L * window).
+
+    Every argument after ``v`` is keyword-only: FlashAttention-2 orders them ``dropout_p,
+    softmax_scale, causal, window_size``, so a positional call ported from it would bind
+    the wrong values here.
 
     Args:
         q: ``(batch, seqlen_q, heads_q, head_dim)``, or packed ``(total_q, heads_q, head_dim)``
