@@ -324,9 +324,9 @@ class _Progress:
 # ----------------------------------------------------------------------------- resume
 def run_settings(args, world: int, data_key: str) -> Dict:
     """The values of :data:`RESUME_SETTINGS` for this invocation."""
-    from .model import resolve_window
+    from .model import window_setting
 
-    window = resolve_window(args)
+    window = window_setting(args)
     values = {k: getattr(args, k) for k in RESUME_SETTINGS if hasattr(args, k)}
     values.update(data=data_key, window=window, dtype=resolve_dtype(args), world_size=world)
     cp = getattr(args, "context_parallel_size", 1)

@@ -67,21 +67,19 @@ _WINDOWED_TYPES = ("mistral", "qwen2", "mixtral", "qwen3")  # configs whose slid
 
 
 def parse_window_arg(value: str) -> WindowOpt:
-    """``--window_size``: an int W >= 1, ``sqrt``, or -1 / ``none`` for no window."""
-    if isinstance(value, int):
-        value = str(value)
+    """``--window_size``: an int W >= 1 (W keys including self), ``sqrt``, or -1 / ``none`` for no
+    window. What a window may be is :func:`sft_kernels.window.parse_window`'s rule; this adds the
+    flag's spelling of "no window" and its message."""
+    from ..window import MODE_SQRT, parse_window
+
     v = str(value).strip().lower()
-    if v in ("sqrt",):
-        return "sqrt"
     if v in ("-1", "none"):
         return None
     try:
-        w = int(v)
-    except ValueError:
+        spec = parse_window(v if v == "sqrt" else int(v), causal=True)
+    except (TypeError, ValueError):
         raise ValueError(f"--window_size must be an int >= 1, 'sqrt' or -1 (no window), got {value!r}") from None
-    if w < 1:
-        raise ValueError(f"--window_size must be an int >= 1, 'sqrt' or -1 (no window), got {value!r}")
-    return w
+    return "sqrt" if spec.mode == MODE_SQRT else spec.keys
 
 
 def default_config(vocab_size: int, window: WindowOpt, pad_id: int, bos_id: int, eos_id: int, **overrides):
@@ -159,9 +157,11 @@ def dtype_kwargs(dtype: torch.dtype) -> Dict[str, torch.dtype]:
 DEFAULT_WINDOW = 32  # the embedded model's window when --window_size is not given
 
 
-def resolve_window(args) -> Union[WindowOpt, str]:
-    """``--window_size`` as parsed, or its default: 32 for the embedded model, ``"model"`` (keep
-    the model's own window, none when it has none) for a ``--model_name_or_path``."""
+def window_setting(args) -> Union[WindowOpt, str]:
+    """The run's ``--window_size`` setting (not a ``(left, right)`` pair: that is
+    :func:`sft_kernels.resolve_window`'s, per sequence length): the flag as parsed, or its default,
+    32 for the embedded model, ``"model"`` (keep the model's own window, none when it has none)
+    for a ``--model_name_or_path``."""
     if args.window_size is not None:
         return parse_window_arg(args.window_size)
     return "model" if args.model_name_or_path else DEFAULT_WINDOW
@@ -209,7 +209,7 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    window = resolve_window(args)
+    window = window_setting(args)
     impl = args.attn_implementation
     if impl not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
@@ -263,7 +263,7 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
 
 def model_window(model, args) -> str:
     """What the run's attention window is, in words (for the log)."""
-    w = resolve_window(args)
+    w = window_setting(args)
     if w == "model":
         own = getattr(model.config, "sliding_window", None)
         return f"the model's own ({own} keys)" if own else "none (the model has no sliding window)"
