@@ -535,17 +535,14 @@ def targets(records, device):
         if dense is None:  # sdpa_causal is recorded once per (L, D, mode)
             dense = find("sdpa_causal", seqlen=16384, head_dim=64, mode="fwd+bwd")
         ratio = dense["ms"] / mine["ms"] if mine and dense else None
-        out.append(dict(name="CPU L=16k w=256 fp32 fwd+bwd: sft_torch speedup over dense causal SDPA", required=4.0,
-                        ratio=ratio, met=None if ratio is None else ratio >= 4.0))
+        out.append(common.target("CPU L=16k w=256 fp32 fwd+bwd: sft_torch speedup over dense causal SDPA", ratio, 4.0))
         mine_c, dense_c = (find(i, "competing", **CPU_TARGET) for i in ("sft_torch", "sdpa_causal"))
         ratio = dense_c["ms"] / mine_c["ms"] if mine_c and dense_c else None
-        out.append(dict(name="CPU L=16k w=256 fp32 fwd+bwd beside a CPU-bound process: sft_torch speedup over dense "
-                             "causal SDPA (same condition)", required=4.0, ratio=ratio,
-                        met=None if ratio is None else ratio >= 4.0))
+        out.append(common.target("CPU L=16k w=256 fp32 fwd+bwd beside a CPU-bound process: sft_torch speedup over "
+                                 "dense causal SDPA (same condition)", ratio, 4.0))
         pm, pb = (mine or {}).get("peak_mem_bytes"), (band or {}).get("peak_mem_bytes")
         ratio = pb / pm if pm and pb else None
-        out.append(dict(name="CPU L=16k w=256: SDPA band-mask peak memory / sft_torch peak memory", required=8.0,
-                        ratio=ratio, met=None if ratio is None else ratio >= 8.0))
+        out.append(common.target("CPU L=16k w=256: SDPA band-mask peak memory / sft_torch peak memory", ratio, 8.0))
         return out
     for L in (16384, 32768):
         for mode in ("fwd", "fwd+bwd"):
@@ -553,18 +550,11 @@ def targets(records, device):
             mine, flex = find("sft_triton", **shape), find("flex", **shape)
             dense = find("sdpa_causal", seqlen=L, head_dim=128, mode=mode)
             ratio = flex["ms"] / mine["ms"] if mine and flex else None
-            out.append(dict(name=f"H200 L={L} w=4096 {mode}: FlexAttention time / sft_triton time", required=1.0,
-                            ratio=ratio, met=None if ratio is None else ratio >= 1.0))
+            out.append(common.target(f"H200 L={L} w=4096 {mode}: FlexAttention time / sft_triton time", ratio, 1.0))
             ratio = mine["tflops"] / dense["tflops"] if mine and dense else None
-            out.append(dict(name=f"H200 L={L} w=4096 {mode}: sft_triton useful TFLOP/s / dense causal SDPA's",
-                            required=0.8, ratio=ratio, met=None if ratio is None else ratio >= 0.8))
+            out.append(common.target(f"H200 L={L} w=4096 {mode}: sft_triton useful TFLOP/s / dense causal SDPA's",
+                                     ratio, 0.8))
     return out
-
-
-def _target_line(t):
-    ratio = "not measured" if t["ratio"] is None else f"{t['ratio']:.2f}"
-    verdict = "" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
-    return f"{t['name']}: {ratio} (needs >= {t['required']}) {verdict}".rstrip()
 
 
 def write_markdown(out_dir, records, tg=None, progress=""):
@@ -582,7 +572,7 @@ def write_markdown(out_dir, records, tg=None, progress=""):
                 "speedup = dense causal SDPA time / this time; tflops counts useful FLOPs only.\n\n")
         f.write(table + "\n")
         if tg is not None:
-            f.write("\n## Targets\n\n" + "".join(f"- {_target_line(t)}\n" for t in tg))
+            f.write("\n## Targets\n\n" + "".join(f"- {common.target_line(t)}\n" for t in tg))
         if skipped:
             f.write("\n## Skipped\n\n" + "".join(
                 f"- {s['impl']} L={s['shape']['seqlen']} w={s['shape']['window']} {s['shape']['mode']}"
@@ -605,11 +595,7 @@ def main(argv=None):
                       os.path.join(out_dir, "attention.json"))
     table = write_markdown(out_dir, records, tg)
     plot(measured, os.path.join(out_dir, "attention"))
-    print(table)
-    print()
-    for t in tg:
-        print("target " + _target_line(t))
-    print(f"\nwrote {out_dir}/attention.json, attention.md and plots")
+    common.print_report(table, tg, f"{out_dir}/attention.json, attention.md and plots")
     return 0
 
 

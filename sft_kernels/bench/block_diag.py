@@ -325,28 +325,21 @@ def targets(records: List[dict], device: str) -> List[dict]:
         kw = dict(tokens=t["tokens"], width_in=t["width"], g=t["g"], blocks="equal", dtype=t["dtype"], mode=t["mode"])
         ours, dense = _find(records, "sft_auto", **kw), _find(records, "dense", **kw)
         ratio = dense["ms"] / ours["ms"] if ours and dense else None
-        out.append(dict(name="cpu: sft_auto vs dense, T=4096 w=4096 g=8 fp32 fwd", ratio=ratio,
-                        required=t["min_ratio"], met=None if ratio is None else ratio >= t["min_ratio"]))
+        out.append(common.target("cpu: sft_auto vs dense, T=4096 w=4096 g=8 fp32 fwd", ratio, t["min_ratio"]))
         return out
     for mode in ("fwd", "fwd_bwd"):
-        for g in (4, 8):
-            kw = dict(tokens=16384, width_in=4096, g=g, blocks="equal", dtype="bf16", mode=mode)
-            a, b = _find(records, "sft_auto", **kw), _find(records, "bmm", **kw)
-            ratio = b["ms"] / a["ms"] if a and b else None
-            out.append(dict(name=f"gpu: sft_auto vs bmm, T=16384 w=4096 g={g} bf16 {mode}", ratio=ratio,
-                            required=0.9, met=None if ratio is None else ratio >= 0.9))
-        for g in (16, 64):
-            kw = dict(tokens=16384, width_in=4096, g=g, blocks="equal", dtype="bf16", mode=mode)
-            a, b = _find(records, "sft_auto", **kw), _find(records, "linear_loop", **kw)
-            ratio = b["ms"] / a["ms"] if a and b else None
-            out.append(dict(name=f"gpu: sft_auto vs linear_loop, T=16384 w=4096 g={g} bf16 {mode}", ratio=ratio,
-                            required=1.3, met=None if ratio is None else ratio >= 1.3))
+        for baseline, groups, required in (("bmm", (4, 8), 0.9), ("linear_loop", (16, 64), 1.3)):
+            for g in groups:
+                kw = dict(tokens=16384, width_in=4096, g=g, blocks="equal", dtype="bf16", mode=mode)
+                a, b = _find(records, "sft_auto", **kw), _find(records, baseline, **kw)
+                ratio = b["ms"] / a["ms"] if a and b else None
+                out.append(common.target(f"gpu: sft_auto vs {baseline}, T=16384 w=4096 g={g} bf16 {mode}", ratio,
+                                         required))
     for g, dt in ((64, "bf16"), (16, "fp16")):
         kw = dict(tokens=16384, width_in=4096, g=g, blocks="equal", dtype=dt, mode="fwd")
         a, c = _find(records, "sft_auto", **kw), _find(records, "d2d_copy", **kw)
         ratio = a["gbps"] / c["gbps"] if a and c else None
-        out.append(dict(name=f"gpu: sft_auto bandwidth vs d2d copy, T=16384 w=4096 g={g} {dt} fwd", ratio=ratio,
-                        required=0.7, met=None if ratio is None else ratio >= 0.7))
+        out.append(common.target(f"gpu: sft_auto bandwidth vs d2d copy, T=16384 w=4096 g={g} {dt} fwd", ratio, 0.7))
     return out
 
 
@@ -412,12 +405,6 @@ def plot(json_path: str, out_dir: str) -> List[str]:
     return paths
 
 
-def _target_line(t: dict) -> str:
-    ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}x"
-    verdict = "" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
-    return f"{t['name']}: {ratio} (needs >= {t['required']}) {verdict}".rstrip()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_block_diag", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -456,16 +443,13 @@ def run(args_list: Optional[List[str]] = None) -> int:
         f.write(f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads\n\n")
         f.write(table + "\n\n## Targets (issue 4)\n\n")
         for t in tg:
-            f.write(f"- {_target_line(t)}\n")
+            f.write(f"- {common.target_line(t)}\n")
         if skipped:
             f.write("\n## Skipped\n\n" + "\n".join(f"- {s['impl']} {s['mode']} {s['dtype']} g={s['shape']['g']}: "
                                                    f"{s['reason']}" for s in skipped) + "\n")
     plots = plot(path, out)
-    print(table)
-    print()
-    for t in tg:
-        print("target " + _target_line(t))
-    print(f"\nwrote {path}, block_diag.md, {len(plots)} plots in {out} ({time.perf_counter() - t0:.0f} s)")
+    common.print_report(table, tg, f"{path}, block_diag.md, {len(plots)} plots in {out} "
+                                   f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -218,3 +218,25 @@ def append_partial(out: Optional[str], name: str, record: dict) -> None:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- targets
+def target(name: str, ratio: Optional[float], required: float) -> dict:
+    """One target of a benchmark: ``ratio`` (None where a record is missing) against the
+    ``required`` minimum; ``met`` is None when it was not measured."""
+    return dict(name=name, ratio=ratio, required=required, met=None if ratio is None else ratio >= required)
+
+
+def target_line(t: dict) -> str:
+    ratio = "not measured" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+    verdict = "" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
+    return f"{t['name']}: {ratio} (needs >= {t['required']}) {verdict}".rstrip()
+
+
+def print_report(table: str, targets: List[dict], wrote: str) -> None:
+    """The end of a benchmark run: its table, one line per target, where its files went."""
+    print(table)
+    print()
+    for t in targets:
+        print("target " + target_line(t))
+    print(f"\nwrote {wrote}")

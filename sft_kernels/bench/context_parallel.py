@@ -157,25 +157,21 @@ class _Counter:
             self.bytes += sum(nbytes(op.tensor) for op in ops if op.op is dist.isend)
             return orig["batch_isend_irecv"](ops)
 
-        def all_to_all_single(output, input, *a, **k):
-            self.bytes += nbytes(input) * (self.world - 1) // self.world
-            return orig["all_to_all_single"](output, input, *a, **k)
+        def counted(name, split):
+            """``name``, counting this rank's input once per other rank, or (``split``) the
+            share of it each other rank gets."""
+            def call(output, input, *a, **k):
+                sent = nbytes(input) * (self.world - 1)
+                self.bytes += sent // self.world if split else sent
+                return orig[name](output, input, *a, **k)
 
-        def all_gather_into_tensor(output, input, *a, **k):
-            self.bytes += nbytes(input) * (self.world - 1)
-            return orig["all_gather_into_tensor"](output, input, *a, **k)
+            return call
 
-        def reduce_scatter_tensor(output, input, *a, **k):
-            self.bytes += nbytes(input) * (self.world - 1) // self.world
-            return orig["reduce_scatter_tensor"](output, input, *a, **k)
-
-        def all_gather(outputs, input, *a, **k):
-            self.bytes += nbytes(input) * (self.world - 1)
-            return orig["all_gather"](outputs, input, *a, **k)
-
-        for name, fn in dict(batch_isend_irecv=batch_isend_irecv, all_to_all_single=all_to_all_single,
-                             all_gather_into_tensor=all_gather_into_tensor,
-                             reduce_scatter_tensor=reduce_scatter_tensor, all_gather=all_gather).items():
+        for name, fn in dict(batch_isend_irecv=batch_isend_irecv,
+                             all_to_all_single=counted("all_to_all_single", True),
+                             all_gather_into_tensor=counted("all_gather_into_tensor", False),
+                             reduce_scatter_tensor=counted("reduce_scatter_tensor", True),
+                             all_gather=counted("all_gather", False)).items():
             setattr(dist, name, fn)
         self._orig = orig
         self._dist = dist
@@ -204,26 +200,19 @@ def _heads_to_seq(x, world, dist):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, n, world * hp, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Ulysses' all-to-all: sequence shards to head shards (``to_heads``) or back; the
+    backward runs the other direction."""
+
     @staticmethod
-    def forward(ctx, x, world, dist):
-        ctx.world, ctx.dist = world, dist
-        return _seq_to_heads(x, world, dist)
+    def forward(ctx, x, world, dist, to_heads):
+        ctx.world, ctx.dist, ctx.to_heads = world, dist, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, world, dist)
 
     @staticmethod
     def backward(ctx, g):
-        return _heads_to_seq(g.contiguous(), ctx.world, ctx.dist), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, world, dist):
-        ctx.world, ctx.dist = world, dist
-        return _heads_to_seq(x, world, dist)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g.contiguous(), ctx.world, ctx.dist), None, None
+        back = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return back(g.contiguous(), ctx.world, ctx.dist), None, None, None
 
 
 class _GatherKV(torch.autograd.Function):
@@ -274,8 +263,9 @@ def worker(args) -> None:
             if impl == "halo":
                 return context_parallel_attention(q, k, v, window_size=w, causal=True, backend="torch")
             if impl == "ulysses":
-                qh, kh, vh = (_SeqToHeads.apply(t, world, dist) for t in (q, k, v))
-                return _HeadsToSeq.apply(sliding_window_attention(qh, kh, vh, window_size=w, causal=True, backend="torch"), world, dist)
+                qh, kh, vh = (_AllToAll.apply(t, world, dist, True) for t in (q, k, v))
+                out = sliding_window_attention(qh, kh, vh, window_size=w, causal=True, backend="torch")
+                return _AllToAll.apply(out, world, dist, False)
             if impl == "allgather_kv":
                 kf, vf = (_GatherKV.apply(t, world, dist) for t in (k, v))
                 end = (rank + 1) * n  # keys up to this shard's end: bottom-right aligned with its queries
