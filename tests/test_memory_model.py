@@ -25,7 +25,7 @@ def _measured():
 def modelled_peak(rec) -> float:
     s = rec["shape"]
     shape = mm.Shape("bench", s["hidden"], s["layers"], s["heads"], s["kv_heads"], s["head_dim"], s["intermediate"],
-                     s["vocab"], window=s["window"])
+                     s["vocab"], window=s["window"], tied=bool(s.get("tied", False)))
     variant = rec["impl"]
     parts = mm.step_bytes(shape, s["seqlen"], dtype_bytes=4, mixed_precision=False, zero=0,
                           tiled_loss=variant in ("sft_gc_loss", "sft_gc_loss_mlp"), tiled_mlp=variant == "sft_gc_loss_mlp",

@@ -70,3 +70,44 @@ def test_tiled_loss_errors():
         tiled_loss(model, chunk_tokens=0)
     with pytest.raises(ValueError, match="path"):
         tiled_loss(model, path="liger")
+
+
+def test_tile_bytes_sizes_the_chunk_from_the_vocabulary():
+    """``tile_bytes``: the chunk is ``tile_bytes // (4 V)`` tokens (a fixed-size logits tile at any
+    vocabulary), and the loss and gradients are still the full computation's."""
+    from torch.overrides import TorchFunctionMode
+
+    from sft_kernels.modules.linear_cross_entropy import tile_chunk_tokens
+
+    class Rows(TorchFunctionMode):  # the token count of every lm_head matmul (weight of vocab rows)
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab, self.rows = vocab, []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear and args[1].shape[0] == self.vocab:
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    assert tile_chunk_tokens(32000, 512 * 32000 * 4) == 512 and tile_chunk_tokens(64000, 512 * 32000 * 4) == 256
+    assert tile_chunk_tokens(97, 4 * 97 * 9 + 4 * 97 - 1) == 9 and tile_chunk_tokens(10**6, 1) == 1
+    with pytest.raises(ValueError, match="tile_bytes"):
+        tile_chunk_tokens(97, 0)
+    torch.manual_seed(0)
+    for vocab, expect in ((97, 9), (194, 4)):  # the same budget: twice the vocabulary, half the tokens
+        model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**dict(TINY, vocab_size=vocab)),
+                                                              attn_implementation="eager")
+        ids, mask, labels = _batch()
+        kw = dict(input_ids=ids, attention_mask=mask, labels=labels)
+        ref, ref_grads = _grads(model, **kw)
+        tiled_loss(model, chunk_tokens=5, tile_bytes=4 * 97 * 9 + 7)  # the budget wins over chunk_tokens
+        mode = Rows(vocab)
+        with mode:
+            out, grads = _grads(model, **kw)
+        assert max(mode.rows) == expect and sum(mode.rows) <= 2 * 29, mode.rows
+        assert abs(out.loss.item() - ref.loss.item()) <= 1e-6 * ref.loss.item()
+        for n, g in ref_grads.items():
+            err = ((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+            assert err <= 1e-6, (vocab, n, err)
+    with pytest.raises(ValueError, match="tile_bytes"):
+        tiled_loss(model, tile_bytes=0)

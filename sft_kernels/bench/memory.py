@@ -2,12 +2,13 @@
 
 One step = forward with labels, backward, AdamW step, batch 1, one fixed small model with a real
 vocabulary (Mistral architecture from a config: hidden 256, 4 layers, 4 heads of 64, 2 KV
-heads, MLP 1024, untied embeddings as Llama / Mistral 7-8B, fp32 on CPU, bf16 on GPU), every
-variant with transformers' gradient checkpointing:
+heads, MLP 1024, untied embeddings as Llama / Mistral 7-8B or with ``--tied`` tied as many small
+LMs, fp32 on CPU, bf16 on GPU), every variant with transformers' gradient checkpointing:
 
   hf_sdpa_gc          transformers' SDPA (dense causal), full logits: what a user runs today
   sft_gc              sft_sliding_window (window 1024), full logits
-  sft_gc_loss         + the loss without full logits (tiled_loss, chunk --loss-chunk tokens)
+  sft_gc_loss         + the loss without full logits (tiled_loss; chunks of --loss-tile-bytes of fp32
+                      logits, 512 tokens at vocab 32k and fewer at a larger one, or --loss-chunk tokens)
   sft_gc_loss_mlp     + the tiled MLP (tiled_mlp, chunk --mlp-chunk tokens): everything on
 
 Measured (never modelled here; :mod:`sft_kernels.memory_model` models it): on CPU, in a fresh
@@ -17,7 +18,7 @@ that (gradients, checkpoints, recompute, attention, logits); ``peak`` = resident
 malloc mmap threshold returns freed blocks at once, so RSS tracks live memory. On GPU:
 ``torch.cuda.max_memory_allocated`` likewise.
 
-    python -m sft_kernels.bench.memory [--lengths 4096,8192] [--vocabs 32000,64000] [--toy] [--out DIR]
+    python -m sft_kernels.bench.memory [--lengths 4096,8192] [--vocabs 32000,64000] [--tied] [--toy] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,18 +31,21 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..modules.linear_cross_entropy import tile_chunk_tokens
 from . import common
 
 OP = "memory"
 VARIANTS = ("hf_sdpa_gc", "sft_gc", "sft_gc_loss", "sft_gc_loss_mlp")
-MODEL = dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=1024, window=1024)
-TOY_MODEL = dict(hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64, window=16)
+MODEL = dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=1024, window=1024, tied=False)
+TOY_MODEL = dict(hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64, window=16, tied=False)
 LENGTHS = (4096, 8192, 16384, 32768)
 TOY_LENGTHS = (256,)
 VOCABS = (32000,)
 TOY_VOCABS = (1000,)
-LOSS_CHUNK, MLP_CHUNK = 512, 2048
-TOY_LOSS_CHUNK, TOY_MLP_CHUNK = 64, 64
+MLP_CHUNK, TOY_MLP_CHUNK = 2048, 64
+# the loss tile's budget: fp32 logits of 512 tokens at vocab 32k (62.5 MiB); the chunk is
+# tile_chunk_tokens(vocab, budget) tokens, so the tile is the same size at any vocabulary
+LOSS_TILE_BYTES, TOY_LOSS_TILE_BYTES = 512 * 32000 * 4, 64 * 1000 * 4
 
 
 def make_config(model: Dict, vocab: int, seqlen: int, windowed: bool):
@@ -51,11 +55,13 @@ def make_config(model: Dict, vocab: int, seqlen: int, windowed: bool):
                          num_hidden_layers=model["layers"], num_attention_heads=model["heads"],
                          num_key_value_heads=model["kv_heads"], head_dim=model["head_dim"],
                          max_position_embeddings=max(seqlen, 4096), sliding_window=model["window"] if windowed else None,
-                         tie_word_embeddings=False, use_cache=False, pad_token_id=0)
+                         tie_word_embeddings=bool(model.get("tied", False)), use_cache=False, pad_token_id=0)
 
 
-def setup(variant: str, model: Dict, vocab: int, seqlen: int, loss_chunk: int, mlp_chunk: int, device: str):
-    """The model, AdamW and one batch; returns a zero-argument training step."""
+def setup(variant: str, model: Dict, vocab: int, seqlen: int, loss_chunk: Optional[int], mlp_chunk: int, device: str,
+          loss_tile_bytes: Optional[int] = None):
+    """The model, AdamW and one batch; returns a zero-argument training step. ``loss_chunk``: tokens
+    per loss chunk, or None to size it from ``loss_tile_bytes``."""
     from transformers import AutoModelForCausalLM
 
     from sft_kernels.train.model import dtype_kwargs
@@ -74,7 +80,10 @@ def setup(variant: str, model: Dict, vocab: int, seqlen: int, loss_chunk: int, m
     if variant in ("sft_gc_loss", "sft_gc_loss_mlp"):
         from sft_kernels.integrations.transformers import tiled_loss
 
-        tiled_loss(net, chunk_tokens=loss_chunk)
+        if loss_chunk:
+            tiled_loss(net, chunk_tokens=loss_chunk)
+        else:
+            tiled_loss(net, tile_bytes=loss_tile_bytes)
     if variant == "sft_gc_loss_mlp":
         from sft_kernels.modules.tiled_mlp import tiled_mlp
 
@@ -155,7 +164,10 @@ def run(args) -> List[Dict]:
     model = TOY_MODEL if args.toy else MODEL
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (TOY_LENGTHS if args.toy else LENGTHS)
     vocabs = [int(x) for x in args.vocabs.split(",")] if args.vocabs else (TOY_VOCABS if args.toy else VOCABS)
-    loss_chunk = args.loss_chunk or (TOY_LOSS_CHUNK if args.toy else LOSS_CHUNK)
+    if args.tied:
+        model = dict(model, tied=True)
+    loss_chunk = args.loss_chunk or None  # None: from the byte budget, per vocabulary
+    tile = None if loss_chunk else (args.loss_tile_bytes or (TOY_LOSS_TILE_BYTES if args.toy else LOSS_TILE_BYTES))
     mlp_chunk = args.mlp_chunk or (TOY_MLP_CHUNK if args.toy else MLP_CHUNK)
     variants = args.variants.split(",") if args.variants else VARIANTS
     env = common.environment(device)
@@ -166,10 +178,11 @@ def run(args) -> List[Dict]:
                 if vocab != vocabs[0] and (variant != "sft_gc_loss_mlp" or seqlen != lengths[-1]):
                     continue  # the vocabulary sweep: everything on, at the longest length
                 spec = dict(variant=variant, model=model, vocab=vocab, seqlen=seqlen, loss_chunk=loss_chunk,
-                            mlp_chunk=mlp_chunk)
+                            mlp_chunk=mlp_chunk, loss_tile_bytes=tile)
+                chunk = loss_chunk or tile_chunk_tokens(vocab, tile)  # the tokens per loss chunk at this vocabulary
                 rec = dict(op=OP, impl=variant, device=device, dtype="float32" if device == "cpu" else "bfloat16",
-                           shape=dict(seqlen=seqlen, vocab=vocab, loss_chunk=loss_chunk, mlp_chunk=mlp_chunk, **model),
-                           env=env)
+                           shape=dict(seqlen=seqlen, vocab=vocab, loss_chunk=chunk, loss_tile_bytes=tile,
+                                      mlp_chunk=mlp_chunk, **model), env=env)
                 avail = _available_bytes() if device == "cpu" else None
                 need = full_logits_estimate(seqlen, vocab) if variant in ("hf_sdpa_gc", "sft_gc") else 0
                 if avail is not None and need > 0.6 * avail:
@@ -200,10 +213,12 @@ def summarize(records: List[Dict]) -> str:
         rows.append(dict(L=s["seqlen"], vocab=s["vocab"], variant=r["impl"], resident_mib=mib("resident_bytes"),
                          step_mib=mib("step_bytes"), peak_mib=mib("peak_mem_bytes"),
                          vs_hf=(base["peak_mem_bytes"] / r["peak_mem_bytes"]) if base and "peak_mem_bytes" in r else None,
-                         note=r.get("skipped", "")))
+                         loss_chunk=s.get("loss_chunk") if r["impl"] in ("sft_gc_loss", "sft_gc_loss_mlp") else None,
+                         tied="yes" if s.get("tied") else "no", note=r.get("skipped", "")))
     f0 = lambda x: "" if x is None else f"{x:.0f}"  # noqa: E731
-    return common.markdown_table(rows, ["L", "vocab", "variant", "resident_mib", "step_mib", "peak_mib", "vs_hf", "note"],
-                                 {"resident_mib": f0, "step_mib": f0, "peak_mib": f0,
+    return common.markdown_table(rows, ["L", "vocab", "variant", "resident_mib", "step_mib", "peak_mib", "vs_hf", "loss_chunk",
+                                        "tied", "note"],
+                                 {"resident_mib": f0, "step_mib": f0, "peak_mib": f0, "loss_chunk": f0,
                                   "vs_hf": lambda x: "" if x is None else f"{x:.2f}x"})
 
 
@@ -235,7 +250,10 @@ def parse_args(argv=None):
     p.add_argument("--vocabs", default=None, help="comma-separated vocabulary sizes (the first: every variant; "
                                                   "the others: everything on, longest length)")
     p.add_argument("--variants", default=None, help=f"comma-separated, of {','.join(VARIANTS)}")
-    p.add_argument("--loss-chunk", type=int, default=None, help=f"tiled loss chunk (default {LOSS_CHUNK})")
+    p.add_argument("--loss-chunk", type=int, default=None, help="tiled loss chunk in tokens (default: from the budget)")
+    p.add_argument("--loss-tile-bytes", type=int, default=None,
+                   help=f"tiled loss budget, bytes of fp32 logits per chunk (default {LOSS_TILE_BYTES})")
+    p.add_argument("--tied", action="store_true", help="tie the input embedding and the lm_head")
     p.add_argument("--mlp-chunk", type=int, default=None, help=f"tiled MLP chunk (default {MLP_CHUNK})")
     p.add_argument("--toy", action="store_true", help="a tiny model at L=256 (seconds per variant)")
     p.add_argument("--quick", action="store_true", help="accepted for sft-kernels bench; same as the defaults")

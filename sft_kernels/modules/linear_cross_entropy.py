@@ -3,7 +3,10 @@
 A causal-LM step normally computes ``logits = lm_head(h)`` for all L tokens, casts them to fp32
 and takes the cross-entropy: it holds L x V logits in the model dtype, again in fp32, and their
 gradient (L = V = 128k: 32 GiB bf16 + 64 GiB fp32). Here the tokens are taken ``chunk_tokens`` at
-a time, so at most ``chunk_tokens x V`` logits exist at once (one *logits tile*).
+a time, so at most ``chunk_tokens x V`` logits exist at once (one *logits tile*). A fixed token
+count makes the tile grow with the vocabulary; :func:`tile_chunk_tokens` picks the count from a
+byte budget instead (``chunk x V x 4`` bytes of fp32 logits at most), so the tile is the same size
+at any V, as Liger-Kernel's fused linear cross-entropy sizes its chunk from V / H.
 
 Two paths, one answer (the full computation's, per element; ``tests/test_tiled_loss.py``):
 
@@ -39,6 +42,15 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 4096
+
+
+def tile_chunk_tokens(vocab: int, tile_bytes: int) -> int:
+    """Tokens per chunk whose fp32 logits, ``chunk x vocab x 4`` bytes, fit ``tile_bytes`` (at least 1).
+    The tile's other tensors (the model-dtype logits, their gradients) are as many elements, so
+    the whole tile is a fixed multiple of ``tile_bytes`` whatever the vocabulary."""
+    if int(vocab) < 1 or int(tile_bytes) < 1:
+        raise ValueError(f"vocab and tile_bytes must be >= 1, got {vocab}, {tile_bytes}")
+    return max(1, int(tile_bytes) // (4 * int(vocab)))
 
 
 def _chunk_loss(x, weight, bias, y, softcap, ignore_index, normalizer):

@@ -24,6 +24,10 @@ lm_head weight is partitioned by ZeRO-3 (it carries ``ds_id``), where DeepSpeed'
 gradient at forward time, so pass ``grad_scale`` = the factor the backward will apply to the
 loss (DeepSpeed's engine: 1/gradient_accumulation_steps; ``sft-kernels train`` sets it).
 ``path="own" | "deepspeed"`` forces one.
+
+``tile_bytes=N`` sizes the chunk from a byte budget instead of ``chunk_tokens``: ``N // (4 V)``
+tokens (:func:`~sft_kernels.modules.linear_cross_entropy.tile_chunk_tokens`), so the logits tile
+does not grow with the vocabulary.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ...modules.linear_cross_entropy import (DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, deepspeed_tiled_loss,
-                                             linear_cross_entropy)
+                                             linear_cross_entropy, tile_chunk_tokens)
 
 _ORIGINAL = "_sft_untiled_forward"
 PATHS = ("auto", "own", "deepspeed")
@@ -64,6 +68,8 @@ def causal_lm_loss(model, hidden: torch.Tensor, labels: Optional[torch.Tensor] =
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(hidden.device)
     head = model.get_output_embeddings()
+    if settings.get("tile_bytes"):  # ds_shape: ZeRO-3 leaves the local weight empty
+        chunk = tile_chunk_tokens(getattr(head.weight, "ds_shape", head.weight.shape)[0], settings["tile_bytes"])
     softcap = getattr(model.config, "final_logit_softcapping", None)
     normalizer = None if num_items_in_batch is None else float(num_items_in_batch)
     if path == "deepspeed" or (path == "auto" and _is_partitioned(head.weight)):
@@ -93,11 +99,15 @@ def _forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
     return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
 
 
-def tiled_loss(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, path: str = "auto", grad_scale: float = 1.0):
+def tiled_loss(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, path: str = "auto", grad_scale: float = 1.0,
+               tile_bytes: Optional[int] = None):
     """Make ``model`` (a transformers ``*ForCausalLM``) compute its loss without a full-logits
-    tensor (module docstring). Returns the model. Calling it again updates the settings."""
+    tensor (module docstring). ``tile_bytes``: chunk by a byte budget instead of ``chunk_tokens``.
+    Returns the model. Calling it again updates the settings."""
     if int(chunk_tokens) < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if tile_bytes is not None and int(tile_bytes) < 1:
+        raise ValueError(f"tile_bytes must be >= 1 (or None), got {tile_bytes}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if not grad_scale > 0:
@@ -106,7 +116,8 @@ def tiled_loss(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, path: str = "aut
     if not prefix or not hasattr(model, prefix) or model.get_output_embeddings() is None:
         raise TypeError(f"tiled_loss needs a transformers causal LM with a base model and an lm_head; "
                         f"got {type(model).__name__}")
-    model._sft_tiled_loss = {"chunk_tokens": int(chunk_tokens), "path": path, "grad_scale": float(grad_scale)}
+    model._sft_tiled_loss = {"chunk_tokens": int(chunk_tokens), "path": path, "grad_scale": float(grad_scale),
+                             "tile_bytes": None if tile_bytes is None else int(tile_bytes)}
     if not hasattr(model, _ORIGINAL):
         setattr(model, _ORIGINAL, model.forward)
         model.forward = types.MethodType(_forward, model)
