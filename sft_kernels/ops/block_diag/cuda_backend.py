@@ -92,31 +92,29 @@ def _target(out, shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _gemm(a, weight, bias, in_features, out_features, mode: str, out) -> torch.Tensor:
+    """The forward (``mode="fwd"``: ``a @ block_diag(W).T + bias``) and dX (``"dx"``:
+    ``a @ block_diag(W)``, the weight read transposed) launches, one kernel for both."""
+    check_supported(a, in_features, out_features)
+    in_f, out_f = tuple(in_features), tuple(out_features)
+    a = _unit_cols(a)
+    y = _target(out, (a.shape[0], sum(out_f if mode == "fwd" else in_f)), a.dtype, a.device)
+    if a.shape[0] == 0:
+        return _into(y, out)
+    meta, tiles = _meta(in_f, out_f, mode, a.device)
+    _ext().bd_gemm(a, weight.contiguous(), None if bias is None else bias.contiguous(), y, meta, tiles, mode == "dx",
+                   _stream(a.device))
+    return _into(y, out)
+
+
 def gemm_forward(x, weight, bias, in_features, out_features, out=None) -> torch.Tensor:
     """``y = x @ block_diag(W).T + bias`` for 2-D ``x (T, sum n_i)``."""
-    check_supported(x, in_features, out_features)
-    in_f, out_f = tuple(in_features), tuple(out_features)
-    x = _unit_cols(x)
-    y = _target(out, (x.shape[0], sum(out_f)), x.dtype, x.device)
-    if x.shape[0] == 0:
-        return _into(y, out)
-    meta, tiles = _meta(in_f, out_f, "fwd", x.device)
-    _ext().bd_gemm(x, weight.contiguous(), None if bias is None else bias.contiguous(), y, meta, tiles, False,
-                   _stream(x.device))
-    return _into(y, out)
+    return _gemm(x, weight, bias, in_features, out_features, "fwd", out)
 
 
 def gemm_backward_dx(grad, weight, in_features, out_features, out=None) -> torch.Tensor:
     """``dx = dy @ block_diag(W)`` for 2-D ``dy (T, sum m_i)``."""
-    check_supported(grad, in_features, out_features)
-    in_f, out_f = tuple(in_features), tuple(out_features)
-    grad = _unit_cols(grad)
-    dx = _target(out, (grad.shape[0], sum(in_f)), grad.dtype, grad.device)
-    if grad.shape[0] == 0:
-        return _into(dx, out)
-    meta, tiles = _meta(in_f, out_f, "dx", grad.device)
-    _ext().bd_gemm(grad, weight.contiguous(), None, dx, meta, tiles, True, _stream(grad.device))
-    return _into(dx, out)
+    return _gemm(grad, weight, None, in_features, out_features, "dx", out)
 
 
 @functools.lru_cache(maxsize=None)

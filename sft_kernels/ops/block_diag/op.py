@@ -147,6 +147,15 @@ def _cuda():
     return cuda_backend
 
 
+def _impl(backend: str, t: torch.Tensor, in_features, out_features):
+    """The chosen backend's (forward, dX, dW) functions for an input like ``t``."""
+    impl = _resolve(backend, t.device, in_features, out_features, t.dtype)
+    if impl == "torch":
+        return torch_impl.forward, torch_impl.backward_dx, torch_impl.backward_dw
+    m = _kernels() if impl == "triton" else _cuda()
+    return m.gemm_forward, m.gemm_backward_dx, m.gemm_backward_dw
+
+
 @torch.library.custom_op("sft_kernels::block_diag_matmul", mutates_args=())
 def _bdmm(
     x: torch.Tensor,
@@ -157,18 +166,10 @@ def _bdmm(
     backend: str,
 ) -> torch.Tensor:
     _check(x, weight, bias, in_features, out_features, backend)
-    impl = _resolve(backend, x.device, in_features, out_features, x.dtype)
-    lead = x.shape[:-1]
-    x2 = _as_2d(x)
-    w = weight.contiguous()
+    forward = _impl(backend, x, in_features, out_features)[0]
     b = bias.contiguous() if bias is not None else None
-    if impl == "triton":
-        y = _kernels().gemm_forward(x2, w, b, in_features, out_features)
-    elif impl == "cuda":
-        y = _cuda().gemm_forward(x2, w, b, in_features, out_features)
-    else:
-        y = torch_impl.forward(x2, w, b, in_features, out_features)
-    return y.view(*lead, y.shape[-1])
+    y = forward(_as_2d(x), weight.contiguous(), b, in_features, out_features)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 @_bdmm.register_fake
@@ -182,17 +183,9 @@ def _bdmm_dx(
     grad: torch.Tensor, weight: torch.Tensor, in_features: List[int], out_features: List[int], backend: str
 ) -> torch.Tensor:
     """``dx = dy @ block_diag(W)``: block i is ``dy_i @ W_i``."""
-    impl = _resolve(backend, grad.device, in_features, out_features, grad.dtype)
-    lead = grad.shape[:-1]
-    g2 = _as_2d(grad)
-    w = weight.contiguous()
-    if impl == "triton":
-        dx = _kernels().gemm_backward_dx(g2, w, in_features, out_features)
-    elif impl == "cuda":
-        dx = _cuda().gemm_backward_dx(g2, w, in_features, out_features)
-    else:
-        dx = torch_impl.backward_dx(g2, w, in_features, out_features)
-    return dx.view(*lead, dx.shape[-1])
+    backward_dx = _impl(backend, grad, in_features, out_features)[1]
+    dx = backward_dx(_as_2d(grad), weight.contiguous(), in_features, out_features)
+    return dx.view(*grad.shape[:-1], dx.shape[-1])
 
 
 @_bdmm_dx.register_fake
@@ -205,14 +198,8 @@ def _bdmm_dw(
     grad: torch.Tensor, x: torch.Tensor, in_features: List[int], out_features: List[int], backend: str
 ) -> torch.Tensor:
     """Flat ``dW``: block i is ``dy_i^T x_i`` summed over every token."""
-    impl = _resolve(backend, x.device, in_features, out_features, x.dtype)
-    g2 = _as_2d(grad)
-    x2 = _as_2d(x)
-    if impl == "triton":
-        return _kernels().gemm_backward_dw(g2, x2, in_features, out_features)
-    if impl == "cuda":
-        return _cuda().gemm_backward_dw(g2, x2, in_features, out_features)
-    return torch_impl.backward_dw(g2, x2, in_features, out_features)
+    backward_dw = _impl(backend, x, in_features, out_features)[2]
+    return backward_dw(_as_2d(grad), _as_2d(x), in_features, out_features)
 
 
 @_bdmm_dw.register_fake

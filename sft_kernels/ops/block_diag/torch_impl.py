@@ -23,116 +23,84 @@ from typing import Optional, Sequence
 import torch
 
 
-def _equal(in_features: Sequence[int], out_features: Sequence[int]) -> bool:
-    return len(set(in_features)) == 1 and len(set(out_features)) == 1
+def _batched(in_features: Sequence[int], out_features: Sequence[int]) -> bool:
+    """Equal blocks, more than one: one ``bmm`` over ``(g, ., .)`` views. Otherwise one
+    ``mm`` per block (one block is a plain ``nn.Linear``: cuBLAS / MKL ``mm``)."""
+    return len(in_features) > 1 and len(set(in_features)) == 1 and len(set(out_features)) == 1
 
 
-def _blocks(weight: torch.Tensor, in_features: Sequence[int], out_features: Sequence[int]):
+def _split(t: torch.Tensor, sizes: Sequence[int], dim: int):
     off = 0
-    for n, m in zip(in_features, out_features):
-        yield weight[off : off + m * n].view(m, n)
-        off += m * n
+    for size in sizes:
+        yield t.narrow(dim, off, size)
+        off += size
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    in_features: Sequence[int],
-    out_features: Sequence[int],
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def _cols(t: torch.Tensor, widths: Sequence[int], batched: bool) -> list:
+    """Token-major ``t (T, sum widths)`` by block: ``[(g, T, w) view]`` when batched, else
+    its column slices (views: written in place, read through the row stride)."""
+    if batched:
+        return [t.view(t.shape[0], len(widths), widths[0]).transpose(0, 1)]
+    return list(_split(t, widths, 1))
+
+
+def _mats(flat: torch.Tensor, in_features: Sequence[int], out_features: Sequence[int], batched: bool) -> list:
+    """The flat weight (or dW) by block: ``[(g, m, n) view]`` when batched, else the
+    row-major ``(m_i, n_i)`` blocks."""
+    if batched:
+        return [flat.view(len(in_features), out_features[0], in_features[0])]
+    numels = [m * n for n, m in zip(in_features, out_features)]
+    return [w.view(m, n) for w, n, m in zip(_split(flat, numels, 0), in_features, out_features)]
+
+
+def _t(blocks: list) -> list:
+    return [b.transpose(-2, -1) for b in blocks]
+
+
+def _matmul(a: list, b: list, out: list, bias: Optional[list] = None) -> None:
+    """``out_i = a_i @ b_i (+ bias_i)`` for every block: ``bmm``/``baddbmm`` on the batched
+    views, ``mm``/``addmm`` on the blocks."""
+    for i, (ai, bi, oi) in enumerate(zip(a, b, out)):
+        batched = oi.dim() == 3
+        if bias is None:
+            (torch.bmm if batched else torch.mm)(ai, bi, out=oi)
+        else:
+            (torch.baddbmm if batched else torch.addmm)(bias[i], ai, bi, out=oi)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_features: Sequence[int],
+            out_features: Sequence[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y (T, sum m_i) = x (T, sum n_i) @ block_diag(W).T + bias`` (into ``out`` if given)."""
     T = x.shape[0]
-    g = len(in_features)
-    M = sum(out_features)
-    y = torch.empty(T, M, dtype=x.dtype, device=x.device) if out is None else out
-    if T == 0:
-        return y
-    if g == 1:  # plain nn.Linear (cuBLAS / MKL addmm)
-        w = weight.view(out_features[0], in_features[0])
-        if bias is None:
-            torch.mm(x, w.t(), out=y)
-        else:
-            torch.addmm(bias, x, w.t(), out=y)
-        return y
-    if _equal(in_features, out_features):
-        n, m = in_features[0], out_features[0]
-        xv = x.view(T, g, n).transpose(0, 1)  # (g, T, n), a view
-        wt = weight.view(g, m, n).transpose(1, 2)  # (g, n, m)
-        yv = y.view(T, g, m).transpose(0, 1)  # (g, T, m), written in place
-        if bias is None:
-            torch.bmm(xv, wt, out=yv)
-        else:
-            torch.baddbmm(bias.view(g, 1, m).expand(g, T, m), xv, wt, out=yv)
-        return y
-    k0 = o0 = 0
-    for w, n, m in zip(_blocks(weight, in_features, out_features), in_features, out_features):
-        if bias is None:
-            torch.mm(x[:, k0 : k0 + n], w.t(), out=y[:, o0 : o0 + m])
-        else:
-            torch.addmm(bias[o0 : o0 + m], x[:, k0 : k0 + n], w.t(), out=y[:, o0 : o0 + m])
-        k0 += n
-        o0 += m
+    y = torch.empty(T, sum(out_features), dtype=x.dtype, device=x.device) if out is None else out
+    if T:
+        bt = _batched(in_features, out_features)
+        b = None if bias is None else _cols(bias.expand(T, -1), out_features, bt)  # stride 0 over tokens
+        _matmul(_cols(x, in_features, bt), _t(_mats(weight, in_features, out_features, bt)),
+                _cols(y, out_features, bt), b)
     return y
 
 
-def backward_dx(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    in_features: Sequence[int],
-    out_features: Sequence[int],
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def backward_dx(grad: torch.Tensor, weight: torch.Tensor, in_features: Sequence[int], out_features: Sequence[int],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dx (T, sum n_i) = dy (T, sum m_i) @ block_diag(W)``: block i is ``dy_i @ W_i``."""
     T = grad.shape[0]
-    g = len(in_features)
     dx = torch.empty(T, sum(in_features), dtype=grad.dtype, device=grad.device) if out is None else out
-    if T == 0:
-        return dx
-    if g > 1 and _equal(in_features, out_features):
-        n, m = in_features[0], out_features[0]
-        torch.bmm(
-            grad.view(T, g, m).transpose(0, 1),
-            weight.view(g, m, n),
-            out=dx.view(T, g, n).transpose(0, 1),
-        )
-        return dx
-    k0 = o0 = 0
-    for w, n, m in zip(_blocks(weight, in_features, out_features), in_features, out_features):
-        torch.mm(grad[:, o0 : o0 + m], w, out=dx[:, k0 : k0 + n])
-        k0 += n
-        o0 += m
+    if T:
+        bt = _batched(in_features, out_features)
+        _matmul(_cols(grad, out_features, bt), _mats(weight, in_features, out_features, bt), _cols(dx, in_features, bt))
     return dx
 
 
-def backward_dw(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    in_features: Sequence[int],
-    out_features: Sequence[int],
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def backward_dw(grad: torch.Tensor, x: torch.Tensor, in_features: Sequence[int], out_features: Sequence[int],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flat ``dW``: block i is ``dy_i^T (m_i, T) @ x_i (T, n_i)``, reduced over all tokens."""
-    T = grad.shape[0]
-    g = len(in_features)
     numel = sum(m * n for n, m in zip(in_features, out_features))
     dw = torch.empty(numel, dtype=grad.dtype, device=grad.device) if out is None else out
-    if T == 0:
+    if grad.shape[0] == 0:
         return dw.zero_()
-    if g > 1 and _equal(in_features, out_features):
-        n, m = in_features[0], out_features[0]
-        torch.bmm(
-            grad.view(T, g, m).transpose(0, 1).transpose(1, 2),  # (g, m, T)
-            x.view(T, g, n).transpose(0, 1),  # (g, T, n)
-            out=dw.view(g, m, n),
-        )
-        return dw
-    k0 = o0 = 0
-    for w, n, m in zip(_blocks(dw, in_features, out_features), in_features, out_features):
-        torch.mm(grad[:, o0 : o0 + m].t(), x[:, k0 : k0 + n], out=w)
-        k0 += n
-        o0 += m
+    bt = _batched(in_features, out_features)
+    _matmul(_t(_cols(grad, out_features, bt)), _cols(x, in_features, bt), _mats(dw, in_features, out_features, bt))
     return dw
 
 
