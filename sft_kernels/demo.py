@@ -19,44 +19,47 @@ import time
 
 import torch
 
-_CHECK = r"""
-import torch, sys
-from sft_kernels import sliding_window_attention, sliding_window_attention_reference
-from sft_kernels.ops.block_diag.op import block_diag_matmul
-from sft_kernels import block_diag_matmul_reference
-dev, backend = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
-def rel(a, b):
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
-q, k, v = (torch.randn(2, 97, h, 64, device=dev, requires_grad=True) for h in (8, 2, 2))
-out = sliding_window_attention(q, k, v, window_size=16, causal=True, backend=backend)
-dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-ref, _ = sliding_window_attention_reference(q64, k64, v64, window_size=16, causal=True)
-rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
-errs = [rel(out.cpu(), ref), rel(dq.cpu(), rq), rel(dk.cpu(), rk), rel(dv.cpu(), rv)]
-print(f"  sliding_window_attention  backend={backend:6s} on {dev}: fwd {errs[0]:.1e}  dq {errs[1]:.1e}  dk {errs[2]:.1e}  dv {errs[3]:.1e}")
-ok = max(errs) < 1e-4
-sizes_in, sizes_out = [16, 48, 32], [32, 16, 64]
-x = torch.randn(37, sum(sizes_in), device=dev, requires_grad=True)
-w = torch.randn(sum(a * b for a, b in zip(sizes_in, sizes_out)), device=dev, requires_grad=True)
-y = block_diag_matmul(x, w, sizes_in, sizes_out, backend=backend)
-blocks, o = [], 0
-for n, m in zip(sizes_in, sizes_out):
-    blocks.append(w.detach().cpu().double()[o:o + m * n].view(m, n)); o += m * n
-yr = block_diag_matmul_reference(x.detach().cpu().double(), blocks)
-e = rel(y.cpu(), yr)
-print(f"  block_diag_matmul         backend={backend:6s} on {dev}: fwd {e:.1e}")
-ok = ok and e < 1e-4
-sys.exit(0 if ok else 1)
-"""
+
+
+def check(device: str, backend: str) -> bool:
+    """Both ops on ``backend`` against their float64 dense references on the CPU; prints the
+    relative errors, True when all are below 1e-4. Runs in a child process (``python -m
+    sft_kernels.demo DEVICE BACKEND``): the Triton interpreter is switched on by the
+    environment before the kernels are defined."""
+    from sft_kernels import block_diag_matmul, block_diag_matmul_reference, sliding_window_attention
+    from sft_kernels import sliding_window_attention_reference
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 97, h, 64, device=device, requires_grad=True) for h in (8, 2, 2))
+    out = sliding_window_attention(q, k, v, window_size=16, causal=True, backend=backend)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = sliding_window_attention_reference(q64, k64, v64, window_size=16, causal=True)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
+    errs = [_rel(out.cpu(), ref), _rel(dq.cpu(), rq), _rel(dk.cpu(), rk), _rel(dv.cpu(), rv)]
+    print(f"  sliding_window_attention  backend={backend:6s} on {device}: fwd {errs[0]:.1e}  dq {errs[1]:.1e}  "
+          f"dk {errs[2]:.1e}  dv {errs[3]:.1e}", flush=True)
+    ok = max(errs) < 1e-4
+    sizes_in, sizes_out = [16, 48, 32], [32, 16, 64]
+    x = torch.randn(37, sum(sizes_in), device=device, requires_grad=True)
+    w = torch.randn(sum(a * b for a, b in zip(sizes_in, sizes_out)), device=device, requires_grad=True)
+    y = block_diag_matmul(x, w, sizes_in, sizes_out, backend=backend)
+    blocks, o = [], 0
+    for n, m in zip(sizes_in, sizes_out):
+        blocks.append(w.detach().cpu().double()[o:o + m * n].view(m, n))
+        o += m * n
+    e = _rel(y.cpu(), block_diag_matmul_reference(x.detach().cpu().double(), blocks))
+    print(f"  block_diag_matmul         backend={backend:6s} on {device}: fwd {e:.1e}", flush=True)
+    return ok and e < 1e-4
 
 
 def _check(device: str, backend: str, interpret: bool) -> bool:
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    res = subprocess.run([sys.executable, "-c", _CHECK, device, backend], env=env)
+    res = subprocess.run([sys.executable, "-m", "sft_kernels.demo", device, backend], env=env)
     return res.returncode == 0
 
 
@@ -90,3 +93,7 @@ def run_demo(quick: bool = True) -> int:
     rc = max(rc, train_main(["--output_dir", out, *epochs]))
     print(f"\ndemo finished in {time.time() - t0:.0f} s; results in bench_out/")
     return rc
+
+
+if __name__ == "__main__":  # the child of _check: python -m sft_kernels.demo DEVICE BACKEND
+    sys.exit(0 if check(sys.argv[1], sys.argv[2]) else 1)

@@ -38,3 +38,14 @@ def test_help_lists_the_subcommands():
     assert res.returncode == 0
     for sub in ("info", "bench", "demo", "train"):
         assert sub in res.stdout
+
+
+def test_demo_kernel_check_runs_as_a_module():
+    """The demo's kernel check (the child `sft-kernels demo` starts per backend) on the torch backend."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "sft_kernels.demo", "cpu", "torch"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [line.split() for line in res.stdout.splitlines()]
+    assert [line[:3] for line in lines] == [["sliding_window_attention", "backend=torch", "on"],
+                                            ["block_diag_matmul", "backend=torch", "on"]], res.stdout
