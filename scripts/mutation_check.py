@@ -56,7 +56,7 @@ MUTATIONS = [
         "floor(sqrt L) -> round(sqrt L) in the shared rule (L = 15: 4 keys instead of 3)",
     ),
     Mutation(
-        "sqrt_rounds_triton", f"{ATT}/triton_kernels.py",
+        "sqrt_rounds_triton", f"{ATT}/triton_jit.py",
         "    r = tl.sqrt(n.to(tl.float32)).to(tl.int32)\n    r = tl.where(r * r > n, r - 1, r)\n"
         "    r = tl.where((r + 1) * (r + 1) <= n, r + 1, r)\n",
         "    r = (tl.sqrt(n.to(tl.float32)) + 0.5).to(tl.int32)\n",
@@ -71,7 +71,7 @@ MUTATIONS = [
         "a packed sequence's int / sqrt window resolved from its query length",
     ),
     Mutation(
-        "packed_window_from_query_length_triton", f"{ATT}/triton_kernels.py",
+        "packed_window_from_query_length_triton", f"{ATT}/triton_jit.py",
         "    left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)",
         "    left, right = _resolve_window(left, right, keys, seqlen_q, WINDOW_MODE, CAUSAL)",
         ["tests/test_attention.py"], "triton and (varlen or packed)",
@@ -99,14 +99,14 @@ MUTATIONS = [
         "the band mask the PyTorch path applies (window.band_mask) drops its leftmost key",
     ),
     Mutation(
-        "right_edge_off_by_one_triton", f"{ATT}/triton_kernels.py",
+        "right_edge_off_by_one_triton", f"{ATT}/triton_jit.py",
         "    keep = keep & ((right < 0) | (cols <= pos + right))",
         "    keep = keep & ((right < 0) | (cols < pos + right))",
         ["tests/test_attention.py"], "triton",
         "the Triton band mask drops its rightmost key",
     ),
     Mutation(
-        "unmasked_partial_tile_triton", f"{ATT}/triton_kernels.py",
+        "unmasked_partial_tile_triton", f"{ATT}/triton_jit.py",
         "    full_hi = tl.maximum((upper // BLOCK_N) * BLOCK_N, full_lo)",
         "    full_hi = tl.maximum(tl.cdiv(upper, BLOCK_N) * BLOCK_N, full_lo)",
         ["tests/test_attention.py"], "triton",
@@ -121,7 +121,7 @@ MUTATIONS = [
     ),
     # ------------------------------------------------------------------ heads, rows, gradients
     Mutation(
-        "gqa_head_mapping_triton", f"{ATT}/triton_kernels.py",
+        "gqa_head_mapping_triton", f"{ATT}/triton_jit.py",
         "    off_b = tl.program_id(2)\n    off_hk = off_h // group\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
         "    off_b = tl.program_id(2)\n    off_hk = off_h % (tl.num_programs(1) // group)\n"
         "    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
@@ -137,13 +137,13 @@ MUTATIONS = [
     ),
     Mutation(
         "empty_row_lse_zero_torch", f"{ATT}/torch_impl.py",
-        "        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
-        "        if hi <= lo:\n            lse[:, :, :, qs:qe] = 0.0\n            continue  # no key in reach: zeros, lse -inf",
+        "    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(",  # rows of chunks with keys are overwritten
+        "    lse[:, :, :, r0:r1] = 0.0\n    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(",
         ["tests/test_attention.py"], "torch_path",
         "LSE 0 instead of -inf where a whole query chunk sees no key (Lq - Lk > 128)",
     ),
     Mutation(
-        "empty_row_lse_zero_triton", f"{ATT}/triton_kernels.py",
+        "empty_row_lse_zero_triton", f"{ATT}/triton_jit.py",
         '    lse = tl.where(empty, float("-inf"), (m_i',
         "    lse = tl.where(empty, 0.0, (m_i",
         ["tests/test_attention.py"], "triton",
@@ -164,14 +164,14 @@ MUTATIONS = [
         "the PyTorch backward swaps dK and dV",
     ),
     Mutation(
-        "no_delta_triton", f"{ATT}/triton_kernels.py",
+        "no_delta_triton", f"{ATT}/triton_jit.py",
         "        dsT = pT * (dpT - delta[None, :])",
         "        dsT = pT * dpT",
         ["tests/test_attention.py"], "triton",
         "dK forgets the softmax correction delta = rowsum(dO * O)",
     ),
     Mutation(
-        "gqa_dkdv_first_head_only", f"{ATT}/triton_kernels.py",
+        "gqa_dkdv_first_head_only", f"{ATT}/triton_jit.py",
         "    for g in range(0, group):",
         "    for g in range(0, 1):",
         ["tests/test_attention.py"], "triton",
@@ -251,13 +251,20 @@ MUTATIONS = [
     ),
     # ------------------------------------------------------------------ Hugging Face window mapping
     Mutation(
-        "hf_window_plus_one", "sft_kernels/modules/sft_attention.py",
+        "hf_window_plus_one", "sft_kernels/integrations/transformers/convert.py",
         "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
         "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:\n"
         "    w = _hf_layer_window(attention_module, config)\n    return None if w is None else w + 1\n\n\n"
         "def _hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
         ["tests/test_transformers_integration.py", "tests/test_sft_attention.py"], None,
         "a model's sliding_window=W read as W + 1 keys",
+    ),
+    Mutation(
+        "hf_bidirectional_window_one_wider", "sft_kernels/integrations/transformers/convert.py",
+        "    return (keys - 1, keys - 1)",
+        "    return (keys, keys - 1)",
+        ["tests/test_hf_matrix.py"], "gemma3",
+        "a bidirectional layer's window of W keys read as W + 1 on the left",
     ),
     # ------------------------------------------------------------------ CUDA: barrier placement
     Mutation(
@@ -297,6 +304,49 @@ MUTATIONS = [
         ["tests/test_empty_inputs.py"], "sft_attention",
         "SFTAttention unpads an empty batch with a mask",
     ),
+    # ------------------------------------------------------------------ the exchange per layer (parallel/hybrid.py)
+    Mutation(
+        "hybrid_choice_inverted", "sft_kernels/parallel/hybrid.py",
+        "    return ULYSSES if ulysses < max(halo) else HALO",
+        "    return ULYSSES if ulysses > max(halo) else HALO",
+        ["tests/test_hybrid_context_parallel.py"], "layout or tie",
+        "the per-layer choice takes the exchange that sends more",
+    ),
+    Mutation(
+        "hybrid_ulysses_bytes_forward_only", "sft_kernels/parallel/hybrid.py",
+        "    heads_part = 2 * (2 * heads + 2 * kv) * batch",
+        "    heads_part = (2 * heads + 2 * kv) * batch",
+        ["tests/test_hybrid_context_parallel.py"], "layout",
+        "Ulysses' bytes count the forward all-to-alls only",
+    ),
+    Mutation(
+        "hybrid_ulysses_bytes_no_kv_replication", "sft_kernels/parallel/hybrid.py",
+        "    kv = kv_heads * max(1, world // kv_heads)",
+        "    kv = kv_heads",
+        ["tests/test_hybrid_context_parallel.py"], "layout",
+        "Ulysses' bytes leave out DeepSpeed's K/V head replication up to P",
+    ),
+    Mutation(
+        "hybrid_halo_bytes_forward_only", "sft_kernels/parallel/hybrid.py",
+        "            total += rows * (plan.rows_sent() + plan.rows_returned()) * row",
+        "            total += rows * plan.rows_sent() * row",
+        ["tests/test_hybrid_context_parallel.py"], "layout or sliding_layer",
+        "the halo's bytes leave out the dK/dV returned in the backward",
+    ),
+    Mutation(
+        "hybrid_packed_halo_bytes_forward_only", "sft_kernels/parallel/hybrid.py",
+        "            out[r] += (plan.rows_sent() + plan.rows_received()) * row",
+        "            out[r] += plan.rows_sent() * row",
+        ["tests/test_hybrid_context_parallel.py"], "packed_rows_send",
+        "the packed-row halo's bytes leave out the dK/dV returned in the backward",
+    ),
+    Mutation(
+        "hybrid_halo_bytes_one_row", "sft_kernels/integrations/transformers/context_parallel.py",
+        "        windows = {resolved_window(window, causal, total): b}",
+        "        windows = {resolved_window(window, causal, total): 1}",
+        ["tests/test_hybrid_context_parallel.py"], "P6 and (sends_less or counted)",
+        "a layer's halo bytes counted for one row of the batch: P = 6 full layers stay on the halo",
+    ),
     # ------------------------------------------------------------------ softcap and sinks
     Mutation(
         "softcap_grad_missing_torch", f"{ATT}/torch_impl.py",
@@ -306,14 +356,14 @@ MUTATIONS = [
         "the PyTorch backward leaves out the cap's derivative 1 - tanh^2",
     ),
     Mutation(
-        "softcap_grad_missing_triton", f"{ATT}/triton_kernels.py",
+        "softcap_grad_missing_triton", f"{ATT}/triton_jit.py",
         "            ds = ds * _softcap_grad(p, lse[:, None], qk_scale)",
         "            ds = ds",
         ["tests/test_attention.py"], "triton and softcap",
         "the Triton dQ kernel leaves out the cap's derivative",
     ),
     Mutation(
-        "tanh_not_odd_triton", f"{ATT}/triton_kernels.py",
+        "tanh_not_odd_triton", f"{ATT}/triton_jit.py",
         "    return tl.where(x < 0, -t, t)",
         "    return t",
         ["tests/test_attention.py"], "triton and softcap",
@@ -327,7 +377,7 @@ MUTATIONS = [
         "the PyTorch forward takes the sink into the running max but not into the denominator",
     ),
     Mutation(
-        "sink_not_in_denominator_triton", f"{ATT}/triton_kernels.py",
+        "sink_not_in_denominator_triton", f"{ATT}/triton_jit.py",
         "        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)",
         "        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)",
         ["tests/test_attention.py"], "triton and sink",
@@ -341,7 +391,7 @@ MUTATIONS = [
         "the PyTorch sinks gradient has the wrong sign",
     ),
     Mutation(
-        "dsinks_sign_triton", f"{ATT}/triton_kernels.py",
+        "dsinks_sign_triton", f"{ATT}/triton_jit.py",
         "-tl.sum(p_sink * pdp, 0))",
         "tl.sum(p_sink * pdp, 0))",
         ["tests/test_attention.py"], "triton and sink",
@@ -373,14 +423,14 @@ MUTATIONS = [
         "the dK/dV query range ends one row short: a key per tile loses a row where left - off = 1 mod BM",
     ),
     Mutation(
-        "dkdv_query_range_one_short_triton", f"{ATT}/triton_kernels.py",
+        "dkdv_query_range_one_short_triton", f"{ATT}/triton_jit.py",
         "        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - off + left, 0), seqlen_q)",
         "        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off + left, 0), seqlen_q)",
         ["tests/test_attention.py"], "tile_edges and triton",
         "as above, in the Triton dK/dV kernel (_query_phases)",
     ),
     Mutation(
-        "key_range_start_one_tile_late_triton", f"{ATT}/triton_kernels.py",
+        "key_range_start_one_tile_late_triton", f"{ATT}/triton_jit.py",
         "        lo = tl.maximum(start_m + off - left, 0)",
         "        lo = tl.maximum(start_m + off - left + 1, 0)",
         ["tests/test_attention.py"], "tile_edges and triton",
@@ -402,7 +452,7 @@ MUTATIONS = [
         "left - off = 1 mod CHUNK",
     ),
     Mutation(
-        "int_window_centre_swapped_triton", f"{ATT}/triton_kernels.py",
+        "int_window_centre_swapped_triton", f"{ATT}/triton_jit.py",
         "            lw = w // 2\n            rw = (w - 1) // 2",
         "            lw = (w - 1) // 2\n            rw = w // 2",
         ["tests/test_attention.py"], "tile_edges and triton",
