@@ -45,19 +45,13 @@ __device__ __forceinline__ void mma_stage(float acc[4][4][4], const T* sA, const
   for (int ks = 0; ks < BK / 16; ++ks) {
     uint32_t af[4][4], bf[2][4];
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-      if (A_KMAJOR)
-        load_a_kmajor(af[mi], sA, BM + kPad, warp_m * 64 + mi * 16, ks * 16, lane);
-      else
-        load_a(af[mi], sA, BK + kPad, warp_m * 64 + mi * 16, ks * 16, lane);
-    }
+    for (int mi = 0; mi < 4; ++mi)
+      A_KMAJOR ? load_a_kmajor(af[mi], sA, BM + kPad, warp_m * 64 + mi * 16, ks * 16, lane)
+               : load_a(af[mi], sA, BK + kPad, warp_m * 64 + mi * 16, ks * 16, lane);
 #pragma unroll
-    for (int nj = 0; nj < 2; ++nj) {
-      if (B_KN)
-        load_b_kn(bf[nj], sB, BN + kPad, warp_n * 32 + nj * 16, ks * 16, lane);
-      else
-        load_b_nk(bf[nj], sB, BK + kPad, warp_n * 32 + nj * 16, ks * 16, lane);
-    }
+    for (int nj = 0; nj < 2; ++nj)
+      B_KN ? load_b_kn(bf[nj], sB, BN + kPad, warp_n * 32 + nj * 16, ks * 16, lane)
+           : load_b_nk(bf[nj], sB, BK + kPad, warp_n * 32 + nj * 16, ks * 16, lane);
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -66,6 +60,30 @@ __device__ __forceinline__ void mma_stage(float acc[4][4][4], const T* sA, const
         Dtype<T>::mma(acc[mi][2 * nj + 1], af[mi], bf[nj][2], bf[nj][3]);
       }
   }
+}
+
+// acc = this warp's share of the tile's A B over k_tiles steps of BK: issue(kt, buf) loads
+// step kt into sA[buf], sB[buf] (mma_stage's layouts), through the two-stage pipeline.
+template <typename T, bool A_KMAJOR, bool B_KN, int A_SIZE, int B_SIZE, typename Issue>
+__device__ __forceinline__ void mainloop(float (&acc)[4][4][4], const T (&sA)[2][A_SIZE], const T (&sB)[2][B_SIZE],
+                                         int k_tiles, Issue&& issue, int warp_m, int warp_n, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) zero(acc[i]);
+  pipeline(k_tiles, issue,
+           [&](int, int buf) { mma_stage<T, A_KMAJOR, B_KN>(acc, sA[buf], sB[buf], warp_m, warp_n, lane); });
+}
+
+// f(ni, c, col) for each of this thread's accumulator columns (acc[.][ni][2 hr + c]) in the
+// output, col = n0 + warp_n * 32 + ni * 8 + 2 (lane % 4) + c, below N.
+template <typename F>
+__device__ __forceinline__ void for_each_col(int n0, int N, int warp_n, int lane, F&& f) {
+#pragma unroll
+  for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = n0 + warp_n * 32 + ni * 8 + 2 * (lane & 3) + c;
+      if (col < N) f(ni, c, col);
+    }
 }
 
 // Forward (TRANS_W = false): out_i = a_i @ W_i^T (+ bias_i); dX (TRANS_W): out_i = a_i @ W_i.
@@ -104,41 +122,21 @@ __global__ void __launch_bounds__(kThreads) bd_gemm_kernel(const BdGemmParams p)
   };
 
   float acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  mainloop<T, false, TRANS_W>(acc, sA, sB, k_tiles, issue, warp_m, warp_n, lane);
 
-  issue(0, 0);
-  cp_async_commit();
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int buf = kt & 1;
-    cp_async_wait_all();
-    __syncthreads();  // stage kt landed; every warp is done with the other stage
-    if (kt + 1 < k_tiles) issue(kt + 1, buf ^ 1);
-    cp_async_commit();
-    mma_stage<T, false, TRANS_W>(acc, sA[buf], sB[buf], warp_m, warp_n, lane);
-  }
-  cp_async_wait_all();
-
-  const int g = lane >> 2, t4 = lane & 3;
+  const int g = lane >> 2;
   T* out = static_cast<T*>(p.out) + col_off;
   const T* bias = p.bias != nullptr ? static_cast<const T*>(p.bias) + col_off : nullptr;
+  for_each_col(n0, N, warp_n, lane, [&](int ni, int c, int col) {
+    const float bv = bias != nullptr ? Dtype<T>::to_float(bias[col]) : 0.f;
 #pragma unroll
-  for (int ni = 0; ni < 4; ++ni)
+    for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int col = n0 + warp_n * 32 + ni * 8 + 2 * t4 + c;
-      if (col >= N) continue;
-      const float bv = bias != nullptr ? Dtype<T>::to_float(bias[col]) : 0.f;
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int r = warp_m * 64 + mi * 16 + g + 8 * hr;
-          if (r < rows_valid) out[(t0 + r) * p.ldo + col] = Dtype<T>::from_float(acc[mi][ni][2 * hr + c] + bv);
-        }
-    }
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = warp_m * 64 + mi * 16 + g + 8 * hr;
+        if (r < rows_valid) out[(t0 + r) * p.ldo + col] = Dtype<T>::from_float(acc[mi][ni][2 * hr + c] + bv);
+      }
+  });
 }
 
 // dW_i tile = dy_i^T x_i over the tokens of one split.
@@ -173,24 +171,9 @@ __global__ void __launch_bounds__(kThreads) bd_dw_kernel(const BdDwParams p) {
   };
 
   float acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  mainloop<T, true, true>(acc, sA, sB, k_tiles, issue, warp_m, warp_n, lane);
 
-  if (k_tiles > 0) issue(0, 0);
-  cp_async_commit();
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int buf = kt & 1;
-    cp_async_wait_all();
-    __syncthreads();
-    if (kt + 1 < k_tiles) issue(kt + 1, buf ^ 1);
-    cp_async_commit();
-    mma_stage<T, true, true>(acc, sA[buf], sB[buf], warp_m, warp_n, lane);
-  }
-  cp_async_wait_all();
-
-  const int g = lane >> 2, t4 = lane & 3;
+  const int g = lane >> 2;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -198,18 +181,13 @@ __global__ void __launch_bounds__(kThreads) bd_dw_kernel(const BdDwParams p) {
       const int row = m0 + warp_m * 64 + mi * 16 + g + 8 * hr;
       if (row >= M) continue;
       const int64_t base = static_cast<int64_t>(w_off) + static_cast<int64_t>(row) * N;
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = n0 + warp_n * 32 + ni * 8 + 2 * t4 + c;
-          if (col >= N) continue;
-          const float val = acc[mi][ni][2 * hr + c];
-          if (p.dw_fp32)
-            static_cast<float*>(p.dw)[split * p.stride_split + base + col] = val;
-          else
-            static_cast<T*>(p.dw)[base + col] = Dtype<T>::from_float(val);
-        }
+      for_each_col(n0, N, warp_n, lane, [&](int ni, int c, int col) {
+        const float val = acc[mi][ni][2 * hr + c];
+        if (p.dw_fp32)
+          static_cast<float*>(p.dw)[split * p.stride_split + base + col] = val;
+        else
+          static_cast<T*>(p.dw)[base + col] = Dtype<T>::from_float(val);
+      });
     }
 }
 

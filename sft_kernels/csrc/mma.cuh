@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace sftk {
 
@@ -24,40 +25,38 @@ namespace sftk {
 #include "emu_primitives.h"
 #else
 // ----------------------------------------------------------------------------- dtypes
+// mma.sync m16n8k16, A and B of type AB ("f16" or "bf16"), fp32 C += A B.
+#define SFTK_MMA_M16N8K16(AB, c, a, b0, b1)                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
+               "{%0,%1,%2,%3};\n"                                                                                \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+template <typename H2>
+__device__ __forceinline__ uint32_t bits32(H2 h) {  // a __half2 / __nv_bfloat162 as the 32 bits mma takes
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// T = __half or __nv_bfloat16.
 template <typename T>
-struct Dtype;
-
-template <>
-struct Dtype<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
-    return *reinterpret_cast<uint32_t*>(&h);
+struct Dtype {
+  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  static_assert(kBf16 || std::is_same<T, __half>::value, "the kernels take float16 or bfloat16");
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {  // lo in the low 16 bits
+    if constexpr (kBf16) return bits32(__floats2bfloat162_rn(lo, hi));
+    else return bits32(__floats2half2_rn(lo, hi));
   }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to_float(T x) {
+    if constexpr (kBf16) return __bfloat162float(x);
+    else return __half2float(x);
+  }
+  static __device__ __forceinline__ T from_float(float x) {
+    if constexpr (kBf16) return __float2bfloat16_rn(x);
+    else return __float2half_rn(x);
+  }
   static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Dtype<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16) SFTK_MMA_M16N8K16("bf16", c, a, b0, b1);
+    else SFTK_MMA_M16N8K16("f16", c, a, b0, b1);
   }
 };
 
@@ -155,6 +154,32 @@ __device__ __forceinline__ void load_tile(T* s, int s_ld, const T* g, int64_t g_
       }
     }
   }
+}
+
+// A warp's fp32 accumulator fragments (float c[N][4], the C layout above) set to 0.
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+
+// A double-buffered cp.async pipeline over n stages: issue(i, buf) starts the copies of stage
+// i into buffer buf (0 or 1), consume(i, buf) reads them. One barrier per stage: stage i has
+// landed and every warp is done with the other buffer (read by consume(i - 1)) before stage
+// i + 1 is issued into it. Every kernel's main loop.
+template <typename Issue, typename Consume>
+__device__ __forceinline__ void pipeline(int n, Issue&& issue, Consume&& consume) {
+  if (n > 0) issue(0, 0);
+  cp_async_commit();
+  for (int it = 0; it < n; ++it) {
+    const int buf = it & 1;
+    cp_async_wait_all();
+    __syncthreads();  // stage `it` landed; every warp is done with the other buffer
+    if (it + 1 < n) issue(it + 1, buf ^ 1);
+    cp_async_commit();
+    consume(it, buf);
+  }
+  cp_async_wait_all();
 }
 
 __device__ __forceinline__ float warp_max4(float x) {  // over the 4 threads of a quad
