@@ -10,6 +10,8 @@
   through (:mod:`.alst`).
 - :func:`context_parallel_packed_attention`: packed rows across ranks; a sequence crossing a
   shard boundary sends only its own keys, one inside a shard sends nothing (:mod:`.packed`).
+- :mod:`.hybrid`: the cheaper exchange per layer of a model (the halo or DeepSpeed's Ulysses, by
+  the bytes each would send), which the Hugging Face backend takes under context parallelism.
 """
 
 from .context_parallel import (  # noqa: F401

@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..backends import resolve_backend
 from ..ops.sliding_window_attention.op import _KERNEL_DTYPES, _check_inputs, sliding_window_attention
-from ..window import MODE_EXPLICIT, WindowArg, parse_window
+from ..window import MODE_EXPLICIT, WindowArg, parse_window, resolve_window
 
 __all__ = [
     "HaloPlan",
@@ -384,10 +384,7 @@ def _local_checks(q, k, v, window_size, causal, softmax_scale, backend, world):
         from ..ops.sliding_window_attention.cuda_backend import check_supported
 
         check_supported(q)
-    total = n * world
-    left, right = spec.resolve(total)  # the window of the WHOLE sequence
-    left = total - 1 if left < 0 else min(left, total - 1)  # unbounded = the whole sequence
-    right = total - 1 if right < 0 else min(right, total - 1)
+    left, right = resolved_window(window_size, causal, n * world)  # the window of the WHOLE sequence
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     b, _, hq, d = q.shape
     meta = [1, b, n, hq, k.shape[2], d, _DTYPE_CODES.get(q.dtype, 0), left, right, scale]
@@ -677,17 +674,7 @@ def context_parallel_padded_attention(q, k, v, lengths: Optional[Sequence[int]],
             "or run without context parallelism"
         )
     dist = _dist()
-    spec = parse_window(window_size, causal)
-    total = q.shape[1] * dist.get_world_size(group)
-    global_left = spec.resolve(total)[0]
-    by_window = {}
-    for row, real in enumerate(lengths):
-        if real == 0:
-            continue  # all padding: output zero
-        own = spec.resolve(int(real))[0]
-        reach = lambda lft: real - 1 if lft < 0 else min(lft, real - 1)  # noqa: E731
-        key = global_left if reach(global_left) == reach(own) else own
-        by_window.setdefault(key, []).append(row)
+    by_window = padded_window_rows(lengths, window_size, q.shape[1] * dist.get_world_size(group))
     if len(by_window) == 1 and sum(len(r) for r in by_window.values()) == q.shape[0]:
         (left,) = by_window
         return context_parallel_attention(q, k, v, window_size=(left, 0), causal=True, softmax_scale=softmax_scale, group=group, backend=backend)
@@ -698,3 +685,27 @@ def context_parallel_padded_attention(q, k, v, lengths: Optional[Sequence[int]],
                                           window_size=(left, 0), causal=True, softmax_scale=softmax_scale, group=group, backend=backend)
         out = out.index_copy(0, idx, part)
     return out
+
+
+def padded_window_rows(lengths: Sequence[int], window_size: WindowArg, total: int) -> Dict[int, List[int]]:
+    """The causal left window each right-padded row runs under in
+    :func:`context_parallel_padded_attention` (one halo exchange per distinct window) -> ``{left:
+    rows}``; rows of padding only are left out (their output is zero). ``total``: the padded length."""
+    spec = parse_window(window_size, True)
+    global_left = spec.resolve(total)[0]
+    by_window: Dict[int, List[int]] = {}
+    for row, real in enumerate(lengths):
+        if real == 0:
+            continue  # all padding: output zero
+        own = spec.resolve(int(real))[0]
+        reach = lambda lft: real - 1 if lft < 0 else min(lft, real - 1)  # noqa: E731
+        key = global_left if reach(global_left) == reach(own) else own
+        by_window.setdefault(key, []).append(row)
+    return by_window
+
+
+def resolved_window(window_size: WindowArg, causal: bool, total: int) -> Tuple[int, int]:
+    """``(left, right)`` of :func:`context_parallel_attention` on a sequence of ``total`` tokens:
+    resolved from the whole length, unbounded replaced by ``total - 1``, clamped to it."""
+    left, right = resolve_window(window_size, causal, total)
+    return (total - 1 if left < 0 else min(left, total - 1)), (total - 1 if right < 0 else min(right, total - 1))

@@ -1,6 +1,7 @@
-"""The backend with a context-parallel group: every layer through the halo exchange
-(:func:`sft_kernels.context_parallel_attention`), shapes and padding agreed across the group
-first.
+"""The backend with a context-parallel group: each layer through the halo exchange
+(:func:`sft_kernels.context_parallel_attention`) or DeepSpeed-Ulysses, whichever sends fewer
+bytes for that layer (:mod:`sft_kernels.parallel.hybrid`), shapes and padding agreed across the
+group first.
 """
 
 from __future__ import annotations
@@ -10,6 +11,77 @@ import contextlib
 import torch
 
 from .settings import _settings
+
+# which exchange a layer takes under context parallelism: "bytes" (the cheaper, per layer), "halo",
+# "ulysses" (wherever the head counts allow); and, while record_exchanges() is active, what each
+# layer call chose
+_exchange = {"policy": "bytes", "log": None}
+
+
+def set_context_parallel_exchange(policy: str = "bytes") -> None:
+    """How ``sft_sliding_window`` layers exchange under ``context_parallel_group``: ``"bytes"``
+    (default: per layer, the halo or DeepSpeed's Ulysses, whichever sends fewer bytes, see
+    :mod:`sft_kernels.parallel.hybrid`), ``"halo"`` (every layer), ``"ulysses"`` (every layer whose
+    head counts allow it: ``heads % P == 0``, ``heads_kv`` a multiple or divisor of ``P``)."""
+    from ...parallel.hybrid import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"set_context_parallel_exchange: policy must be one of {POLICIES}, got {policy!r}")
+    _exchange["policy"] = policy
+
+
+@contextlib.contextmanager
+def record_exchanges():
+    """Within the block, each context-parallel layer call appends ``{"window", "exchange",
+    "halo_bytes" (per rank), "ulysses_bytes" (None: not possible)}`` to the yielded list, in call
+    order (layer order in a forward)."""
+    previous, _exchange["log"] = _exchange["log"], []
+    try:
+        yield _exchange["log"]
+    finally:
+        _exchange["log"] = previous
+
+
+def _choose_exchange(window, halo, q, k, position_elems, group):
+    """"halo" or "ulysses" for this layer call (the same on every rank: computed from global
+    values only); recorded when :func:`record_exchanges` is active."""
+    import torch.distributed as dist
+
+    from ...parallel.hybrid import choose, ulysses_bytes, ulysses_possible
+
+    world = dist.get_world_size(group)
+    b, n, h, d = q.shape
+    hkv = k.shape[2]
+    ulysses = None
+    if ulysses_possible(world, h, hkv) and _deepspeed_available():
+        ulysses = ulysses_bytes(world, n, b, h, hkv, d, k.element_size(), position_elems)
+    choice = choose(_exchange["policy"], halo, ulysses)
+    if _exchange["log"] is not None:
+        _exchange["log"].append({"window": window, "exchange": choice, "halo_bytes": list(halo),
+                                 "ulysses_bytes": ulysses})
+    return choice
+
+
+def _deepspeed_available() -> bool:
+    """Whether DeepSpeed is installed (without importing it: the byte count runs in every layer);
+    without it every layer takes the halo."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _ulysses_attend(q, k, v, padding, position_ids, scaling, window, causal, backend, group):
+    """This layer through DeepSpeed's Ulysses (:func:`sft_kernels.parallel.hybrid.ulysses_attention`):
+    the core is this backend without context parallelism on the whole sequence, with
+    ``padding`` ``(batch, P n)`` (None: none) and the gathered position_ids (packed rows)."""
+    from ...parallel.hybrid import ulysses_attention
+    from .backend import _attend
+
+    def core(qf, kf, vf, pos):
+        with context_parallel(None):
+            return _attend(None, qf, kf, vf, padding, scaling, window, causal, {"position_ids": pos}, True, backend)
+
+    return ulysses_attention(q, k, v, position_ids, group, core)
 
 
 # ----------------------------------------------------------------------------- context parallelism
@@ -69,7 +141,9 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     import torch.distributed as dist
 
     from ...parallel.context_parallel import (all_gather_ints, context_parallel_padded_attention,
-                                             lengths_from_shard_counts, local_prefix_counts)
+                                             lengths_from_shard_counts, local_prefix_counts, padded_window_rows,
+                                             resolved_window)
+    from ...parallel.hybrid import halo_bytes
 
     group = _settings["context_parallel_group"]
     if torch.compiler.is_compiling():
@@ -112,7 +186,20 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     lengths = lengths_from_shard_counts([m[:b] for m in metas], n)
     if all(x == world * n for x in lengths):
         lengths = None
-    out = context_parallel_padded_attention(q, k, v, lengths, window, causal, scaling, group, backend)
+    total = world * n
+    if lengths is None:
+        windows = {resolved_window(window, causal, total): b}
+    else:  # the halo's calls: one per distinct window (padded_window_rows), causal only (refused below otherwise)
+        windows = {resolved_window((left, 0), True, total): len(rows)
+                   for left, rows in padded_window_rows(lengths, window, total).items()} if causal else {}
+    halo = halo_bytes(world, n, windows, k.shape[2], k.shape[3], k.element_size())
+    if _choose_exchange(window, halo, q, k, n, group) == "ulysses":
+        padding = None if lengths is None else (
+            torch.arange(total, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None])
+        position_ids = (torch.arange(n, device=q.device) + rank * n)[None, :]  # checked above: the global ones
+        out = _ulysses_attend(q, k, v, padding, position_ids, scaling, window, causal, backend, group)
+    else:
+        out = context_parallel_padded_attention(q, k, v, lengths, window, causal, scaling, group, backend)
     if lengths is not None:
         out = out * valid[:, :, None, None].to(out.dtype)  # pad rows zero, as without context parallelism
     return out
@@ -128,6 +215,7 @@ def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwa
     import torch.distributed as dist
 
     from ...parallel.context_parallel import all_gather_ints
+    from ...parallel.hybrid import packed_row_halo_bytes
     from ...parallel.packed import context_parallel_packed_attention
 
     b, n = q.shape[:2]
@@ -144,10 +232,13 @@ def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwa
     if not good:
         raise ValueError(f"{_CP}: with context_parallel_packed=True each row's position_ids must count 0, 1, ... "
                          "within each packed sequence and restart at 0 at the next (got other values on some rank)")
+    rows = [torch.nonzero(full[row] == 0).flatten().tolist() + [full.shape[1]] for row in range(b)]
+    halo = packed_row_halo_bytes(dist.get_world_size(group), rows, window, k.shape[2], k.shape[3], k.element_size())
+    if _choose_exchange(window, halo, q, k, pos.numel(), group) == "ulysses":
+        # DeepSpeed gathers the position_ids again (counted in its bytes): its wrapper always does
+        return _ulysses_attend(q, k, v, None, pos, scaling, window, True, backend, group)
     out = []
-    for row in range(b):
-        starts = torch.nonzero(full[row] == 0).flatten().tolist()
-        cu = starts + [full.shape[1]]
+    for row, cu in enumerate(rows):
         out.append(context_parallel_packed_attention(q[row:row + 1].contiguous(), k[row:row + 1].contiguous(),
                                                      v[row:row + 1].contiguous(), cu, window, True, scaling, group,
                                                      backend))
