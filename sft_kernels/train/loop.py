@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Dict, List, NoReturn, Optional
 
 import torch
@@ -411,27 +412,70 @@ def train(args) -> Dict:
     return run(args)[0]
 
 
-def run(args):
-    """:func:`train`, returning ``(metrics, model)``: the trained module unwrapped from the
-    DeepSpeed engine (under ZeRO-3 its parameters stay partitioned)."""
-    from .data import TrainBatches, eval_batches, prepare
-    from .model import build_model, check_max_seq_len, max_positions, model_window, save_hf_checkpoint
-    from .tokenizer import load_tokenizer
+@dataclass
+class _Plan:
+    """How many micro-batches and optimizer steps this invocation runs (module docstring)."""
 
-    t_start = time.perf_counter()
+    gas: int  # gradient accumulation steps
+    micro_per_epoch: int  # micro-batches per epoch per rank (of its replica under context parallelism)
+    schedule_steps: int  # the learning-rate schedule's length over all epochs
+    total_micro: int  # micro-batches consumed at the end (--max_steps caps it)
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_micro // self.gas
+
+
+def _plan(args, batches) -> _Plan:
+    gas, mpe = args.gradient_accumulation_steps, batches.micro_per_epoch
+    # DeepSpeed-Chat: get_scheduler over num_train_epochs * ceil(len(train_dataloader) / gas) steps;
+    # DeepSpeed steps the optimizer every gas micro-batches counted across epochs
+    total_micro = args.num_train_epochs * mpe
+    if args.max_steps is not None:
+        total_micro = min(total_micro, args.max_steps * gas)
+    return _Plan(gas, mpe, args.num_train_epochs * batches.schedule_steps_per_epoch, total_micro)
+
+
+@dataclass
+class _State:
+    """Where the run stands: what a checkpoint saves and a resume restores."""
+
+    step: int = 0  # optimizer steps
+    micro: int = 0  # micro-batches (per rank) consumed
+    history: Dict = field(default_factory=lambda: {"train_losses": [], "evals": []})
+    resumed_from: Optional[int] = None
+
+
+@dataclass
+class _Ranks:
+    device: torch.device
+    rank: int
+    world: int
+    dp_rank: int  # the sampler's rank and world: data-parallel replicas
+    dp_world: int
+    cp: int  # --context_parallel_size
+    groups: object = None  # context_parallel_groups(cp, 1) when cp > 1
+
+
+def _start(args) -> _Ranks:
+    """The process group, the flags checked against it, the context-parallel groups."""
     device, rank, world = setup_distributed(args.local_rank)
     _check_args(args)
-    import deepspeed
-    from transformers import get_scheduler
-
     cp = getattr(args, "context_parallel_size", 1)
-    shards = cp_group = None
-    dp_rank, dp_world = rank, world
+    ranks = _Ranks(device, rank, world, rank, world, cp)
     if cp > 1:
         from ..parallel.context_parallel import context_parallel_groups
 
-        groups = context_parallel_groups(cp, 1)
-        cp_group, dp_rank, dp_world = groups.context_parallel_group, groups.data_parallel_rank, world // cp
+        ranks.groups = context_parallel_groups(cp, 1)
+        ranks.dp_rank, ranks.dp_world = ranks.groups.data_parallel_rank, world // cp
+    return ranks
+
+
+def _load_data(args, ranks: _Ranks):
+    """(tokenizer, prepared data, the train batches of this rank's replica)."""
+    from .data import TrainBatches, prepare
+    from .model import check_max_seq_len, max_positions
+    from .tokenizer import load_tokenizer
 
     check_max_seq_len(args.max_seq_len, max_positions(args), args.model_name_or_path or "the embedded model")
     torch.manual_seed(args.seed)
@@ -440,198 +484,266 @@ def run(args):
         tokenizer.add_special_token(args.eot_token)
     data = prepare(args, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), barrier=torch.distributed.barrier)
     batches = TrainBatches(data.train, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
-                           dp_rank, dp_world, tokenizer.pad_token_id,  # all ranks of a context-parallel group: one
+                           ranks.dp_rank, ranks.dp_world, tokenizer.pad_token_id,  # all ranks of a context-parallel group: one
                            shuffle_each_epoch=getattr(args, "shuffle_each_epoch", False))
-    if cp > 1:
-        from .context_parallel import ContextShards
+    return tokenizer, data, batches
 
-        shards = ContextShards(groups, cp, tokenizer.pad_token_id)
-    gas, mpe = args.gradient_accumulation_steps, batches.micro_per_epoch
-    # DeepSpeed-Chat: get_scheduler over num_train_epochs * ceil(len(train_dataloader) / gas) steps;
-    # DeepSpeed steps the optimizer every gas micro-batches counted across epochs
-    schedule_steps = args.num_train_epochs * batches.schedule_steps_per_epoch
-    total_micro = args.num_train_epochs * mpe
-    if args.max_steps is not None:
-        total_micro = min(total_micro, args.max_steps * gas)
-    total_steps = total_micro // gas
-    _say(rank, f"data: {data.description}"
-               + (f"; {data.dropped} dropped (no supervised token within --max_seq_len, or no prompt/chosen)"
-                  if data.dropped else "")
-               + (f"; {'cache hit' if data.from_cache else 'cached to'} {data.cache_file}" if data.cache_file else "")
-               + f"; {mpe} micro-batches per epoch per rank, {total_steps} optimizer steps (schedule over "
-                 f"{schedule_steps}); loss on the {'whole sequence' if args.loss_on == 'full' else 'response tokens'}")
 
-    settings = run_settings(args, world, data.key)
-    ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_SUBDIR) if args.output_dir else None
-    state = read_resume_state(ckpt_dir) if ckpt_dir else None
-    if state is not None:
-        check_resume(state, settings, ckpt_dir)  # before DeepSpeed sees a checkpoint it cannot load
+def _data_line(args, data, plan: _Plan) -> str:
+    return (f"data: {data.description}"
+            + (f"; {data.dropped} dropped (no supervised token within --max_seq_len, or no prompt/chosen)"
+               if data.dropped else "")
+            + (f"; {'cache hit' if data.from_cache else 'cached to'} {data.cache_file}" if data.cache_file else "")
+            + f"; {plan.micro_per_epoch} micro-batches per epoch per rank, {plan.total_steps} optimizer steps (schedule "
+              f"over {plan.schedule_steps}); loss on the "
+              f"{'whole sequence' if args.loss_on == 'full' else 'response tokens'}")
 
-    config = ds_config(args, world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
+
+def _build_engine(args, tokenizer, ranks: _Ranks, plan: _Plan):
+    """(DeepSpeed engine, its model line for the log, parameter counts for the metrics)."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    from .model import build_model, model_window
+
+    config = ds_config(args, ranks.world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
+    cp_group = ranks.groups.context_parallel_group if ranks.groups is not None else None
     model = build_model(args, tokenizer, ds_config=config, context_parallel_group=cp_group)
     if getattr(args, "loss_chunk_tokens", 0):  # issue 22: no L x V logits; grad_scale: what backward applies
         from ..integrations.transformers.loss import tiled_loss  # (DeepSpeed's 1/gas, the N of N l_j)
 
-        tiled_loss(model, args.loss_chunk_tokens, grad_scale=cp / gas)
+        tiled_loss(model, args.loss_chunk_tokens, grad_scale=ranks.cp / plan.gas)
     if getattr(args, "mlp_chunk_tokens", 0):
         from ..modules.tiled_mlp import tiled_mlp
 
         tiled_mlp(model, args.mlp_chunk_tokens)
-    n_params = sum(_numel(p) for p in model.parameters())
-    n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    held = local_parameter_bytes(model)
+    sizes = {"parameters": sum(_numel(p) for p in model.parameters()),
+             "trainable_parameters": sum(_numel(p) for p in model.parameters() if p.requires_grad),
+             "rank0_parameter_bytes_at_load": local_parameter_bytes(model)}
     optimizer = _optimizer(model, args)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=schedule_steps)
+                              num_training_steps=plan.schedule_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
-    _say(rank, f"model: {type(model).__name__} {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained"
-               + (f", LoRA r={args.lora_dim} on '{args.lora_module_name}'" if args.lora_dim else "")
-               + f"), attention {args.attn_implementation}, window {model_window(model, args)}, qkv_groups "
-                 f"{args.qkv_groups}, ZeRO {args.zero_stage} ({held / 2**20:.1f} MiB of parameters on rank 0 at load), "
-                 f"{resolve_dtype(args)}, {world} process(es) on {device.type}"
-               + (f" ({dp_world} data parallel x {cp} context parallel)" if cp > 1 else ""))
+    line = (f"model: {type(model).__name__} {sizes['parameters'] / 1e6:.2f}M parameters "
+            f"({sizes['trainable_parameters'] / 1e6:.3f}M trained"
+            + (f", LoRA r={args.lora_dim} on '{args.lora_module_name}'" if args.lora_dim else "")
+            + f"), attention {args.attn_implementation}, window {model_window(model, args)}, qkv_groups "
+              f"{args.qkv_groups}, ZeRO {args.zero_stage} ({sizes['rank0_parameter_bytes_at_load'] / 2**20:.1f} MiB of "
+              f"parameters on rank 0 at load), {resolve_dtype(args)}, {ranks.world} process(es) on {ranks.device.type}"
+            + (f" ({ranks.dp_world} data parallel x {ranks.cp} context parallel)" if ranks.cp > 1 else ""))
+    return engine, line, sizes
 
-    step = micro = 0  # optimizer steps, micro-batches (per rank) consumed
-    history = {"train_losses": [], "evals": []}
-    resumed_from = None
-    if state is not None:
-        path, _client = engine.load_checkpoint(ckpt_dir, tag=state["tag"])
-        if path is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt_dir}")
-        step = resumed_from = int(state["step"])
-        micro = int(state.get("micro", step * gas))
-        history = state["history"]
-        _say(rank, f"resumed from {path} at step {step}")
 
-    eval_input = lambda: eval_batches(data.eval, args.per_device_eval_batch_size, dp_rank, dp_world,  # noqa: E731
-                                      tokenizer.pad_token_id)
+def _restore(engine, ckpt_dir: Optional[str], saved: Optional[Dict], gas: int, rank: int) -> _State:
+    """The checkpoint's engine state and counters, or a fresh start."""
+    if saved is None:
+        return _State()
+    path, _client = engine.load_checkpoint(ckpt_dir, tag=saved["tag"])
+    if path is None:
+        raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt_dir}")
+    step = int(saved["step"])
+    state = _State(step, int(saved.get("micro", step * gas)), saved["history"], step)
+    _say(rank, f"resumed from {path} at step {step}")
+    return state
 
-    def run_eval(tag: str) -> Dict:
-        r = dict(evaluate(engine, eval_input(), device, shards), epoch=micro / mpe, step=step, micro=micro)
+
+class _Evaluator:
+    """One evaluation of the eval set (:func:`evaluate`), recorded in the history and logged."""
+
+    def __init__(self, args, engine, data, tokenizer, ranks: _Ranks, shards, plan: _Plan, state: _State):
+        self.args, self.engine, self.data, self.tokenizer = args, engine, data, tokenizer
+        self.ranks, self.shards, self.plan, self.state = ranks, shards, plan, state
+        self.progress = None  # the training's progress bar while there is one: lines go above it
+
+    def __call__(self, tag: str) -> Dict:
+        from .data import eval_batches
+
+        batches = eval_batches(self.data.eval, self.args.per_device_eval_batch_size, self.ranks.dp_rank,
+                               self.ranks.dp_world, self.tokenizer.pad_token_id)
+        step, micro = self.state.step, self.state.micro
+        r = dict(evaluate(self.engine, batches, self.ranks.device, self.shards), epoch=micro / self.plan.micro_per_epoch,
+                 step=step, micro=micro)
         if r["epoch"] == int(r["epoch"]):
             r["epoch"] = int(r["epoch"])
-        history["evals"].append(r)
-        if progress is None:
-            _say(rank, _eval_line(tag, r))
+        self.state.history["evals"].append(r)
+        if self.progress is None:
+            _say(self.ranks.rank, _eval_line(tag, r))
         else:
-            progress.write(_eval_line(tag, r))
-        if args.enable_tensorboard:
-            engine.monitor.write_events([(f"Eval/{k}", r[k], step) for k in
-                                         ("dschat_perplexity", "perplexity", "dschat_loss", "loss")])
+            self.progress.write(_eval_line(tag, r))
+        if self.args.enable_tensorboard:
+            self.engine.monitor.write_events([(f"Eval/{k}", r[k], step) for k in
+                                              ("dschat_perplexity", "perplexity", "dschat_loss", "loss")])
         return r
 
-    progress = None
-    if not history["evals"]:
-        run_eval(f"eval before training (epoch 0/{args.num_train_epochs})")
 
-    progress = _Progress(total_steps, step, enabled=not args.no_progress, quiet=rank != 0)
+def _micro_batch_loss(args, engine, batch, shards, cp: int):
+    """(the loss this rank backpropagates, the micro-batch's loss to show: the whole micro-batch's
+    mean token loss, also under context parallelism)."""
+    if shards is None:
+        loss = engine(**batch).loss
+        return loss, loss.item()
+    if getattr(args, "loss_chunk_tokens", 0):  # shards.train_loss's N l_j, chunked
+        inputs, labels, count = shards.shard(batch)
+        loss = engine(**inputs, shift_labels=labels, num_items_in_batch=max(count, 1)).loss
+        shown = loss.detach().clone()
+        torch.distributed.all_reduce(shown, group=shards.group)
+        return loss * cp, shown.item()
+    return shards.train_loss(engine, batch)  # this rank's block; shown: the whole micro-batch's loss
+
+
+@dataclass
+class _Trained:
+    """What the training loop measured in this invocation."""
+
+    seconds: float = 0.0
+    tokens: int = 0  # tokens trained on, all replicas
+    steps: int = 0  # optimizer steps in this invocation
+    grad_norms: List = field(default_factory=list)  # [step, norm before clipping or None]
+    lrs: List = field(default_factory=list)  # [step, learning rate the step applied]
+
+
+def _train_epochs(args, engine, batches, shards, ranks: _Ranks, plan: _Plan, state: _State, evaluator: _Evaluator,
+                  settings: Dict, ckpt_dir: Optional[str]) -> _Trained:
+    """Micro-batches until ``plan.total_micro``: an optimizer step every ``gas``, an evaluation at
+    the end of every epoch, a checkpoint every ``--save_steps`` steps."""
+    device, rank, gas, mpe = ranks.device, ranks.rank, plan.gas, plan.micro_per_epoch
+    progress = evaluator.progress = _Progress(plan.total_steps, state.step, enabled=not args.no_progress,
+                                              quiet=rank != 0)
     engine.train()
-    t_train, tokens_seen, steps_here, grad_norms, lrs = time.perf_counter(), 0, 0, [], []
+    out, t_train = _Trained(), time.perf_counter()
     step_loss, step_tokens = 0.0, 0
-    while micro < total_micro:
-        epoch = micro // mpe
-        for batch in batches.epoch(epoch, micro % mpe):
+    while state.micro < plan.total_micro:
+        epoch = state.micro // mpe
+        for batch in batches.epoch(epoch, state.micro % mpe):
             batch = {k: v.to(device) for k, v in batch.items()}
-            if shards is None:
-                loss = engine(**batch).loss
-                shown = loss.item()
-            elif getattr(args, "loss_chunk_tokens", 0):  # shards.train_loss's N l_j, chunked
-                inputs, labels, count = shards.shard(batch)
-                loss = engine(**inputs, shift_labels=labels, num_items_in_batch=max(count, 1)).loss
-                shown = loss.detach().clone()
-                torch.distributed.all_reduce(shown, group=shards.group)
-                loss, shown = loss * cp, shown.item()
-            else:  # this rank's block; shown: the whole micro-batch's loss
-                loss, shown = shards.train_loss(engine, batch)
+            loss, shown = _micro_batch_loss(args, engine, batch, shards, ranks.cp)
             if args.print_loss:
-                print(f"Epoch: {epoch}, Step: {micro % mpe}, Rank: {rank}, loss = {shown}", flush=True)
+                print(f"Epoch: {epoch}, Step: {state.micro % mpe}, Rank: {rank}, loss = {shown}", flush=True)
             engine.backward(loss)
             lr = engine.get_lr()[0]  # what this micro-batch's optimizer step (if it is one) applies
             engine.step()  # the optimizer steps at every gas-th micro-batch (DeepSpeed's own count)
             step_loss += shown / gas
             step_tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % gas == 0:
-                step += 1
-                steps_here += 1
+            state.micro += 1
+            if state.micro % gas == 0:
+                state.step += 1
+                out.steps += 1
                 norm = engine.get_global_grad_norm()  # before clipping; None where DeepSpeed does not compute it
-                grad_norms.append([step, None if norm is None else float(norm)])
-                lrs.append([step, lr])
+                out.grad_norms.append([state.step, None if norm is None else float(norm)])
+                out.lrs.append([state.step, lr])
                 mean = torch.tensor([step_loss], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(mean)
-                step_loss = mean.item() / world
-                tokens_seen += step_tokens * dp_world  # the ranks of a context-parallel group share a batch
-                rate = tokens_seen / (time.perf_counter() - t_train)
-                history["train_losses"].append([step, step_loss])
+                step_loss = mean.item() / ranks.world
+                out.tokens += step_tokens * ranks.dp_world  # the ranks of a context-parallel group share a batch
+                rate = out.tokens / (time.perf_counter() - t_train)
+                state.history["train_losses"].append([state.step, step_loss])
                 progress.update(step_loss, rate, engine.get_lr()[0])
                 if args.enable_tensorboard:
-                    engine.monitor.write_events([("Train/loss", step_loss, step)])
+                    engine.monitor.write_events([("Train/loss", step_loss, state.step)])
                 if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"loss is {step_loss} at step {step}")
+                    raise FloatingPointError(f"loss is {step_loss} at step {state.step}")
                 step_loss, step_tokens = 0.0, 0
-            if micro % mpe == 0:  # end of an epoch: evaluate, as DeepSpeed-Chat does
-                run_eval(f"eval after epoch {micro // mpe}/{args.num_train_epochs} (step {step})")
-            if micro % gas == 0 and args.save_steps and step % args.save_steps == 0 and micro < total_micro:
-                _save_ds(engine, ckpt_dir, step, micro, settings, history, rank)
-            if micro >= total_micro:
+            if state.micro % mpe == 0:  # end of an epoch: evaluate, as DeepSpeed-Chat does
+                evaluator(f"eval after epoch {state.micro // mpe}/{args.num_train_epochs} (step {state.step})")
+            if (state.micro % gas == 0 and args.save_steps and state.step % args.save_steps == 0
+                    and state.micro < plan.total_micro):
+                _save_ds(engine, ckpt_dir, state.step, state.micro, settings, state.history, rank)
+            if state.micro >= plan.total_micro:
                 break
     progress.close()
-    progress = None
-    train_seconds = time.perf_counter() - t_train
+    evaluator.progress = None
+    out.seconds = time.perf_counter() - t_train
+    return out
 
-    if history["evals"][-1].get("micro", history["evals"][-1]["step"] * gas) != micro:  # stopped inside an epoch
-        run_eval(f"eval at step {step} (--max_steps, epoch {micro / mpe:.2f})")
-    eval_before, eval_after = history["evals"][0], history["evals"][-1]
-    _say(rank, f"perplexity {eval_before['dschat_perplexity']:.4f} -> {eval_after['dschat_perplexity']:.4f} "
-               f"(DeepSpeed-Chat's), {eval_before['perplexity']:.4f} -> {eval_after['perplexity']:.4f} "
-               f"(token-weighted)")
-    if args.output_dir:
-        _save_ds(engine, ckpt_dir, step, micro, settings, history, rank)
-        save_hf_checkpoint(engine.module, tokenizer, args.output_dir, args.zero_stage, rank)
+
+def _metrics(args, ranks: _Ranks, plan: _Plan, state: _State, trained: _Trained, sizes: Dict, settings: Dict,
+             t_start: float) -> Dict:
+    """metrics.json (module docstring), this invocation appended to the runs before a resume."""
+    history = state.history
     this_run = {
-        "resumed_from_step": resumed_from,
-        "steps": step,
-        "train_seconds": train_seconds,
-        "train_tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 and tokens_seen else None,
-        "train_steps": steps_here,
+        "resumed_from_step": state.resumed_from,
+        "steps": state.step,
+        "train_seconds": trained.seconds,
+        "train_tokens_per_s": trained.tokens / trained.seconds if trained.seconds > 0 and trained.tokens else None,
+        "train_steps": trained.steps,
         "total_seconds": time.perf_counter() - t_start,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None), list))},
     }
-    runs = _load_metrics_history(args.output_dir) if resumed_from is not None else []
-    metrics = {
-        "eval_before": eval_before,
-        "eval_after": eval_after,
+    runs = _load_metrics_history(args.output_dir) if state.resumed_from is not None else []
+    return {
+        "eval_before": history["evals"][0],
+        "eval_after": history["evals"][-1],
         "evals": history["evals"],
         "definitions": PERPLEXITY_DEFINITIONS,
-        "steps": step,
-        "resumed_from_step": resumed_from,
+        "steps": state.step,
+        "resumed_from_step": state.resumed_from,
         "train_losses": history["train_losses"],
-        "train_losses_this_run": history["train_losses"][len(history["train_losses"]) - steps_here:],
-        "train_grad_norms_this_run": grad_norms,
-        "train_lrs_this_run": lrs,
-        "micro_batches": micro,
-        "schedule_steps": schedule_steps,
-        "train_seconds": train_seconds,
+        "train_losses_this_run": history["train_losses"][len(history["train_losses"]) - trained.steps:],
+        "train_grad_norms_this_run": trained.grad_norms,
+        "train_lrs_this_run": trained.lrs,
+        "micro_batches": state.micro,
+        "schedule_steps": plan.schedule_steps,
+        "train_seconds": trained.seconds,
         "train_tokens_per_s": this_run["train_tokens_per_s"],
         "total_seconds": this_run["total_seconds"],
-        "parameters": n_params,
-        "trainable_parameters": n_train,
-        "rank0_parameter_bytes_at_load": held,
-        "world_size": world,
-        "context_parallel_size": cp,
-        "device": device.type,
+        **sizes,
+        "world_size": ranks.world,
+        "context_parallel_size": ranks.cp,
+        "device": ranks.device.type,
         "settings": settings,
         "args": this_run["args"],
         "runs": runs + [this_run],
         "versions": _versions(),
     }
-    if rank == 0 and args.output_dir:
+
+
+def run(args):
+    """:func:`train`, returning ``(metrics, model)``: the trained module unwrapped from the
+    DeepSpeed engine (under ZeRO-3 its parameters stay partitioned)."""
+    from .model import save_hf_checkpoint
+
+    t_start = time.perf_counter()
+    ranks = _start(args)
+    tokenizer, data, batches = _load_data(args, ranks)
+    shards = None
+    if ranks.cp > 1:
+        from .context_parallel import ContextShards
+
+        shards = ContextShards(ranks.groups, ranks.cp, tokenizer.pad_token_id)
+    plan = _plan(args, batches)
+    _say(ranks.rank, _data_line(args, data, plan))
+
+    settings = run_settings(args, ranks.world, data.key)
+    ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_SUBDIR) if args.output_dir else None
+    saved = read_resume_state(ckpt_dir) if ckpt_dir else None
+    if saved is not None:
+        check_resume(saved, settings, ckpt_dir)  # before DeepSpeed sees a checkpoint it cannot load
+    engine, model_line, sizes = _build_engine(args, tokenizer, ranks, plan)
+    _say(ranks.rank, model_line)
+    state = _restore(engine, ckpt_dir, saved, plan.gas, ranks.rank)
+
+    evaluator = _Evaluator(args, engine, data, tokenizer, ranks, shards, plan, state)
+    if not state.history["evals"]:
+        evaluator(f"eval before training (epoch 0/{args.num_train_epochs})")
+    trained = _train_epochs(args, engine, batches, shards, ranks, plan, state, evaluator, settings, ckpt_dir)
+    last = state.history["evals"][-1]
+    if last.get("micro", last["step"] * plan.gas) != state.micro:  # stopped inside an epoch
+        evaluator(f"eval at step {state.step} (--max_steps, epoch {state.micro / plan.micro_per_epoch:.2f})")
+    eval_before, eval_after = state.history["evals"][0], state.history["evals"][-1]
+    _say(ranks.rank, f"perplexity {eval_before['dschat_perplexity']:.4f} -> {eval_after['dschat_perplexity']:.4f} "
+                     f"(DeepSpeed-Chat's), {eval_before['perplexity']:.4f} -> {eval_after['perplexity']:.4f} "
+                     f"(token-weighted)")
+    if args.output_dir:
+        _save_ds(engine, ckpt_dir, state.step, state.micro, settings, state.history, ranks.rank)
+        save_hf_checkpoint(engine.module, tokenizer, args.output_dir, args.zero_stage, ranks.rank)
+    metrics = _metrics(args, ranks, plan, state, trained, sizes, settings, t_start)
+    if ranks.rank == 0 and args.output_dir:
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
         print(f"wrote {args.output_dir}/ (Hugging Face checkpoint, {CHECKPOINT_SUBDIR}/, metrics.json) in "
               f"{metrics['total_seconds']:.0f} s", flush=True)
-    elif rank == 0:
+    elif ranks.rank == 0:
         print("no --output_dir: nothing written (as DeepSpeed-Chat)", flush=True)
     return metrics, engine.module
 
