@@ -2,7 +2,7 @@
 
 Op modules export ``compile_specs()`` (a list of spec dicts, format in
 ``sft_kernels/testing/compile_check.py``); every module under ``sft_kernels.ops`` whose
-name starts with ``triton`` is imported and asked.  Each spec is compiled for each
+name starts with ``triton`` is imported and asked (``compile_check.op_specs``).  Each spec is compiled for each
 architecture and fails on a compile error, register spills, shared memory over the
 chip's limit, or (``expect_mma``) a Hopper build without ``wgmma``.
 
@@ -18,18 +18,11 @@ import pytest
 import triton
 import triton.language as tl
 
-from sft_kernels.testing.compile_check import (
-    SMEM_LIMIT,
-    CompileError,
-    analyse_dots,
-    check_specs,
-    compile_kernel,
-    ctas_per_sm,
-    op_specs,
-    perf_warnings,
-    run_specs,
-    spec_failures,
-)
+from sft_kernels.ops._triton_utils import ctas_per_sm
+from sft_kernels.testing.compile_check import op_specs
+from sft_kernels.testing.ptxas import CompileError, analyse_dots, perf_warnings
+from sft_kernels.testing.report import SMEM_LIMIT, CompileReport, spec_failures
+from sft_kernels.testing.runner import check_specs, compile_kernel, run_specs
 
 ARCHS = (90, 80)
 
@@ -251,8 +244,6 @@ def test_serialised_wgmma_warning_is_failure():
            "stage in the function 'k'\nptxas info    : Used 133 registers, used 1 barriers\n")
     warnings = perf_warnings(log)
     assert len(warnings) == 1 and "C7515" in warnings[0]
-    from sft_kernels.testing.compile_check import CompileReport
-
     rep = CompileReport(name="k", arch=90, registers=133, spill_stores=0, spill_loads=0, shared_bytes=1024,
                         uses_wgmma=True, uses_mma=True, ptx_len=1, perf_warnings=warnings)
     fails = spec_failures({"name": "k", "expect_mma": True}, 90, rep, None)
@@ -272,6 +263,8 @@ def test_one_occupancy_rule():
     the launchers' no-GPU limits (ops/_triton_utils: nothing at run time imports testing/)."""
     from sft_kernels.ops import _triton_utils as tu
     from sft_kernels.testing import compile_check as cc
+    from sft_kernels.testing import report
 
-    assert cc.occupancy is tu.occupancy and cc.ctas_per_sm is tu.ctas_per_sm
-    assert cc.SMEM_LIMIT == {arch: lim.smem_per_block for arch, lim in tu.ARCH_LIMITS.items()}
+    assert cc.occupancy is tu.occupancy and cc.ctas_per_sm is tu.ctas_per_sm is report.ctas_per_sm
+    assert cc.SMEM_LIMIT is report.SMEM_LIMIT
+    assert report.SMEM_LIMIT == {arch: lim.smem_per_block for arch, lim in tu.ARCH_LIMITS.items()}
