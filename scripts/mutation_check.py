@@ -261,27 +261,14 @@ MUTATIONS = [
     ),
     # ------------------------------------------------------------------ CUDA: barrier placement
     Mutation(
-        "cuda_fwd_prefetch_before_barrier", "sft_kernels/csrc/swa_kernels.cuh",
-        "    cp_async_wait_all();\n    __syncthreads();  // tile `it` landed; every warp is done with the other buffer\n"
-        "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n",
-        "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n"
-        "    __syncthreads();  // tile `it` landed; every warp is done with the other buffer\n",
+        "cuda_prefetch_before_barrier", "sft_kernels/csrc/mma.cuh",
+        "    cp_async_wait_all();\n    __syncthreads();  // stage `it` landed; every warp is done with the other buffer\n"
+        "    if (it + 1 < n) issue(it + 1, buf ^ 1);\n",
+        "    if (it + 1 < n) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n"
+        "    __syncthreads();  // stage `it` landed; every warp is done with the other buffer\n",
         ["tests/test_cuda_build.py"], "emulated",
-        "the forward prefetches the next K/V tile into the buffer other warps may still read",
-    ),
-    Mutation(
-        "cuda_dkdv_prefetch_before_barrier", "sft_kernels/csrc/swa_kernels.cuh",
-        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) issue(it + 1, buf ^ 1);\n",
-        "    if (it + 1 < total) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n    __syncthreads();\n",
-        ["tests/test_cuda_build.py"], "emulated",
-        "the dK/dV kernel prefetches the next Q/dO tile before the barrier",
-    ),
-    Mutation(
-        "cuda_dq_prefetch_before_barrier", "sft_kernels/csrc/swa_kernels.cuh",
-        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n",
-        "    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);\n    cp_async_wait_all();\n    __syncthreads();\n",
-        ["tests/test_cuda_build.py"], "emulated",
-        "the dQ kernel prefetches the next K/V tile before the barrier",
+        "the shared cp.async pipeline (the loop of the forward, dK/dV, dQ and block-diagonal kernels) prefetches "
+        "the next stage into the buffer other warps may still read",
     ),
     Mutation(
         "delta_from_partial_keys_torch", f"{ATT}/torch_impl.py",
@@ -366,7 +353,7 @@ MUTATIONS = [
     # a tile), so the select is the fixed tile-edge cases alone: they must catch it, not a
     # lucky property draw.
     Mutation(
-        "dkdv_query_range_one_short_cuda", "sft_kernels/csrc/swa_kernels.cuh",
+        "dkdv_query_range_one_short_cuda", "sft_kernels/csrc/swa_window.cuh",
         "  if (left >= 0) hi = min(max(start_n + BN - off + left, 0), len_q);",
         "  if (left >= 0) hi = min(max(start_n + BN - 1 - off + left, 0), len_q);",
         ["tests/test_cuda_build.py"], "emulated",
@@ -387,7 +374,7 @@ MUTATIONS = [
         "the forward / dQ key range starts a tile late where left - off = 1 mod BLOCK_N (_key_phases)",
     ),
     Mutation(
-        "key_range_start_one_tile_late_cuda", "sft_kernels/csrc/swa_kernels.cuh",
+        "key_range_start_one_tile_late_cuda", "sft_kernels/csrc/swa_window.cuh",
         "  if (left >= 0) lo = max(start_m + off - left, 0);",
         "  if (left >= 0) lo = max(start_m + off - left + 1, 0);",
         ["tests/test_cuda_build.py"], "emulated",
@@ -409,9 +396,9 @@ MUTATIONS = [
         "the Triton kernels put an even non-causal int window's extra key on the right",
     ),
     Mutation(
-        "int_window_centre_swapped_cuda", "sft_kernels/csrc/swa_kernels.cuh",
-        "    left = w / 2;\n    right = (w - 1) / 2;",
-        "    left = (w - 1) / 2;\n    right = w / 2;",
+        "int_window_centre_swapped_cuda", "sft_kernels/csrc/swa_window.cuh",
+        "  return {w / 2, (w - 1) / 2};",
+        "  return {(w - 1) / 2, w / 2};",
         ["tests/test_cuda_build.py"], "emulated",
         "the CUDA kernels put an even non-causal int window's extra key on the right",
     ),

@@ -29,9 +29,9 @@ bool swa_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 
 cudaError_t swa_forward(const SwaParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
     case 64:
-      return swa::fwd_d64(p, stream);
+      return swa::fwd<64>(p, stream);
     case 128:
-      return swa::fwd_d128(p, stream);
+      return swa::fwd<128>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -52,7 +52,7 @@ cudaError_t swa_backward(const SwaParams& p, cudaStream_t stream) {
       if (err != cudaSuccess) return err;
     }
   }
-  return p.head_dim == 64 ? swa::bwd_d64(p, stream) : swa::bwd_d128(p, stream);
+  return p.head_dim == 64 ? swa::bwd<64>(p, stream) : swa::bwd<128>(p, stream);
 }
 
 }  // namespace sftk

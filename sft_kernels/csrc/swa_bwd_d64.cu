@@ -1,12 +1,5 @@
-// Sliding-window attention backward (dK/dV and dQ kernels), head_dim 64 (fp16 and bf16).
+// Sliding-window attention backward (dK/dV and dQ), head_dim 64, fp16 and bf16. One file per pass
+// and head_dim, so that the build compiles the instantiations in parallel.
 #include "swa_kernels.cuh"
 
-namespace sftk {
-namespace swa {
-
-cudaError_t bwd_d64(const SwaParams& p, cudaStream_t stream) {
-  return p.dtype == DType::kBFloat16 ? run_bwd<__nv_bfloat16, 64>(p, stream) : run_bwd<__half, 64>(p, stream);
-}
-
-}  // namespace swa
-}  // namespace sftk
+template cudaError_t sftk::swa::bwd<64>(const sftk::SwaParams& p, cudaStream_t stream);

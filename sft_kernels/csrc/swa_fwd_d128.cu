@@ -1,13 +1,5 @@
-// Sliding-window attention forward, head_dim 128 (fp16 and bf16). One file per head_dim
-// so that the build compiles the instantiations in parallel.
+// Sliding-window attention forward, head_dim 128, fp16 and bf16. One file per pass
+// and head_dim, so that the build compiles the instantiations in parallel.
 #include "swa_kernels.cuh"
 
-namespace sftk {
-namespace swa {
-
-cudaError_t fwd_d128(const SwaParams& p, cudaStream_t stream) {
-  return p.dtype == DType::kBFloat16 ? run_fwd<__nv_bfloat16, 128>(p, stream) : run_fwd<__half, 128>(p, stream);
-}
-
-}  // namespace swa
-}  // namespace sftk
+template cudaError_t sftk::swa::fwd<128>(const sftk::SwaParams& p, cudaStream_t stream);

@@ -13,14 +13,16 @@
 // band's query tiles of every query head in the GQA group; dQ: one CTA per (64-query
 // tile, batch * head) over the band's key tiles.
 //
-// Everything here mirrors sft_kernels/ops/sliding_window_attention/triton_kernels.py;
-// the C++ test (tests/cuda/test_kernels.cu) checks it against a CPU reference.
+// Everything here mirrors the Triton kernels (sft_kernels/ops/sliding_window_attention/); the
+// window rule, their helpers one for one, is swa_window.cuh. The C++ tests (tests/cuda/:
+// test_kernels.cu on a GPU, test_emulated.cpp on the CPU) check it against a float64 reference.
 #pragma once
 
 #include <cmath>
 
 #include "mma.cuh"
 #include "sft_kernels.h"
+#include "swa_window.cuh"
 
 namespace sftk {
 namespace swa {
@@ -30,93 +32,133 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kPad = 8;  // 16 bytes per shared-memory row: ldmatrix rows hit distinct banks
 constexpr int kThreads = 128;
 
-__host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
-
-// floor(sqrt(n)), exact for 0 <= n < 2^31 (fp32 estimate, corrected in int64).
-__device__ __forceinline__ int isqrt_exact(int n) {
-  long long r = static_cast<long long>(sqrtf(static_cast<float>(n)));
-  while (r > 0 && r * r > n) --r;
-  while ((r + 1) * (r + 1) <= n) ++r;
-  return static_cast<int>(r);
+// Element (first_row, 0) of head h of sequence b in a (batch, seqlen, heads, head_dim) or
+// packed tensor (layouts in sft_kernels.h); 64-bit offsets.
+template <typename P>
+__device__ __forceinline__ P seq_rows(P base, int64_t sb, int64_t sh, int64_t sm, int b, int h, int first_row) {
+  return base + b * sb + h * sh + static_cast<int64_t>(first_row) * sm;
 }
 
-struct Seq {
-  int q_start, k_start, len_q, len_k;
-};
+// ROWS rows of D features from `g` (row stride g_ld) into shared memory (row stride D + kPad),
+// zero past `valid` rows.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_rows(T* s, const T* g, int64_t g_ld, int valid, int tid) {
+  load_tile<T, ROWS, D, kThreads>(s, D + kPad, g, g_ld, valid, D, true, tid);
+}
 
-__device__ __forceinline__ Seq seq_info(const SwaParams& p, int b) {
-  if (p.cu_seqlens_q != nullptr) {
-    const int qs = p.cu_seqlens_q[b], qe = p.cu_seqlens_q[b + 1];
-    const int ks = p.cu_seqlens_k[b], ke = p.cu_seqlens_k[b + 1];
-    return {qs, ks, qe - qs, ke - ks};
+// ----------------------------------------------------------------------------- warp tiles
+// A warp's 16 x N fp32 tile is float c[N / 8][4], mma.cuh's C fragments: element (nb, e)
+// at row g + 8 (e >> 1), column 8 nb + 2 t4 + (e & 1) (g = lane / 4, t4 = lane % 4).
+
+// c0, c1 += a . B^T for B = rows n0..n0+15, columns k0..k0+15 of sB (row-major [N][K]).
+template <typename T>
+__device__ __forceinline__ void mma_bt(float (&c0)[4], float (&c1)[4], uint32_t a[4], const T* sB, int ld, int n0,
+                                       int k0, int lane) {
+  uint32_t bb[4];
+  load_b_nk(bb, sB, ld, n0, k0, lane);
+  Dtype<T>::mma(c0, a, bb[0], bb[1]);
+  Dtype<T>::mma(c1, a, bb[2], bb[3]);
+}
+
+// c = A B^T: rows r0..r0+15 of sA times the N rows of sB, both [rows][D] in shared memory
+// (Q K^T, K Q^T, V dO^T).
+template <typename T, int N, int D>
+__device__ __forceinline__ void tile_abt(float (&c)[N / 8][4], const T* sA, int r0, const T* sB, int lane) {
+  constexpr int LD = D + kPad;
+  zero(c);
+#pragma unroll 1  // kk only moves addresses; unrolling it hoists ~2 registers per step
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a(a, sA, LD, r0, kk * 16, lane);
+#pragma unroll
+    for (int j = 0; j < N / 16; ++j) mma_bt(c[2 * j], c[2 * j + 1], a, sB, LD, j * 16, kk * 16, lane);
   }
-  return {0, 0, p.seqlen_q, p.seqlen_k};
 }
 
-// (left, right) of one sequence, -1 = unbounded (window.py / _resolve_window).
-__device__ __forceinline__ void resolve_window(const SwaParams& p, int len_k, int& left, int& right) {
-  if (p.window_mode == kModeExplicit) {
-    left = p.left;
-    right = p.right;
-    return;
+// c (16 x D) += P B: P = a warp's 16 x K fp32 tile, rounded to T (the C fragments of columns
+// 16j..16j+15 are the A fragment of k-step j), B = [K][D] in shared memory (P V, P^T dO,
+// dS^T Q, dS K).
+template <typename T, int K, int D>
+__device__ __forceinline__ void mma_pb(float (&c)[D / 8][4], const float (&pt)[K / 8][4], const T* sB, int lane) {
+  constexpr int LD = D + kPad;
+#pragma unroll
+  for (int j = 0; j < K / 16; ++j) {
+    uint32_t a[4] = {Dtype<T>::pack(pt[2 * j][0], pt[2 * j][1]), Dtype<T>::pack(pt[2 * j][2], pt[2 * j][3]),
+                     Dtype<T>::pack(pt[2 * j + 1][0], pt[2 * j + 1][1]),
+                     Dtype<T>::pack(pt[2 * j + 1][2], pt[2 * j + 1][3])};
+#pragma unroll
+    for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+      uint32_t bb[4];
+      load_b_kn(bb, sB, LD, dn2 * 16, j * 16, lane);
+      Dtype<T>::mma(c[2 * dn2], a, bb[0], bb[1]);
+      Dtype<T>::mma(c[2 * dn2 + 1], a, bb[2], bb[3]);
+    }
   }
-  int w = p.window_mode == kModeKeys ? min(p.keys, len_k) : isqrt_exact(len_k);  // else kModeSqrt
-  w = max(w, 1);
-  if (p.causal) {
-    left = w - 1;
-    right = 0;
-  } else {
-    left = w / 2;
-    right = (w - 1) / 2;
-  }
 }
 
-struct Phases {
-  int lo, full_lo, full_hi, hi;
-};
-
-// Key-tile bounds for query rows [start_m, start_m + BM): tiles in [lo, full_lo) and
-// [full_hi, hi) need the mask, [full_lo, full_hi) are inside the band for every row.
-// A line-by-line port of _key_phases (every quotient has a non-negative dividend).
-__device__ __forceinline__ Phases key_phases(int start_m, int off, int left, int right, int len_k, int BM, int BN) {
-  int lo = 0;
-  if (left >= 0) lo = max(start_m + off - left, 0);
-  int hi = len_k;
-  if (right >= 0) hi = min(max(start_m + BM + off + right, 0), len_k);
-  lo = (lo / BN) * BN;
-  int full_lo = lo;
-  if (left >= 0) full_lo = cdiv(max(start_m + BM - 1 + off - left, lo), BN) * BN;
-  full_lo = min(full_lo, max(hi, lo));
-  int upper = len_k;
-  if (right >= 0) upper = min(max(start_m + off + right + 1, 0), len_k);
-  const int full_hi = max((upper / BN) * BN, full_lo);
-  return {lo, full_lo, full_hi, hi};
-}
-
-// Query-tile bounds for key columns [start_n, start_n + BN) (_query_phases).
-__device__ __forceinline__ Phases query_phases(int start_n, int off, int left, int right, int len_q, int BM, int BN) {
-  int lo = 0;
-  if (right >= 0) lo = max(start_n - off - right, 0);
-  int hi = len_q;
-  if (left >= 0) hi = min(max(start_n + BN - off + left, 0), len_q);
-  lo = (lo / BM) * BM;
-  int full_lo = lo;
-  if (right >= 0) full_lo = cdiv(max(start_n + BN - 1 - off - right, lo), BM) * BM;
-  full_lo = min(full_lo, max(hi, lo));
-  int upper = hi;
-  if (left >= 0) upper = min(max(start_n - off + left + 1, 0), hi);
-  const int full_hi = max((upper / BM) * BM, full_lo);
-  return {lo, full_lo, full_hi, hi};
-}
-
-__device__ __forceinline__ bool band_keep(int row, int col, int off, int left, int right, int len_q, int len_k) {
-  const int pos = row + off;
-  return col < len_k && row < len_q && col >= 0 && (left < 0 || col >= pos - left) && (right < 0 || col <= pos + right);
+// Scores s * scale (the exp2 domain), -inf where the band hides the pair; only a tile on the
+// band's edge tests. Rows r0 + g + 8 (e >> 1) are queries and columns c0 + 8 nb + 2 t4 +
+// (e & 1) keys, or the other way round for dK/dV's S^T (KEY_ROWS).
+template <bool KEY_ROWS, int N>
+__device__ __forceinline__ void scale_mask(float (&s)[N / 8][4], float scale, bool edge, const Tile& t, int r0, int c0,
+                                           int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int nb = 0; nb < N / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[nb][e] * scale;
+      if (edge) {
+        const int row = r0 + g + 8 * (e >> 1), col = c0 + nb * 8 + 2 * t4 + (e & 1);
+        if (!(KEY_ROWS ? t.keep(col, row) : t.keep(row, col))) x = -INFINITY;
+      }
+      s[nb][e] = x;
+    }
 }
 
 template <typename T>
 __device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {  // dst 4-byte aligned
   *reinterpret_cast<uint32_t*>(dst) = Dtype<T>::pack(lo, hi);
+}
+
+// Rows first_row + g + 8 hr (hr = 0, 1) below `len` of a warp's 16 x D tile, times
+// scale[hr], to dst (row 0; row stride `ld`).
+template <typename T, int D>
+__device__ __forceinline__ void store_tile(T* dst, int64_t ld, const float (&c)[D / 8][4], int first_row, int len,
+                                           const float scale[2], int lane) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int row = first_row + (lane >> 2) + 8 * hr;
+    if (row >= len) continue;
+    T* out = dst + static_cast<int64_t>(row) * ld + 2 * (lane & 3);
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      store_pair(out + dn * 8, c[dn][2 * hr] * scale[hr], c[dn][2 * hr + 1] * scale[hr]);
+  }
+}
+
+// The key tiles of a query tile's band (key_phases), K and V streamed through two
+// shared-memory buffers each (sK, sV: 2 x BN rows): body(start_n, K tile, V tile, edge) for
+// each, edge when the tile crosses the band's edge. The forward's and dQ's loop.
+template <typename T, int BM, int BN, int D, typename Body>
+__device__ __forceinline__ void for_each_key_tile(const SwaParams& p, const QTile& t, T* sK, T* sV, int tid,
+                                                  Body&& body) {
+  constexpr int LD = D + kPad;
+  const T* k = seq_rows(static_cast<const T*>(p.k), p.stride_kb, p.stride_kh, p.stride_kn, t.b, t.hk, t.s.k_start);
+  const T* v = seq_rows(static_cast<const T*>(p.v), p.stride_vb, p.stride_vh, p.stride_vn, t.b, t.hk, t.s.k_start);
+  const Phases ph = t.key_phases(BM, BN);
+  const int n_tiles = ph.hi > ph.lo ? cdiv(ph.hi - ph.lo, BN) : 0;
+  auto issue = [&](int it, int buf) {
+    const int start_n = ph.lo + it * BN;
+    load_rows<T, BN, D>(sK + buf * BN * LD, k + static_cast<int64_t>(start_n) * p.stride_kn, p.stride_kn,
+                        t.s.len_k - start_n, tid);
+    load_rows<T, BN, D>(sV + buf * BN * LD, v + static_cast<int64_t>(start_n) * p.stride_vn, p.stride_vn,
+                        t.s.len_k - start_n, tid);
+  };
+  pipeline(n_tiles, issue, [&](int it, int buf) {
+    const int start_n = ph.lo + it * BN;
+    body(start_n, sK + buf * BN * LD, sV + buf * BN * LD, start_n < ph.full_lo || start_n >= ph.full_hi);
+  });
 }
 
 // ============================================================================== forward
@@ -137,82 +179,22 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaParams p) {
   T* sK = sQ + BM * LD;      // two buffers
   T* sV = sK + 2 * BN * LD;  // two buffers
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int b = p.batch_start + static_cast<int>(blockIdx.z), h = blockIdx.y, hk = h / p.group;
-  const Seq s = seq_info(p, b);
-  const int start_m = blockIdx.x * BM;
-  if (start_m >= s.len_q) return;
-  int left, right;
-  resolve_window(p, s.len_k, left, right);
-  const int off = s.len_k - s.len_q;
-
-  const T* q = static_cast<const T*>(p.q) + b * p.stride_qb + h * p.stride_qh +
-               static_cast<int64_t>(s.q_start + start_m) * p.stride_qm;
-  const T* k = static_cast<const T*>(p.k) + b * p.stride_kb + hk * p.stride_kh +
-               static_cast<int64_t>(s.k_start) * p.stride_kn;
-  const T* v = static_cast<const T*>(p.v) + b * p.stride_vb + hk * p.stride_vh +
-               static_cast<int64_t>(s.k_start) * p.stride_vn;
-
-  load_tile<T, BM, D, kThreads>(sQ, LD, q, p.stride_qm, s.len_q - start_m, D, true, tid);
-  const Phases ph = key_phases(start_m, off, left, right, s.len_k, BM, BN);
-  const int n_tiles = ph.hi > ph.lo ? cdiv(ph.hi - ph.lo, BN) : 0;
-  auto issue = [&](int it, int buf) {
-    const int start_n = ph.lo + it * BN;
-    load_tile<T, BN, D, kThreads>(sK + buf * BN * LD, LD, k + static_cast<int64_t>(start_n) * p.stride_kn,
-                                  p.stride_kn, s.len_k - start_n, D, true, tid);
-    load_tile<T, BN, D, kThreads>(sV + buf * BN * LD, LD, v + static_cast<int64_t>(start_n) * p.stride_vn,
-                                  p.stride_vn, s.len_k - start_n, D, true, tid);
-  };
-  if (n_tiles > 0) issue(0, 0);
-  cp_async_commit();
+  const QTile t = q_tile_prologue(p, BM);
+  if (t.start >= t.s.len_q) return;
+  const int tid = threadIdx.x, lane = tid & 31, r0 = (tid >> 5) * 16;  // the warp's first row in the tile
+  load_rows<T, BM, D>(sQ, seq_rows(static_cast<const T*>(p.q), p.stride_qb, p.stride_qh, p.stride_qm, t.b, t.h,
+                                   t.s.q_start + t.start),
+                      p.stride_qm, t.s.len_q - t.start, tid);
 
   float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  zero(acc);
   float m_i[2] = {-INFINITY, -INFINITY};
   float l_i[2] = {0.f, 0.f};  // this thread's partial row sums (reduced over the quad at the end)
   const float qk_scale = p.sm_scale * kLog2e;
-  const int r0 = warp * 16;
-
-  for (int it = 0; it < n_tiles; ++it) {
-    const int start_n = ph.lo + it * BN;
-    const int buf = it & 1;
-    cp_async_wait_all();
-    __syncthreads();  // tile `it` landed; every warp is done with the other buffer
-    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);
-    cp_async_commit();
-    const T* cK = sK + buf * BN * LD;
-    const T* cV = sV + buf * BN * LD;
-
+  for_each_key_tile<T, BM, BN, D>(p, t, sK, sV, tid, [&](int start_n, const T* cK, const T* cV, bool edge) {
     float sc[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
-#pragma unroll 1  // kk only moves addresses; unrolling it hoists ~2 registers per step
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, sQ, LD, r0, kk * 16, lane);
-#pragma unroll
-      for (int j = 0; j < BN / 16; ++j) {
-        uint32_t bb[4];
-        load_b_nk(bb, cK, LD, j * 16, kk * 16, lane);
-        Dtype<T>::mma(sc[2 * j], a, bb[0], bb[1]);
-        Dtype<T>::mma(sc[2 * j + 1], a, bb[2], bb[3]);
-      }
-    }
-    const bool edge = start_n < ph.full_lo || start_n >= ph.full_hi;
-#pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = sc[nb][e] * qk_scale;
-        if (edge) {
-          const int row = start_m + r0 + g + 8 * (e >> 1);
-          const int col = start_n + nb * 8 + 2 * t4 + (e & 1);
-          if (!band_keep(row, col, off, left, right, s.len_q, s.len_k)) x = -INFINITY;
-        }
-        sc[nb][e] = x;
-      }
+    tile_abt<T, BN, D>(sc, sQ, r0, cK, lane);
+    scale_mask<false, BN>(sc, qk_scale, edge, t, t.start + r0, start_n, lane);
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       float mx = -INFINITY;
@@ -237,36 +219,22 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaParams p) {
       }
       m_i[hr] = m_new;
     }
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j) {
-      uint32_t a[4] = {Dtype<T>::pack(sc[2 * j][0], sc[2 * j][1]), Dtype<T>::pack(sc[2 * j][2], sc[2 * j][3]),
-                       Dtype<T>::pack(sc[2 * j + 1][0], sc[2 * j + 1][1]),
-                       Dtype<T>::pack(sc[2 * j + 1][2], sc[2 * j + 1][3])};
-#pragma unroll
-      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-        uint32_t bb[4];
-        load_b_kn(bb, cV, LD, dn2 * 16, j * 16, lane);
-        Dtype<T>::mma(acc[2 * dn2], a, bb[0], bb[1]);
-        Dtype<T>::mma(acc[2 * dn2 + 1], a, bb[2], bb[3]);
-      }
-    }
-  }
-  cp_async_wait_all();
+    mma_pb<T, BN, D>(acc, sc, cV, lane);  // O += P V
+  });
 
-  T* o = static_cast<T*>(p.out) + b * p.stride_ob + h * p.stride_oh + static_cast<int64_t>(s.q_start) * p.stride_om;
-  float* lse = p.lse + b * p.stride_lb + h * p.stride_lh + s.q_start;
+  float l[2], inv[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    const float l = warp_sum4(l_i[hr]);
-    const bool empty = l == 0.f;  // no visible key: output 0, lse -inf
-    const float inv = empty ? 0.f : 1.f / l;
-    const int row = start_m + r0 + g + 8 * hr;
-    if (row < s.len_q) {
-      T* orow = o + static_cast<int64_t>(row) * p.stride_om + 2 * t4;
+    l[hr] = warp_sum4(l_i[hr]);
+    inv[hr] = l[hr] == 0.f ? 0.f : 1.f / l[hr];  // no visible key: output 0, lse -inf
+  }
+  store_tile<T, D>(seq_rows(static_cast<T*>(p.out), p.stride_ob, p.stride_oh, p.stride_om, t.b, t.h, t.s.q_start),
+                   p.stride_om, acc, t.start + r0, t.s.len_q, inv, lane);
+  float* lse = p.lse + t.b * p.stride_lb + t.h * p.stride_lh + t.s.q_start;
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) store_pair(orow + dn * 8, acc[dn][2 * hr] * inv, acc[dn][2 * hr + 1] * inv);
-      if (t4 == 0) lse[row] = empty ? -INFINITY : (m_i[hr] + log2f(l)) * kLn2;
-    }
+  for (int hr = 0; hr < 2; ++hr) {
+    const int row = t.start + r0 + (lane >> 2) + 8 * hr;
+    if (row < t.s.len_q && (lane & 3) == 0) lse[row] = l[hr] == 0.f ? -INFINITY : (m_i[hr] + log2f(l[hr])) * kLn2;
   }
 }
 
@@ -295,24 +263,18 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams 
   float* sL = reinterpret_cast<float*>(sdO + 2 * BM * LD);  // two buffers: lse * log2(e), +inf for empty rows
   float* sDl = sL + 2 * BM;                                 // two buffers: delta
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int b = p.batch_start + static_cast<int>(blockIdx.z), hk = blockIdx.y;
-  const Seq s = seq_info(p, b);
-  const int start_n = blockIdx.x * BN;
-  if (start_n >= s.len_k) return;
-  int left, right;
-  resolve_window(p, s.len_k, left, right);
-  const int off = s.len_k - s.len_q;
+  const Tile t = tile_prologue(p, BN);
+  const int start_n = t.start, hk = blockIdx.y;
+  if (start_n >= t.s.len_k) return;
+  const int tid = threadIdx.x, lane = tid & 31, kr0 = (tid >> 5) * 16;  // the warp's first key in the tile
+  const int t4 = lane & 3;
+  const int key0 = t.s.k_start + start_n;
+  load_rows<T, BN, D>(sK, seq_rows(static_cast<const T*>(p.k), p.stride_kb, p.stride_kh, p.stride_kn, t.b, hk, key0),
+                      p.stride_kn, t.s.len_k - start_n, tid);
+  load_rows<T, BN, D>(sV, seq_rows(static_cast<const T*>(p.v), p.stride_vb, p.stride_vh, p.stride_vn, t.b, hk, key0),
+                      p.stride_vn, t.s.len_k - start_n, tid);
 
-  const T* k = static_cast<const T*>(p.k) + b * p.stride_kb + hk * p.stride_kh +
-               static_cast<int64_t>(s.k_start + start_n) * p.stride_kn;
-  const T* v = static_cast<const T*>(p.v) + b * p.stride_vb + hk * p.stride_vh +
-               static_cast<int64_t>(s.k_start + start_n) * p.stride_vn;
-  load_tile<T, BN, D, kThreads>(sK, LD, k, p.stride_kn, s.len_k - start_n, D, true, tid);
-  load_tile<T, BN, D, kThreads>(sV, LD, v, p.stride_vn, s.len_k - start_n, D, true, tid);
-
-  const Phases ph = query_phases(start_n, off, left, right, s.len_q, BM, BN);
+  const Phases ph = t.query_phases(BM, BN);
   const int n_mt = ph.hi > ph.lo ? cdiv(ph.hi - ph.lo, BM) : 0;
   const int total = n_mt * p.group;  // (query head in the group, query tile) pairs
   static_assert(BM <= kThreads, "one thread per query row of the LSE / delta prefetch");
@@ -321,154 +283,68 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaParams 
   // memory at the end of the iteration before the one that reads them, so their latency
   // hides behind a whole tile of MMAs instead of stalling the issue.
   float pre_l = -INFINITY, pre_d = 0.f;
-  auto issue = [&](int it, int buf) {
-    const int h = hk * p.group + it / n_mt;
-    const int start_m = ph.lo + (it % n_mt) * BM;
-    const int64_t row0 = s.q_start + start_m;
-    load_tile<T, BM, D, kThreads>(sQ + buf * BM * LD, LD,
-                                  static_cast<const T*>(p.q) + b * p.stride_qb + h * p.stride_qh + row0 * p.stride_qm,
-                                  p.stride_qm, s.len_q - start_m, D, true, tid);
-    load_tile<T, BM, D, kThreads>(
-        sdO + buf * BM * LD, LD,
-        static_cast<const T*>(p.dout) + b * p.stride_dob + h * p.stride_doh + row0 * p.stride_dom, p.stride_dom,
-        s.len_q - start_m, D, true, tid);
-    if (tid < BM && start_m + tid < s.len_q) {
-      pre_l = p.lse[b * p.stride_lb + h * p.stride_lh + row0 + tid];
-      pre_d = p.delta[b * p.stride_lb + h * p.stride_lh + row0 + tid];
-    } else {
-      pre_l = -INFINITY;  // padded rows: p = 0 below
-      pre_d = 0.f;
-    }
-  };
   auto stash = [&](int buf) {  // the prefetched LSE / delta of the tile in `buf`
     if (tid < BM) {
       sL[buf * BM + tid] = pre_l == -INFINITY ? INFINITY : pre_l * kLog2e;  // p = 0 on empty / padded rows
       sDl[buf * BM + tid] = pre_d;
     }
   };
-  if (total > 0) {
-    issue(0, 0);
-    stash(0);
-  }
-  cp_async_commit();
+  auto issue = [&](int it, int buf) {
+    const int h = hk * p.group + it / n_mt;
+    const int start_m = ph.lo + (it % n_mt) * BM;
+    const int row0 = t.s.q_start + start_m;
+    load_rows<T, BM, D>(sQ + buf * BM * LD,
+                        seq_rows(static_cast<const T*>(p.q), p.stride_qb, p.stride_qh, p.stride_qm, t.b, h, row0),
+                        p.stride_qm, t.s.len_q - start_m, tid);
+    load_rows<T, BM, D>(sdO + buf * BM * LD,
+                        seq_rows(static_cast<const T*>(p.dout), p.stride_dob, p.stride_doh, p.stride_dom, t.b, h, row0),
+                        p.stride_dom, t.s.len_q - start_m, tid);
+    if (tid < BM && start_m + tid < t.s.len_q) {
+      pre_l = p.lse[t.b * p.stride_lb + h * p.stride_lh + row0 + tid];
+      pre_d = p.delta[t.b * p.stride_lb + h * p.stride_lh + row0 + tid];
+    } else {
+      pre_l = -INFINITY;  // padded rows: p = 0 below
+      pre_d = 0.f;
+    }
+    if (it == 0) stash(0);  // later tiles' after the previous tile's math (below)
+  };
 
   float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  zero(dk);
+  zero(dv);
   const float qk_scale = p.sm_scale * kLog2e;
-  const int kr0 = warp * 16;
-
-  for (int it = 0; it < total; ++it) {
-    const int buf = it & 1;
+  pipeline(total, issue, [&](int it, int buf) {
     const int start_m = ph.lo + (it % n_mt) * BM;
-    cp_async_wait_all();
-    __syncthreads();
-    if (it + 1 < total) issue(it + 1, buf ^ 1);
-    cp_async_commit();
     const T* cQ = sQ + buf * BM * LD;
     const T* cdO = sdO + buf * BM * LD;
     const float* cL = sL + buf * BM;
     const float* cDl = sDl + buf * BM;
 
-    // S^T = K Q^T (keys x queries), then P^T = exp2(S^T * scale - lse)
-    float st[BM / 8][4];
-#pragma unroll
-    for (int i = 0; i < BM / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-#pragma unroll 1  // kk only moves addresses; unrolling it hoists ~2 registers per step
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, sK, LD, kr0, kk * 16, lane);
-#pragma unroll
-      for (int j = 0; j < BM / 16; ++j) {
-        uint32_t bb[4];
-        load_b_nk(bb, cQ, LD, j * 16, kk * 16, lane);
-        Dtype<T>::mma(st[2 * j], a, bb[0], bb[1]);
-        Dtype<T>::mma(st[2 * j + 1], a, bb[2], bb[3]);
-      }
-    }
-    const bool edge = start_m < ph.full_lo || start_m >= ph.full_hi;
+    float st[BM / 8][4];  // S^T = K Q^T (keys x queries), then P^T = exp2(S^T * scale - lse)
+    tile_abt<T, BM, D>(st, sK, kr0, cQ, lane);
+    scale_mask<true, BM>(st, qk_scale, start_m < ph.full_lo || start_m >= ph.full_hi, t, start_n + kr0, start_m,
+                         lane);
 #pragma unroll
     for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = nb * 8 + 2 * t4 + (e & 1);  // query within the tile
-        float x = st[nb][e] * qk_scale;
-        if (edge) {
-          const int key = start_n + kr0 + g + 8 * (e >> 1);
-          if (!band_keep(start_m + qi, key, off, left, right, s.len_q, s.len_k)) x = -INFINITY;
-        }
-        st[nb][e] = exp2f(x - cL[qi]);
-      }
-    // dV += P^T dO
-#pragma unroll
-    for (int j = 0; j < BM / 16; ++j) {
-      uint32_t a[4] = {Dtype<T>::pack(st[2 * j][0], st[2 * j][1]), Dtype<T>::pack(st[2 * j][2], st[2 * j][3]),
-                       Dtype<T>::pack(st[2 * j + 1][0], st[2 * j + 1][1]),
-                       Dtype<T>::pack(st[2 * j + 1][2], st[2 * j + 1][3])};
-#pragma unroll
-      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-        uint32_t bb[4];
-        load_b_kn(bb, cdO, LD, dn2 * 16, j * 16, lane);
-        Dtype<T>::mma(dv[2 * dn2], a, bb[0], bb[1]);
-        Dtype<T>::mma(dv[2 * dn2 + 1], a, bb[2], bb[3]);
-      }
-    }
-    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta)
-    float ds[BM / 8][4];
-#pragma unroll
-    for (int i = 0; i < BM / 8; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
-#pragma unroll 1  // kk only moves addresses; unrolling it hoists ~2 registers per step
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, sV, LD, kr0, kk * 16, lane);
-#pragma unroll
-      for (int j = 0; j < BM / 16; ++j) {
-        uint32_t bb[4];
-        load_b_nk(bb, cdO, LD, j * 16, kk * 16, lane);
-        Dtype<T>::mma(ds[2 * j], a, bb[0], bb[1]);
-        Dtype<T>::mma(ds[2 * j + 1], a, bb[2], bb[3]);
-      }
-    }
+      for (int e = 0; e < 4; ++e) st[nb][e] = exp2f(st[nb][e] - cL[nb * 8 + 2 * t4 + (e & 1)]);
+    mma_pb<T, BM, D>(dv, st, cdO, lane);  // dV += P^T dO
+    float ds[BM / 8][4];  // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta)
+    tile_abt<T, BM, D>(ds, sV, kr0, cdO, lane);
 #pragma unroll
     for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[nb][e] = st[nb][e] * (ds[nb][e] - cDl[nb * 8 + 2 * t4 + (e & 1)]);
-    // dK += dS^T Q
-#pragma unroll
-    for (int j = 0; j < BM / 16; ++j) {
-      uint32_t a[4] = {Dtype<T>::pack(ds[2 * j][0], ds[2 * j][1]), Dtype<T>::pack(ds[2 * j][2], ds[2 * j][3]),
-                       Dtype<T>::pack(ds[2 * j + 1][0], ds[2 * j + 1][1]),
-                       Dtype<T>::pack(ds[2 * j + 1][2], ds[2 * j + 1][3])};
-#pragma unroll
-      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-        uint32_t bb[4];
-        load_b_kn(bb, cQ, LD, dn2 * 16, j * 16, lane);
-        Dtype<T>::mma(dk[2 * dn2], a, bb[0], bb[1]);
-        Dtype<T>::mma(dk[2 * dn2 + 1], a, bb[2], bb[3]);
-      }
-    }
+    mma_pb<T, BM, D>(dk, ds, cQ, lane);  // dK += dS^T Q
     // the other buffer was last read in iteration it - 1, before this iteration's barrier
     if (it + 1 < total) stash(buf ^ 1);
-  }
-  cp_async_wait_all();
+  });
 
-  T* dkp = static_cast<T*>(p.dk) + b * p.stride_dkb + hk * p.stride_dkh + static_cast<int64_t>(s.k_start) * p.stride_dkn;
-  T* dvp = static_cast<T*>(p.dv) + b * p.stride_dvb + hk * p.stride_dvh + static_cast<int64_t>(s.k_start) * p.stride_dvn;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int key = start_n + kr0 + g + 8 * hr;
-    if (key < s.len_k) {
-      T* krow = dkp + static_cast<int64_t>(key) * p.stride_dkn + 2 * t4;
-      T* vrow = dvp + static_cast<int64_t>(key) * p.stride_dvn + 2 * t4;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        store_pair(krow + dn * 8, dk[dn][2 * hr] * p.sm_scale, dk[dn][2 * hr + 1] * p.sm_scale);
-        store_pair(vrow + dn * 8, dv[dn][2 * hr], dv[dn][2 * hr + 1]);
-      }
-    }
-  }
+  const float dk_scale[2] = {p.sm_scale, p.sm_scale}, one[2] = {1.f, 1.f};
+  store_tile<T, D>(seq_rows(static_cast<T*>(p.dk), p.stride_dkb, p.stride_dkh, p.stride_dkn, t.b, hk, t.s.k_start),
+                   p.stride_dkn, dk, start_n + kr0, t.s.len_k, dk_scale, lane);
+  store_tile<T, D>(seq_rows(static_cast<T*>(p.dv), p.stride_dvb, p.stride_dvh, p.stride_dvn, t.b, hk, t.s.k_start),
+                   p.stride_dvn, dv, start_n + kr0, t.s.len_k, one, lane);
 }
 
 // ============================================================================== dQ
@@ -489,68 +365,33 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaParams p)
   T* sK = sdO + BM * LD;     // two buffers
   T* sV = sK + 2 * BN * LD;  // two buffers
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int b = p.batch_start + static_cast<int>(blockIdx.z), h = blockIdx.y, hk = h / p.group;
-  const Seq s = seq_info(p, b);
-  const int start_m = blockIdx.x * BM;
-  if (start_m >= s.len_q) return;
-  int left, right;
-  resolve_window(p, s.len_k, left, right);
-  const int off = s.len_k - s.len_q;
-  const int64_t row0 = s.q_start + start_m;
+  const QTile t = q_tile_prologue(p, BM);
+  if (t.start >= t.s.len_q) return;
+  const int tid = threadIdx.x, lane = tid & 31, r0 = (tid >> 5) * 16;  // the warp's first row in the tile
+  const int row0 = t.s.q_start + t.start;
+  load_rows<T, BM, D>(sQ, seq_rows(static_cast<const T*>(p.q), p.stride_qb, p.stride_qh, p.stride_qm, t.b, t.h, row0),
+                      p.stride_qm, t.s.len_q - t.start, tid);
+  load_rows<T, BM, D>(sdO,
+                      seq_rows(static_cast<const T*>(p.dout), p.stride_dob, p.stride_doh, p.stride_dom, t.b, t.h, row0),
+                      p.stride_dom, t.s.len_q - t.start, tid);
 
-  load_tile<T, BM, D, kThreads>(sQ, LD, static_cast<const T*>(p.q) + b * p.stride_qb + h * p.stride_qh + row0 * p.stride_qm,
-                                p.stride_qm, s.len_q - start_m, D, true, tid);
-  load_tile<T, BM, D, kThreads>(sdO, LD,
-                                static_cast<const T*>(p.dout) + b * p.stride_dob + h * p.stride_doh + row0 * p.stride_dom,
-                                p.stride_dom, s.len_q - start_m, D, true, tid);
-  const T* k = static_cast<const T*>(p.k) + b * p.stride_kb + hk * p.stride_kh +
-               static_cast<int64_t>(s.k_start) * p.stride_kn;
-  const T* v = static_cast<const T*>(p.v) + b * p.stride_vb + hk * p.stride_vh +
-               static_cast<int64_t>(s.k_start) * p.stride_vn;
-  const Phases ph = key_phases(start_m, off, left, right, s.len_k, BM, BN);
-  const int n_tiles = ph.hi > ph.lo ? cdiv(ph.hi - ph.lo, BN) : 0;
-  auto issue = [&](int it, int buf) {
-    const int start_n = ph.lo + it * BN;
-    load_tile<T, BN, D, kThreads>(sK + buf * BN * LD, LD, k + static_cast<int64_t>(start_n) * p.stride_kn,
-                                  p.stride_kn, s.len_k - start_n, D, true, tid);
-    load_tile<T, BN, D, kThreads>(sV + buf * BN * LD, LD, v + static_cast<int64_t>(start_n) * p.stride_vn,
-                                  p.stride_vn, s.len_k - start_n, D, true, tid);
-  };
-  if (n_tiles > 0) issue(0, 0);
-  cp_async_commit();
-
-  const int r0 = warp * 16;
   float lse2[2], dlt[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    const int row = start_m + r0 + g + 8 * hr;
-    const bool ok = row < s.len_q;
-    const float l = ok ? p.lse[b * p.stride_lb + h * p.stride_lh + s.q_start + row] : -INFINITY;
+    const int row = t.start + r0 + (lane >> 2) + 8 * hr;
+    const bool ok = row < t.s.len_q;
+    const int64_t l_row = t.b * p.stride_lb + t.h * p.stride_lh + t.s.q_start + row;
+    const float l = ok ? p.lse[l_row] : -INFINITY;
     lse2[hr] = l == -INFINITY ? INFINITY : l * kLog2e;
-    dlt[hr] = ok ? p.delta[b * p.stride_lb + h * p.stride_lh + s.q_start + row] : 0.f;
+    dlt[hr] = ok ? p.delta[l_row] : 0.f;
   }
   float dq[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  zero(dq);
   const float qk_scale = p.sm_scale * kLog2e;
-
-  for (int it = 0; it < n_tiles; ++it) {
-    const int start_n = ph.lo + it * BN;
-    const int buf = it & 1;
-    cp_async_wait_all();
-    __syncthreads();
-    if (it + 1 < n_tiles) issue(it + 1, buf ^ 1);
-    cp_async_commit();
-    const T* cK = sK + buf * BN * LD;
-    const T* cV = sV + buf * BN * LD;
-
-    float sc[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[i][e] = dp[i][e] = 0.f;
+  for_each_key_tile<T, BM, BN, D>(p, t, sK, sV, tid, [&](int start_n, const T* cK, const T* cV, bool edge) {
+    float sc[BN / 8][4], dp[BN / 8][4];  // S = Q K^T and dP = dO V^T in one pass over D
+    zero(sc);
+    zero(dp);
 #pragma unroll 1  // kk only moves addresses; unrolling it hoists ~2 registers per step
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4], ad[4];
@@ -558,57 +399,21 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaParams p)
       load_a(ad, sdO, LD, r0, kk * 16, lane);
 #pragma unroll
       for (int j = 0; j < BN / 16; ++j) {
-        uint32_t bb[4];
-        load_b_nk(bb, cK, LD, j * 16, kk * 16, lane);
-        Dtype<T>::mma(sc[2 * j], a, bb[0], bb[1]);
-        Dtype<T>::mma(sc[2 * j + 1], a, bb[2], bb[3]);
-        load_b_nk(bb, cV, LD, j * 16, kk * 16, lane);
-        Dtype<T>::mma(dp[2 * j], ad, bb[0], bb[1]);
-        Dtype<T>::mma(dp[2 * j + 1], ad, bb[2], bb[3]);
+        mma_bt(sc[2 * j], sc[2 * j + 1], a, cK, LD, j * 16, kk * 16, lane);
+        mma_bt(dp[2 * j], dp[2 * j + 1], ad, cV, LD, j * 16, kk * 16, lane);
       }
     }
-    const bool edge = start_n < ph.full_lo || start_n >= ph.full_hi;
+    scale_mask<false, BN>(sc, qk_scale, edge, t, t.start + r0, start_n, lane);
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = sc[nb][e] * qk_scale;
-        if (edge) {
-          const int row = start_m + r0 + g + 8 * (e >> 1);
-          const int col = start_n + nb * 8 + 2 * t4 + (e & 1);
-          if (!band_keep(row, col, off, left, right, s.len_q, s.len_k)) x = -INFINITY;
-        }
-        const float pr = exp2f(x - lse2[e >> 1]);
-        dp[nb][e] = pr * (dp[nb][e] - dlt[e >> 1]);  // dS
-      }
-    // dQ += dS K
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j) {
-      uint32_t a[4] = {Dtype<T>::pack(dp[2 * j][0], dp[2 * j][1]), Dtype<T>::pack(dp[2 * j][2], dp[2 * j][3]),
-                       Dtype<T>::pack(dp[2 * j + 1][0], dp[2 * j + 1][1]),
-                       Dtype<T>::pack(dp[2 * j + 1][2], dp[2 * j + 1][3])};
-#pragma unroll
-      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-        uint32_t bb[4];
-        load_b_kn(bb, cK, LD, dn2 * 16, j * 16, lane);
-        Dtype<T>::mma(dq[2 * dn2], a, bb[0], bb[1]);
-        Dtype<T>::mma(dq[2 * dn2 + 1], a, bb[2], bb[3]);
-      }
-    }
-  }
-  cp_async_wait_all();
+      for (int e = 0; e < 4; ++e) dp[nb][e] = exp2f(sc[nb][e] - lse2[e >> 1]) * (dp[nb][e] - dlt[e >> 1]);  // dS
+    mma_pb<T, BN, D>(dq, dp, cK, lane);  // dQ += dS K
+  });
 
-  T* dqp = static_cast<T*>(p.dq) + b * p.stride_dqb + h * p.stride_dqh + static_cast<int64_t>(s.q_start) * p.stride_dqm;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int row = start_m + r0 + g + 8 * hr;
-    if (row < s.len_q) {
-      T* qrow = dqp + static_cast<int64_t>(row) * p.stride_dqm + 2 * t4;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn)
-        store_pair(qrow + dn * 8, dq[dn][2 * hr] * p.sm_scale, dq[dn][2 * hr + 1] * p.sm_scale);
-    }
-  }
+  const float dq_scale[2] = {p.sm_scale, p.sm_scale};
+  store_tile<T, D>(seq_rows(static_cast<T*>(p.dq), p.stride_dqb, p.stride_dqh, p.stride_dqm, t.b, t.h, t.s.q_start),
+                   p.stride_dqm, dq, t.start + r0, t.s.len_q, dq_scale, lane);
 }
 
 // ============================================================================== launchers
@@ -634,25 +439,29 @@ inline cudaError_t launch_batches(Kernel kernel, int tiles, int heads, size_t sm
   return cudaSuccess;
 }
 
-template <typename T, int D>
-cudaError_t run_fwd(const SwaParams& p, cudaStream_t stream) {
-  return launch_batches(swa_fwd_kernel<T, D>, cdiv(p.seqlen_q, kFwdBM), p.num_heads, fwd_smem_bytes<D>(), p, stream);
+// The entry points of one head_dim, fp16 or bf16. Each D is instantiated in a translation
+// unit of its own per pass (swa_fwd_d64.cu, ...), so that the build compiles them in parallel.
+template <int D>
+cudaError_t fwd(const SwaParams& p, cudaStream_t stream) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  return launch_batches(bf16 ? swa_fwd_kernel<__nv_bfloat16, D> : swa_fwd_kernel<__half, D>, cdiv(p.seqlen_q, kFwdBM),
+                        p.num_heads, fwd_smem_bytes<D>(), p, stream);
 }
 
-template <typename T, int D>
-cudaError_t run_bwd(const SwaParams& p, cudaStream_t stream) {  // after the delta pre-pass
-  cudaError_t err = launch_batches(swa_bwd_dkdv_kernel<T, D>, cdiv(p.seqlen_k, kDkdvBN), p.num_kv_heads,
-                                   dkdv_smem_bytes<D>(), p, stream);
+template <int D>
+cudaError_t bwd(const SwaParams& p, cudaStream_t stream) {  // after the delta pre-pass
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  cudaError_t err = launch_batches(bf16 ? swa_bwd_dkdv_kernel<__nv_bfloat16, D> : swa_bwd_dkdv_kernel<__half, D>,
+                                   cdiv(p.seqlen_k, kDkdvBN), p.num_kv_heads, dkdv_smem_bytes<D>(), p, stream);
   if (err != cudaSuccess) return err;
-  return launch_batches(swa_bwd_dq_kernel<T, D>, cdiv(p.seqlen_q, kDqBM), p.num_heads, dq_smem_bytes<D>(), p,
-                        stream);
+  return launch_batches(bf16 ? swa_bwd_dq_kernel<__nv_bfloat16, D> : swa_bwd_dq_kernel<__half, D>,
+                        cdiv(p.seqlen_q, kDqBM), p.num_heads, dq_smem_bytes<D>(), p, stream);
 }
 
-// Per-head_dim entry points, one translation unit each (swa_fwd_d64.cu, ...).
-cudaError_t fwd_d64(const SwaParams& p, cudaStream_t stream);
-cudaError_t fwd_d128(const SwaParams& p, cudaStream_t stream);
-cudaError_t bwd_d64(const SwaParams& p, cudaStream_t stream);
-cudaError_t bwd_d128(const SwaParams& p, cudaStream_t stream);
+extern template cudaError_t fwd<64>(const SwaParams&, cudaStream_t);
+extern template cudaError_t fwd<128>(const SwaParams&, cudaStream_t);
+extern template cudaError_t bwd<64>(const SwaParams&, cudaStream_t);
+extern template cudaError_t bwd<128>(const SwaParams&, cudaStream_t);
 
 }  // namespace swa
 }  // namespace sftk
