@@ -45,10 +45,16 @@ void check_rows(const Tensor& t, const char* name, const Tensor& ref) {
                       " must be a multiple of 8 elements (call .contiguous())");
 }
 
-void check_f32(const Tensor& t, const char* name, const Tensor& ref) {
+void* rows_ptr(const Tensor& t, const char* name, const Tensor& ref) {  // check_rows, then the pointer
+  check_rows(t, name, ref);
+  return t.data_ptr();
+}
+
+float* f32_ptr(const Tensor& t, const char* name, const Tensor& ref) {
   check_cuda(t, name, ref);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "sft_kernels CUDA backend: ", name, " must be float32, got ",
                    t.scalar_type());
+  return t.data_ptr<float>();
 }
 
 const int* cu_ptr(const optional<Tensor>& t, const char* name, const Tensor& ref) {
@@ -64,10 +70,13 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "sft_kernels CUDA backend: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-void fill_attention(sftk::SwaParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
-                    const optional<Tensor>& cu_q, const optional<Tensor>& cu_k, int64_t seqlen_q, int64_t seqlen_k,
-                    int64_t num_heads, int64_t group, int64_t left, int64_t right, int64_t keys, double sm_scale,
-                    int64_t batch, int64_t window_mode, bool causal) {
+// What both passes take: q, k, v, the sequences, heads and window (checked, q first).
+sftk::SwaParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& cu_q,
+                                 const optional<Tensor>& cu_k, int64_t seqlen_q, int64_t seqlen_k, int64_t num_heads,
+                                 int64_t group, int64_t left, int64_t right, int64_t keys, double sm_scale,
+                                 int64_t batch, int64_t window_mode, bool causal) {
+  check_rows(q, "q", q);
+  sftk::SwaParams p;
   p.dtype = dtype_of(q, "q");
   p.head_dim = static_cast<int>(q.size(-1));
   TORCH_CHECK_VALUE(sftk::swa_supports_head_dim(p.head_dim), "sft_kernels CUDA backend: head_dim ", p.head_dim,
@@ -110,6 +119,17 @@ void fill_attention(sftk::SwaParams& p, const Tensor& q, const Tensor& k, const 
   p.window_mode = static_cast<int>(window_mode);
   p.causal = causal;
   p.sm_scale = static_cast<float>(sm_scale);
+  return p;
+}
+
+// The strides both passes take: q, k, v, O (batch, row, head) and LSE / delta (batch, head).
+void set_strides(sftk::SwaParams& p, int64_t qb, int64_t qm, int64_t qh, int64_t kb, int64_t kn, int64_t kh, int64_t vb,
+                 int64_t vn, int64_t vh, int64_t ob, int64_t om, int64_t oh, int64_t lb, int64_t lh) {
+  p.stride_qb = qb, p.stride_qm = qm, p.stride_qh = qh;
+  p.stride_kb = kb, p.stride_kn = kn, p.stride_kh = kh;
+  p.stride_vb = vb, p.stride_vn = vn, p.stride_vh = vh;
+  p.stride_ob = ob, p.stride_om = om, p.stride_oh = oh;
+  p.stride_lb = lb, p.stride_lh = lh;
 }
 
 // out, lse <- sliding-window attention (arguments of _swa_fwd_kernel).
@@ -120,20 +140,13 @@ void swa_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Ten
              int64_t stride_oh, int64_t stride_lb, int64_t stride_lh, int64_t seqlen_q, int64_t seqlen_k,
              int64_t num_heads, int64_t group, int64_t left, int64_t right, int64_t keys, double sm_scale,
              int64_t batch, int64_t window_mode, bool causal, int64_t stream) {
-  check_rows(q, "q", q);
+  sftk::SwaParams p = attention_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, num_heads, group,
+                                       left, right, keys, sm_scale, batch, window_mode, causal);
+  p.out = rows_ptr(out, "out", q);
+  p.lse = f32_ptr(lse, "lse", q);
   const c10::cuda::CUDAGuard guard(q.device());
-  sftk::SwaParams p;
-  fill_attention(p, q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, num_heads, group, left, right, keys,
-                 sm_scale, batch, window_mode, causal);
-  check_rows(out, "out", q);
-  check_f32(lse, "lse", q);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.stride_qb = stride_qb, p.stride_qm = stride_qm, p.stride_qh = stride_qh;
-  p.stride_kb = stride_kb, p.stride_kn = stride_kn, p.stride_kh = stride_kh;
-  p.stride_vb = stride_vb, p.stride_vn = stride_vn, p.stride_vh = stride_vh;
-  p.stride_ob = stride_ob, p.stride_om = stride_om, p.stride_oh = stride_oh;
-  p.stride_lb = stride_lb, p.stride_lh = stride_lh;
+  set_strides(p, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+              stride_ob, stride_om, stride_oh, stride_lb, stride_lh);
   check_launch(sftk::swa_forward(p, reinterpret_cast<cudaStream_t>(stream)), "swa_forward");
 }
 
@@ -148,36 +161,24 @@ void swa_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor&
              int64_t stride_dvb, int64_t stride_dvn, int64_t stride_dvh, int64_t stride_lb, int64_t stride_lh,
              int64_t seqlen_q, int64_t seqlen_k, int64_t num_heads, int64_t group, int64_t left, int64_t right,
              int64_t keys, double sm_scale, int64_t batch, int64_t window_mode, bool causal, int64_t stream) {
-  check_rows(q, "q", q);
-  const c10::cuda::CUDAGuard guard(q.device());
-  sftk::SwaParams p;
-  fill_attention(p, q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, num_heads, group, left, right, keys,
-                 sm_scale, batch, window_mode, causal);
-  check_rows(dout, "dout", q);
-  check_rows(out, "out", q);
-  check_rows(dq, "dq", q);
-  check_rows(dk, "dk", q);
-  check_rows(dv, "dv", q);
-  check_f32(lse, "lse", q);
-  check_f32(delta, "delta", q);
+  sftk::SwaParams p = attention_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, num_heads, group,
+                                       left, right, keys, sm_scale, batch, window_mode, causal);
+  p.dout = rows_ptr(dout, "dout", q);
+  p.o = rows_ptr(out, "out", q);
+  p.dq = rows_ptr(dq, "dq", q);
+  p.dk = rows_ptr(dk, "dk", q);
+  p.dv = rows_ptr(dv, "dv", q);
+  p.lse = f32_ptr(lse, "lse", q);
+  p.delta = f32_ptr(delta, "delta", q);
   TORCH_CHECK_VALUE(delta.sizes() == lse.sizes() && delta.strides() == lse.strides(),
                     "sft_kernels CUDA backend: delta must have lse's shape and strides");
-  p.dout = dout.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.stride_qb = stride_qb, p.stride_qm = stride_qm, p.stride_qh = stride_qh;
-  p.stride_kb = stride_kb, p.stride_kn = stride_kn, p.stride_kh = stride_kh;
-  p.stride_vb = stride_vb, p.stride_vn = stride_vn, p.stride_vh = stride_vh;
-  p.stride_ob = stride_ob, p.stride_om = stride_om, p.stride_oh = stride_oh;
+  const c10::cuda::CUDAGuard guard(q.device());
+  set_strides(p, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+              stride_ob, stride_om, stride_oh, stride_lb, stride_lh);
   p.stride_dob = stride_dob, p.stride_dom = stride_dom, p.stride_doh = stride_doh;
   p.stride_dqb = stride_dqb, p.stride_dqm = stride_dqm, p.stride_dqh = stride_dqh;
   p.stride_dkb = stride_dkb, p.stride_dkn = stride_dkn, p.stride_dkh = stride_dkh;
   p.stride_dvb = stride_dvb, p.stride_dvn = stride_dvn, p.stride_dvh = stride_dvh;
-  p.stride_lb = stride_lb, p.stride_lh = stride_lh;
   check_launch(sftk::swa_backward(p, reinterpret_cast<cudaStream_t>(stream)), "swa_backward");
 }
 
@@ -215,16 +216,11 @@ void bd_gemm(const Tensor& a, const Tensor& w, const optional<Tensor>& bias, Ten
     TORCH_CHECK_VALUE(bias->is_contiguous(), "sft_kernels CUDA backend: bias must be contiguous");
     p.bias = bias->data_ptr();
   }
-  p.a = a.data_ptr();
+  p.a = a.data_ptr(), p.lda = a.stride(0), p.tokens = a.size(0);
   p.w = w.data_ptr();
-  p.out = out.data_ptr();
-  p.meta = meta.data_ptr<int>();
-  p.num_groups = static_cast<int>(meta.size(0));
-  p.total_tiles_n = static_cast<int>(total_tiles_n);
-  p.tokens = a.size(0);
-  p.lda = a.stride(0);
-  p.ldo = out.stride(0);
-  p.trans_w = trans_w;
+  p.out = out.data_ptr(), p.ldo = out.stride(0);
+  p.meta = meta.data_ptr<int>(), p.num_groups = static_cast<int>(meta.size(0));
+  p.total_tiles_n = static_cast<int>(total_tiles_n), p.trans_w = trans_w;
   // token tiles are grid.x (up to 2^31 - 1), column tiles grid.y
   TORCH_CHECK_VALUE(total_tiles_n <= sftk::kMaxGridYZ, "sft_kernels CUDA backend: ", total_tiles_n,
                     " column tiles exceed the grid limit ", sftk::kMaxGridYZ);
@@ -254,17 +250,11 @@ void bd_dw(const Tensor& dy, const Tensor& x, Tensor& dw, const Tensor& meta, in
     TORCH_CHECK_VALUE(dw.is_contiguous(), "sft_kernels CUDA backend: dW must be contiguous");
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  p.dy = dy.data_ptr();
-  p.x = x.data_ptr();
+  p.dy = dy.data_ptr(), p.ld_dy = dy.stride(0);
+  p.x = x.data_ptr(), p.ld_x = x.stride(0), p.tokens = x.size(0);
   p.dw = dw.data_ptr();
-  p.meta = meta.data_ptr<int>();
-  p.num_groups = static_cast<int>(meta.size(0));
-  p.total_tiles = static_cast<int>(total_tiles);
-  p.tokens = x.size(0);
-  p.ld_dy = dy.stride(0);
-  p.ld_x = x.stride(0);
-  p.t_chunk = t_chunk;
-  p.split = static_cast<int>(split);
+  p.meta = meta.data_ptr<int>(), p.num_groups = static_cast<int>(meta.size(0));
+  p.total_tiles = static_cast<int>(total_tiles), p.t_chunk = t_chunk, p.split = static_cast<int>(split);
   check_launch(sftk::bd_dw(p, reinterpret_cast<cudaStream_t>(stream)), "block_diag dW");
 }
 
