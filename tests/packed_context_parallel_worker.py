@@ -1,6 +1,6 @@
 """One rank of tests/test_packed_context_parallel.py (4 processes, gloo): one packed row of 32
 tokens split into shards of 8, several sequences per row, through
-``sft_kernels.parallel.packed.context_parallel_packed_attention``.
+``sft_kernels.parallel.packed.context_parallel_packed_attention``, causal and two-sided windows.
 
 Oracle: the dense float64 reference (``sft_kernels/ops/sliding_window_attention/reference.py``)
 run by this process on each whole sequence alone, forward and backward with the same upstream
@@ -34,6 +34,9 @@ LAYOUTS = {  # cu_seqlens of the row
     "aligned": [0, 8, 16, 24, 32],  # every sequence one shard: nothing to exchange
 }
 WINDOWS = {"w5": 5, "w12": 12, "sqrt": "sqrt", "pair-9": (9, 0), "unbounded": None}
+# causal=False: (3, 2); (2, 11) reaches past a whole shard to the right (multi-hop); an int and "sqrt"
+# centred on the query; unbounded on both sides
+TWO_SIDED = {"pair-3-2": (3, 2), "pair-2-11": (2, 11), "w5": 5, "sqrt": "sqrt", "unbounded": None}
 
 
 def rel(a, b):
@@ -50,19 +53,19 @@ def data(seed):
     return q, k, v, do
 
 
-def oracle(cu, window, q, k, v, do):
+def oracle(cu, window, q, k, v, do, causal=True):
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     out = torch.zeros_like(q)
     for a, b in zip(cu, cu[1:]):  # each sequence alone
-        o, _ = sliding_window_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], window, True)
+        o, _ = sliding_window_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], window, causal)
         out = out.index_copy(1, torch.arange(a, b), o)
     out.backward(do)
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def parallel(cu, window, q, k, v, do):
+def parallel(cu, window, q, k, v, do, causal=True):
     ql, kl, vl = (t[:, LO:HI].clone().requires_grad_() for t in (q, k, v))
-    out = context_parallel_packed_attention(ql, kl, vl, cu, window)
+    out = context_parallel_packed_attention(ql, kl, vl, cu, window, causal)
     out.backward(do[:, LO:HI])
     return out.detach(), ql.grad, kl.grad, vl.grad
 
@@ -77,11 +80,22 @@ for i, (lname, cu) in enumerate(LAYOUTS.items()):
         x = data(10 * i + len(wname))
         results[f"{lname}-{wname}"] = errs(oracle(cu, window, *x), parallel(cu, window, *x))
         p = packed_halo_plan(RANK, WORLD, cu, window)
-        plans[f"{lname}-{wname}"] = {"halo": p.halo, "sent": p.rows_sent(), "received": p.rows_received()}
+        plans[f"{lname}-{wname}"] = {"halo": p.halo, "halo_right": p.halo_right, "sent": p.rows_sent(),
+                                     "received": p.rows_received()}
+    for wname, window in TWO_SIDED.items():
+        x = data(50 + 10 * i + len(wname))
+        results[f"{lname}-two-sided-{wname}"] = errs(oracle(cu, window, *x, causal=False),
+                                                     parallel(cu, window, *x, causal=False))
+        p = packed_halo_plan(RANK, WORLD, cu, window, causal=False)
+        plans[f"{lname}-two-sided-{wname}"] = {"halo": p.halo, "halo_right": p.halo_right, "sent": p.rows_sent(),
+                                               "received": p.rows_received()}
     # control: the window one key narrower than the oracle's (W = 5 against W = 4, 12 against 11)
     x = data(100 + i)
     for w in (5, 12):
         controls[f"{lname}-w{w}-vs-w{w - 1}"] = errs(oracle(cu, w, *x), parallel(cu, w - 1, *x))
+    # and on the right: (3, 2) against (3, 1), two-sided
+    controls[f"{lname}-two-sided-3-2-vs-3-1"] = errs(oracle(cu, (3, 2), *x, causal=False),
+                                                     parallel(cu, (3, 1), *x, causal=False))
 
 # bytes this rank sends in one forward + backward, counted on the calls (P2P sends, all-gathers)
 sent = {}

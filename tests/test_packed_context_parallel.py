@@ -1,6 +1,6 @@
 """Packed rows across ranks (``sft_kernels.parallel.packed``): one row of 32 tokens holding
 several sequences, split over 4 gloo processes (shards of 8), against the dense float64
-reference run on each whole sequence alone, forward and backward.
+reference run on each whole sequence alone, forward and backward, causal and two-sided windows.
 
 One launch of ``tests/packed_context_parallel_worker.py`` (about 40 s on 2 shared cores).
 """
@@ -21,6 +21,7 @@ TOL = 1e-12
 CONTROL_MIN = 1e-2  # measured 0.49-0.77 on the worst rank
 LAYOUTS = ("inside-and-one-boundary", "several-boundaries", "aligned")
 WINDOWS = ("w5", "w12", "sqrt", "pair-9", "unbounded")
+TWO_SIDED = ("pair-3-2", "pair-2-11", "w5", "sqrt", "unbounded")  # causal=False
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,11 @@ def ranks(tmp_path_factory):
 def test_forward_and_gradients_equal_the_reference_per_sequence(ranks):
     """Sequences inside a shard, ending on a boundary, crossing one boundary and crossing three;
     int windows below and above a shard (multi-hop), "sqrt" (per sequence: 1 key for a sequence
-    of 2, 5 for one of 27), (9, 0), unbounded."""
+    of 2, 5 for one of 27), (9, 0), unbounded; two-sided (causal=False): (3, 2), (2, 11) (the
+    right halo from two ranks ahead), 5 and "sqrt" centred, unbounded on both sides."""
     for r, data in enumerate(ranks):
         assert set(data["results"]) == {f"{a}-{b}" for a in LAYOUTS for b in WINDOWS} | {
+            f"{a}-two-sided-{b}" for a in LAYOUTS for b in TWO_SIDED} | {
             "several-boundaries-sqrt-via-context_parallel_attention"}
         for name, errs in data["results"].items():
             bad = {k: v for k, v in errs.items() if not v <= TOL}
@@ -45,7 +48,8 @@ def test_forward_and_gradients_equal_the_reference_per_sequence(ranks):
 
 def test_a_window_one_key_off_fails_the_comparison(ranks):
     for name in ("inside-and-one-boundary-w5-vs-w4", "several-boundaries-w5-vs-w4", "aligned-w5-vs-w4",
-                 "several-boundaries-w12-vs-w11"):
+                 "several-boundaries-w12-vs-w11", "inside-and-one-boundary-two-sided-3-2-vs-3-1",
+                 "several-boundaries-two-sided-3-2-vs-3-1", "aligned-two-sided-3-2-vs-3-1"):
         assert max(max(data["controls"][name].values()) for data in ranks) > CONTROL_MIN, name
 
 
@@ -71,6 +75,20 @@ def test_each_sequence_sends_only_its_own_keys(ranks):
     for name, halo in want.items():
         for r, data in enumerate(ranks):
             assert [tuple(h) for h in data["plans"][name]["halo"]] == halo, (name, r, data["plans"][name])
+    want_right = {  # two-sided: a sequence crossing a shard's end sends that rank its keys after it
+        # [3,8) ends on 8; [8,22) crosses 16 (2 keys after it); [22,32) crosses 24 (2 keys)
+        "inside-and-one-boundary-two-sided-pair-3-2": [(8, 8), (16, 18), (24, 26), (32, 32)],
+        # (2, 11): [2,29) gives rank 0 the keys 8..18 (ranks 1 and 2), rank 1 16..26, rank 2 24..28 (its end)
+        "several-boundaries-two-sided-pair-2-11": [(8, 19), (16, 27), (24, 29), (32, 32)],
+        "several-boundaries-two-sided-unbounded": [(8, 29), (16, 29), (24, 29), (32, 32)],
+        "several-boundaries-two-sided-w5": [(8, 10), (16, 18), (24, 26), (32, 32)],  # centred: (2, 2)
+        "aligned-two-sided-unbounded": [(8, 8), (16, 16), (24, 24), (32, 32)],
+    }
+    for name, halo in want_right.items():
+        for r, data in enumerate(ranks):
+            assert [tuple(h) for h in data["plans"][name]["halo_right"]] == halo, (name, r, data["plans"][name])
+    assert [tuple(h) for h in ranks[0]["plans"]["several-boundaries-two-sided-pair-2-11"]["halo"]] == [
+        (0, 0), (6, 8), (14, 16), (22, 24)]
     for name in (f"aligned-{w}" for w in WINDOWS):  # nothing travels
         assert all(data["plans"][name]["sent"] == 0 == data["plans"][name]["received"] for data in ranks)
     # every row received is a row sent

@@ -463,8 +463,8 @@ def context_parallel_attention(
         cu_seqlens: the whole packed row's sequence boundaries (global, ``[0, ..., P n]``), the
             same on every rank: several sequences in one row, each with its window resolved from
             its own length, and a sequence crossing a shard boundary exchanges only its own keys
-            (:func:`sft_kernels.parallel.packed.context_parallel_packed_attention`; causal only,
-            no ``return_lse``).
+            (:func:`sft_kernels.parallel.packed.context_parallel_packed_attention`; causal or
+            two-sided, no ``return_lse``).
 
     Communication per call: one all-gather of 10 numbers (the consistency check; a host
     sync on GPU), then point-to-point messages of ``min(left, r n)`` keys+values to the

@@ -1,26 +1,31 @@
-"""Packed rows across ranks: causal sliding-window attention over a row holding several
-sequences (``cu_seqlens``), split into ``P`` shards of ``n`` consecutive tokens.
+"""Packed rows across ranks: sliding-window attention over a row holding several sequences
+(``cu_seqlens``), split into ``P`` shards of ``n`` consecutive tokens; causal or two-sided windows.
 
 A sequence that crosses the boundary ``r n`` into rank ``r`` sends rank ``r`` only its own keys
 before the boundary that its window reaches: ``min(left_j, r n - start_j)`` rows, from as many
-ranks back as that spans; a sequence inside a shard (or starting at its first token) sends
-nothing. Each sequence's window is resolved from its own full length (``"sqrt"`` gives
-``floor(sqrt(len_j))`` keys), as the single-device varlen call does. Every rank knows the whole
-row's ``cu_seqlens``, so all ranks derive the same plan without a collective beyond one small
-consistency all-gather.
+ranks back as that spans; with a two-sided window ``(left_j, right_j)``, a sequence crossing the
+boundary ``(r+1) n`` out of rank ``r`` likewise sends rank ``r`` its ``min(right_j, end_j - (r+1) n)``
+keys after it, from as many ranks ahead. A sequence inside a shard (or starting at its first token
+and ending at its last) sends nothing. Each sequence's window is resolved from its own full length
+(``"sqrt"`` gives ``floor(sqrt(len_j))`` keys), as the single-device varlen call does. Every rank
+knows the whole row's ``cu_seqlens``, so all ranks derive the same plan without a collective beyond
+one small consistency all-gather.
 
 The halo travels as a differentiable exchange (:class:`_PackedHalo`: keys/values forward, their
 gradients back to their owners), and the local attention is one varlen
-:func:`sft_kernels.sliding_window_attention` call per distinct window over the shard's pieces of
-sequences, with the halo rows in front of the first piece's keys (bottom-right aligned: query
-``i`` of a piece sees keys up to its own position). Autograd carries the rest; unlike
-:func:`context_parallel_attention` the exchange does not overlap the local band.
+:func:`sft_kernels.sliding_window_attention` call per distinct explicit window over the shard's
+pieces of sequences, each piece's keys being ``[its left halo, its own rows, its right halo]``.
+The kernels align query ``i`` of a piece with key ``i + seqlen_k - seqlen_q`` (bottom-right), which
+puts it ``h_r`` keys (the piece's right halo) after its own position: the window
+``(left_j + h_r, right_j - h_r)`` gives exactly keys ``i - left_j .. i + right_j`` (``h_r <= right_j``).
+Autograd carries the rest; unlike :func:`context_parallel_attention` the exchange does not overlap
+the local band.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -31,9 +36,10 @@ from .context_parallel import _dist, _post, _wait, all_gather_ints
 
 @dataclass(frozen=True)
 class PackedHaloPlan:
-    """What one rank exchanges. ``halo[r]``: rows ``[start, stop)`` (global) rank ``r`` receives in
-    front of its shard (``start == stop``: none); ``pieces``: this rank's ``(source rank, start,
-    stop)`` received, in order; ``sends``: ``(dest rank, start, stop)`` of its own rows."""
+    """What one rank exchanges. ``halo[r]`` / ``halo_right[r]``: rows ``[start, stop)`` (global) rank
+    ``r`` receives before / after its shard (``start == stop``: none); ``pieces``: this rank's
+    ``(source rank, start, stop)`` received, in row order (left halo, then right); ``sends``:
+    ``(dest rank, start, stop)`` of its own rows."""
 
     rank: int
     world: int
@@ -41,6 +47,7 @@ class PackedHaloPlan:
     halo: Tuple[Tuple[int, int], ...]
     pieces: Tuple[Tuple[int, int, int], ...]
     sends: Tuple[Tuple[int, int, int], ...]
+    halo_right: Tuple[Tuple[int, int], ...] = ()
 
     def rows_sent(self) -> int:
         return sum(b - a for _, a, b in self.sends)
@@ -56,42 +63,56 @@ def _bounds(cu_seqlens) -> List[int]:
     return cu
 
 
-def sequence_lefts(cu_seqlens, window_size: WindowArg) -> List[int]:
-    """Each sequence's left reach (keys before the query it sees), resolved from its own length."""
-    spec = parse_window(window_size, True)
+def sequence_windows(cu_seqlens, window_size: WindowArg, causal: bool = True) -> List[Tuple[int, int]]:
+    """Each sequence's ``(left, right)`` reach (keys before / after the query it sees), resolved from
+    its own length, unbounded replaced by the sequence's length - 1."""
+    spec = parse_window(window_size, causal)
     cu = _bounds(cu_seqlens)
     out = []
     for a, b in zip(cu, cu[1:]):
-        left = spec.resolve(b - a)[0]
-        out.append(b - a - 1 if left < 0 else min(left, b - a - 1))
+        reach = [b - a - 1 if x < 0 else min(x, b - a - 1) for x in spec.resolve(b - a)]
+        out.append((reach[0], reach[1]))
     return out
 
 
-def packed_halo_plan(rank: int, world: int, cu_seqlens, window_size: WindowArg) -> PackedHaloPlan:
+def sequence_lefts(cu_seqlens, window_size: WindowArg) -> List[int]:
+    """Each sequence's left reach under a causal window (see :func:`sequence_windows`)."""
+    return [left for left, _ in sequence_windows(cu_seqlens, window_size, True)]
+
+
+def packed_halo_plan(rank: int, world: int, cu_seqlens, window_size: WindowArg, causal: bool = True) -> PackedHaloPlan:
     """The exchange of ``rank`` for one packed row of ``cu_seqlens[-1] = P n`` tokens."""
     cu = _bounds(cu_seqlens)
     total = cu[-1]
     if total % world:
         raise ValueError(f"the packed row's {total} tokens do not split into {world} equal shards")
     n = total // world
-    lefts = sequence_lefts(cu, window_size)
-    halo = []
+    wins = sequence_windows(cu, window_size, causal)
+
+    def seq_of(token):  # the sequence holding a token
+        return max(i for i in range(len(wins)) if cu[i] <= token)
+
+    halo, halo_right = [], []
     for r in range(world):
-        edge = r * n
-        j = max(i for i in range(len(lefts)) if cu[i] <= edge) if r else 0
-        h = min(lefts[j], edge - cu[j]) if r else 0
+        edge = r * n  # left: the sequence holding this shard's first token, if it began before it
+        j = seq_of(edge)
+        h = min(wins[j][0], edge - cu[j])
         halo.append((edge - h, edge))
+        end = (r + 1) * n  # right: the sequence holding this shard's last token, if it goes on after it
+        j = seq_of(end - 1)
+        h = min(wins[j][1], cu[j + 1] - end) if r < world - 1 else 0
+        halo_right.append((end, end + max(h, 0)))
     pieces, sends = [], []
     for r in range(world):
-        a, b = halo[r]
-        for s in range(r):  # ranks before r own the halo's rows
-            lo, hi = max(a, s * n), min(b, (s + 1) * n)
-            if lo < hi:
-                if r == rank:
-                    pieces.append((s, lo, hi))
-                if s == rank:
-                    sends.append((r, lo, hi))
-    return PackedHaloPlan(rank, world, n, tuple(halo), tuple(pieces), tuple(sends))
+        for (a, b), owners in ((halo[r], range(r)), (halo_right[r], range(r + 1, world))):
+            for s in owners:  # in row order: the ranks before r own its left halo, those after it the right
+                lo, hi = max(a, s * n), min(b, (s + 1) * n)
+                if lo < hi:
+                    if r == rank:
+                        pieces.append((s, lo, hi))
+                    if s == rank:
+                        sends.append((r, lo, hi))
+    return PackedHaloPlan(rank, world, n, tuple(halo), tuple(pieces), tuple(sends), tuple(halo_right))
 
 
 def _kv(k, v, lo, hi):
@@ -141,27 +162,25 @@ def context_parallel_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch
                                       window_size: WindowArg, causal: bool = True,
                                       softmax_scale: Optional[float] = None, group=None,
                                       backend: str = "auto") -> torch.Tensor:
-    """Causal sliding-window attention of one packed row split over the ranks of ``group``.
+    """Sliding-window attention of one packed row split over the ranks of ``group``.
 
     Args:
         q: ``(1, n, heads, head_dim)``, this rank's tokens ``[r n, (r+1) n)`` of the row;
             k, v: ``(1, n, heads_kv, head_dim)``.
         cu_seqlens: the **whole row's** sequence boundaries (global token indices, ``[0, ...,
             P n]``, int list or tensor), the same on every rank.
-        window_size: int ``W`` (W keys including self), ``(left, 0)``, ``"sqrt"``, or None
+        window_size: int ``W`` (W keys including self), ``(left, right)``, ``"sqrt"``, or None
             (unbounded); resolved per sequence from its full length.
-        causal: must be True (two-sided windows over packed shards are not implemented).
+        causal: True forces ``right = 0``; False keeps two-sided windows (an int or ``"sqrt"``
+            window is then centred, as in :func:`sft_kernels.sliding_window_attention`).
 
     Returns:
         ``(1, n, heads, head_dim)``: this rank's rows of
-        ``sliding_window_attention(q_row, k_row, v_row, window_size, True, cu_seqlens_q=cu,
+        ``sliding_window_attention(q_row, k_row, v_row, window_size, causal, cu_seqlens_q=cu,
         cu_seqlens_k=cu)`` on the whole row, differentiable (halo gradients go back to their
         owners). A ValueError on every rank when the ranks disagree on the shapes or the row.
     """
     dist = _dist()
-    if not causal:
-        raise ValueError("context_parallel_packed_attention: causal=True only (two-sided windows over packed shards "
-                         "are not implemented)")
     if q.dim() != 4 or q.shape[0] != 1:
         raise ValueError(f"context_parallel_packed_attention: q must be (1, n, heads, head_dim), one packed row; got "
                          f"{tuple(q.shape)}")
@@ -174,29 +193,33 @@ def context_parallel_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch
         raise ValueError(f"context_parallel_packed_attention: the ranks must hold equal shards of the same row "
                          f"(n, row length, #bounds, sum of bounds, heads, heads_kv, head_dim per rank: {metas}; "
                          f"the row must have n * P = {n * world} tokens)")
-    plan = packed_halo_plan(rank, world, cu, window_size)
+    plan = packed_halo_plan(rank, world, cu, window_size, causal)
     kh, vh = _PackedHalo.apply(k, v, plan, group)
-    h = kh.shape[1]
-    kf, vf = torch.cat([kh, k], dim=1), torch.cat([vh, v], dim=1)
+    hl = plan.halo[rank][1] - plan.halo[rank][0]
+    hr = plan.halo_right[rank][1] - plan.halo_right[rank][0]
+    kf = torch.cat([kh[:, :hl], k, kh[:, hl:]], dim=1)  # [left halo, shard, right halo]
+    vf = torch.cat([vh[:, :hl], v, vh[:, hl:]], dim=1)
     lo, hi = rank * n, (rank + 1) * n
-    lefts = sequence_lefts(cu, window_size)
+    wins = sequence_windows(cu, window_size, causal)
     groups = {}
     for j, (a, b) in enumerate(zip(cu, cu[1:])):
         qa, qb = max(a, lo), min(b, hi)
         if qa >= qb:
             continue
-        ka = 0 if a < lo else h + a - lo  # a sequence crossing in from the left starts at the halo
-        groups.setdefault(lefts[j], []).append((qa - lo, qb - lo, ka, h + qb - lo))
+        ka = 0 if a < lo else hl + a - lo  # a sequence crossing in from the left starts at the left halo
+        h_r = hr if b > hi else 0  # one crossing out to the right ends with the right halo
+        left, right = wins[j]
+        groups.setdefault((left + h_r, right - h_r), []).append((qa - lo, qb - lo, ka, hl + qb - lo + h_r))
     out = torch.zeros_like(q[0])
-    for left in sorted(groups):
-        pcs = groups[left]
+    for window in sorted(groups):
+        pcs = groups[window]
         iq = torch.cat([torch.arange(a, b) for a, b, _, _ in pcs]).to(q.device)
         ik = torch.cat([torch.arange(a, b) for _, _, a, b in pcs]).to(q.device)
         cq = torch.tensor([0] + [b - a for a, b, _, _ in pcs]).cumsum(0).to(torch.int32).to(q.device)
         ck = torch.tensor([0] + [b - a for _, _, a, b in pcs]).cumsum(0).to(torch.int32).to(q.device)
         o = sliding_window_attention(
-            q[0].index_select(0, iq), kf[0].index_select(0, ik), vf[0].index_select(0, ik), window_size=(left, 0), causal=True,
-            softmax_scale=softmax_scale, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=int(cq.diff().max()),
-            max_seqlen_k=int(ck.diff().max()), backend=backend)
+            q[0].index_select(0, iq), kf[0].index_select(0, ik), vf[0].index_select(0, ik), window_size=window,
+            causal=False, softmax_scale=softmax_scale, cu_seqlens_q=cq, cu_seqlens_k=ck,
+            max_seqlen_q=int(cq.diff().max()), max_seqlen_k=int(ck.diff().max()), backend=backend)
         out = out.index_copy(0, iq, o)
     return out.unsqueeze(0)
