@@ -137,8 +137,8 @@ MUTATIONS = [
     ),
     Mutation(
         "empty_row_lse_zero_torch", f"{ATT}/torch_impl.py",
-        "        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
-        "        if hi <= lo:\n            lse[:, :, :, qs:qe] = 0.0\n            continue  # no key in reach: zeros, lse -inf",
+        "    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(",  # rows of chunks with keys are overwritten
+        "    lse[:, :, :, r0:r1] = 0.0\n    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(",
         ["tests/test_attention.py"], "torch_path",
         "LSE 0 instead of -inf where a whole query chunk sees no key (Lq - Lk > 128)",
     ),
@@ -251,13 +251,20 @@ MUTATIONS = [
     ),
     # ------------------------------------------------------------------ Hugging Face window mapping
     Mutation(
-        "hf_window_plus_one", "sft_kernels/modules/sft_attention.py",
+        "hf_window_plus_one", "sft_kernels/integrations/transformers/convert.py",
         "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
         "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:\n"
         "    w = _hf_layer_window(attention_module, config)\n    return None if w is None else w + 1\n\n\n"
         "def _hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
         ["tests/test_transformers_integration.py", "tests/test_sft_attention.py"], None,
         "a model's sliding_window=W read as W + 1 keys",
+    ),
+    Mutation(
+        "hf_bidirectional_window_one_wider", "sft_kernels/integrations/transformers/convert.py",
+        "    return (keys - 1, keys - 1)",
+        "    return (keys, keys - 1)",
+        ["tests/test_hf_matrix.py"], "gemma3",
+        "a bidirectional layer's window of W keys read as W + 1 on the left",
     ),
     # ------------------------------------------------------------------ CUDA: barrier placement
     Mutation(
@@ -283,6 +290,63 @@ MUTATIONS = [
         "            if False:",
         ["tests/test_empty_inputs.py"], "sft_attention",
         "SFTAttention unpads an empty batch with a mask",
+    ),
+    # ------------------------------------------------------------------ the exchange per layer (parallel/hybrid.py)
+    Mutation(
+        "hybrid_choice_inverted", "sft_kernels/parallel/hybrid.py",
+        "    return ULYSSES if ulysses < max(halo) else HALO",
+        "    return ULYSSES if ulysses > max(halo) else HALO",
+        ["tests/test_hybrid_context_parallel.py"], "layout or tie",
+        "the per-layer choice takes the exchange that sends more",
+    ),
+    Mutation(
+        "hybrid_ulysses_bytes_forward_only", "sft_kernels/parallel/hybrid.py",
+        "    heads_part = 2 * (2 * heads + 2 * kv) * batch",
+        "    heads_part = (2 * heads + 2 * kv) * batch",
+        ["tests/test_hybrid_context_parallel.py"], "layout",
+        "Ulysses' bytes count the forward all-to-alls only",
+    ),
+    Mutation(
+        "hybrid_ulysses_bytes_no_kv_replication", "sft_kernels/parallel/hybrid.py",
+        "    kv = kv_heads * max(1, world // kv_heads)",
+        "    kv = kv_heads",
+        ["tests/test_hybrid_context_parallel.py"], "layout",
+        "Ulysses' bytes leave out DeepSpeed's K/V head replication up to P",
+    ),
+    Mutation(
+        "hybrid_halo_bytes_forward_only", "sft_kernels/parallel/hybrid.py",
+        "            total += rows * (plan.rows_sent() + plan.rows_returned()) * row",
+        "            total += rows * plan.rows_sent() * row",
+        ["tests/test_hybrid_context_parallel.py"], "layout or sliding_layer",
+        "the halo's bytes leave out the dK/dV returned in the backward",
+    ),
+    Mutation(
+        "hybrid_packed_halo_bytes_forward_only", "sft_kernels/parallel/hybrid.py",
+        "            out[r] += (plan.rows_sent() + plan.rows_received()) * row",
+        "            out[r] += plan.rows_sent() * row",
+        ["tests/test_hybrid_context_parallel.py"], "packed_rows_send",
+        "the packed-row halo's bytes leave out the dK/dV returned in the backward",
+    ),
+    Mutation(
+        "hybrid_halo_bytes_one_row", "sft_kernels/integrations/transformers/context_parallel.py",
+        "        windows = {resolved_window(window, causal, total): b}",
+        "        windows = {resolved_window(window, causal, total): 1}",
+        ["tests/test_hybrid_context_parallel.py"], "P6 and (sends_less or counted)",
+        "a layer's halo bytes counted for one row of the batch: P = 6 full layers stay on the halo",
+    ),
+    Mutation(
+        "packed_two_sided_alignment_kept", "sft_kernels/parallel/packed.py",
+        "        groups.setdefault((left + h_r, right - h_r), []).append(",
+        "        groups.setdefault((left, right), []).append(",
+        ["tests/test_packed_context_parallel.py"], "forward_and_gradients",
+        "a packed piece with a right halo keeps the kernels' bottom-right alignment (queries h_r keys late)",
+    ),
+    Mutation(
+        "packed_right_halo_one_short", "sft_kernels/parallel/packed.py",
+        "        h = min(wins[j][1], cu[j + 1] - end) if r < world - 1 else 0",
+        "        h = min(wins[j][1] - 1, cu[j + 1] - end) if r < world - 1 else 0",
+        ["tests/test_packed_context_parallel.py"], "forward_and_gradients or own_keys",
+        "the packed right halo one key short of the window",
     ),
     # ------------------------------------------------------------------ softcap and sinks
     Mutation(

@@ -653,6 +653,15 @@ def test_bad_inputs(kwargs, exc, match):
         sliding_window_attention(**kwargs)
 
 
+def test_arguments_after_v_are_keyword_only():
+    # FlashAttention-2's positional order after v is (dropout_p, softmax_scale, causal,
+    # window_size): a call ported from it must fail loudly, not bind a scale as a window
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    for extra in [(0.0,), ((3, 0),), ((3, 0), True)]:
+        with pytest.raises(TypeError, match="positional"):
+            sliding_window_attention(q, k, v, *extra)
+
+
 @pytest.mark.parametrize(
     "cu_q, cu_k, match",
     [

@@ -331,6 +331,12 @@ def test_bad_inputs(kw, exc, match):
         block_diag_matmul(**_bad(**kw))
 
 
+def test_bias_and_backend_are_keyword_only():
+    x, w, b = _make([4, 4], [2, 6])
+    with pytest.raises(TypeError, match="positional"):
+        block_diag_matmul(x, w, [4, 4], [2, 6], b)
+
+
 def test_triton_rejects_float64():
     x, w, b = _make([4], [4], dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):

@@ -44,7 +44,7 @@ def reference(layer: SFTAttention, x, mask=None, position_ids=None):
     if position_ids is None:
         position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
     # rotary tables in float32, then cast: the Hugging Face convention SFTAttention follows
-    # (so that from_hf reproduces a float64 HF model bit for bit)
+    # (so that from_hf_attention reproduces a float64 HF model bit for bit)
     inv_freq = 1.0 / (layer.rope_theta ** (torch.arange(0, d, 2).float() / d))
     emb = torch.cat([position_ids[..., None].float() * inv_freq] * 2, -1)
     cos, sin = emb.cos().double()[:, :, None], emb.sin().double()[:, :, None]

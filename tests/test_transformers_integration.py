@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from sft_kernels.integrations import transformers as sft_tf  # noqa: E402
-from sft_kernels.modules.sft_attention import SFTAttention  # noqa: E402
+from sft_kernels.integrations.transformers import from_hf_attention  # noqa: E402
 from tests.helpers import TOL, assert_rel  # noqa: E402
 
 NAME = "sft_sliding_window"
@@ -437,7 +437,7 @@ def test_from_hf_copies_exactly():
         eager, _ = _pair(_config(kind))
         for layer in eager.model.layers:
             hf = layer.self_attn
-            sft = SFTAttention.from_hf(hf, eager.config)
+            sft = from_hf_attention(hf, eager.config)
             q, k, v = sft.qkv_proj.blocks()[0].split([64, 32, 32])
             assert torch.equal(q, hf.q_proj.weight) and torch.equal(k, hf.k_proj.weight)
             assert torch.equal(v, hf.v_proj.weight) and torch.equal(sft.o_proj.weight, hf.o_proj.weight)
@@ -447,8 +447,8 @@ def test_from_hf_copies_exactly():
             pos = torch.arange(L)[None]
             cos_sin = eager.model.rotary_emb(x, pos)
             ref, _ = hf(x, position_embeddings=cos_sin, attention_mask=_causal_eager_mask(eager.config, hf, x))
-            assert_rel(sft(x), ref, TOL32, f"from_hf {kind}")  # its own rotary tables
-            assert_rel(sft(x, position_embeddings=cos_sin), ref, TOL32, f"from_hf {kind} (HF rotary)")
+            assert_rel(sft(x), ref, TOL32, f"from_hf_attention {kind}")  # its own rotary tables
+            assert_rel(sft(x, position_embeddings=cos_sin), ref, TOL32, f"from_hf_attention {kind} (HF rotary)")
 
 
 def _causal_eager_mask(config, module, x):

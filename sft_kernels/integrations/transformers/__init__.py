@@ -102,6 +102,7 @@ function, its checks, :func:`register`), :mod:`.context_parallel` (the halo path
 
 from .backend import register, sft_attention_forward
 from .context_parallel import context_parallel
+from .convert import from_hf_attention, hf_layer_window
 from .loss import causal_lm_loss, tiled_loss, untiled_loss
 from .masks import sft_attention_mask
 from .patch import SFTAttentionHF, patch_model
@@ -113,6 +114,8 @@ __all__ = [
     "SFTAttentionHF",
     "causal_lm_loss",
     "context_parallel",
+    "from_hf_attention",
+    "hf_layer_window",
     "patch_model",
     "register",
     "sft_attention_forward",

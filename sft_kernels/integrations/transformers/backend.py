@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 from ...backends import BACKENDS, auto_backend
-from ...modules.sft_attention import autocast_qkv, hf_layer_window
+from ...modules.sft_attention import autocast_qkv
 from ...ops.sliding_window_attention.op import sliding_window_attention
 from ...window import WindowArg, parse_window
+from .convert import hf_layer_window, layer_window_size, model_has_window
 from .context_parallel import _check_context_parallel_group, _context_parallel_attend
 from .masks import (_check_one_block, _combine_windows, _from_4d, _is_segments, _packed_attention,
                     _pad_queries_see_real_keys, _segments, _segments_attention, sft_attention_mask)
@@ -23,22 +24,13 @@ from .settings import ATTN_IMPLEMENTATION, _settings, _transformers
 # ----------------------------------------------------------------------------- the attention call
 def _layer_window(module, kwargs, causal: bool):
     """(window, causal-as-passed) for this layer: the model's own where it has one, else the
-    registered one. A model window of W keys is (W-1, W-1) on a bidirectional layer."""
-    if "sliding_window" in kwargs:
+    registered one."""
+    if "sliding_window" in kwargs:  # None: the layer said full attention
         w = kwargs["sliding_window"]
-        if w is None:  # the layer said: full attention
-            return None, True
-        w = int(w)
-        return (w if causal else (w - 1, w - 1)), True
+        return layer_window_size(None if w is None else int(w), causal), True
     config = getattr(module, "config", None)
-    model_has_window = (
-        config is not None
-        and getattr(config, "sliding_window", None) is not None
-        and getattr(config, "use_sliding_window", True) is not False
-    )
-    if model_has_window:
-        w = hf_layer_window(module, config)
-        return (w if causal or w is None else (w - 1, w - 1)), True
+    if model_has_window(config):
+        return layer_window_size(hf_layer_window(module, config), causal), True
     return _settings["window_size"], False
 
 

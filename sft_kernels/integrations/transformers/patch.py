@@ -9,9 +9,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...modules.sft_attention import SFTAttention, apply_rotary, hf_layer_window, rope_cos_sin
+from ...modules.sft_attention import SFTAttention, apply_rotary, rope_cos_sin
 from ...window import WindowArg, parse_window
 from .backend import _attend, _check_unsupported, register
+from .convert import from_hf_attention, hf_layer_window, model_has_window
 from .settings import _SUPPORTED_MODEL_TYPES, ATTN_IMPLEMENTATION, _settings, _transformers
 
 
@@ -223,22 +224,21 @@ def patch_model(
     targets = list(_attention_modules(model))
     if not targets:
         raise ValueError("patch_model: found no attention module with q_proj/k_proj/v_proj/o_proj in the model")
-    model_has_window = (getattr(config, "sliding_window", None) is not None
-                        and getattr(config, "use_sliding_window", True) is not False)
-    # DeepSpeed ZeRO-3 (HF Trainer with a stage-3 config loads the model partitioned): from_hf gathers
+    # DeepSpeed ZeRO-3 (HF Trainer with a stage-3 config loads the model partitioned): from_hf_attention gathers
     # each layer's projections and returns full parameters, which deepspeed.initialize partitions
     # (DeepSpeedZeRoOffload converts every parameter created outside zero.Init: a broadcast from
     # rank 0, then each rank keeps its slice). Converting them here instead would fail inside
     # deepspeed.initialize: its stage-3 optimizer formats repr(module), and BlockDiagonalLinear's
     # extra_repr divides by weight.numel(), 0 for a partitioned weight
+    has_window = model_has_window(config)
     for name, module in targets:
-        window = hf_layer_window(module, config) if model_has_window else window_size
-        sft = SFTAttention.from_hf(module, config, window_size=window, backend=backend)
+        window = hf_layer_window(module, config) if has_window else window_size
+        sft = from_hf_attention(module, config, window_size=window, backend=backend)
         if qkv_groups > 1:
             sft = _regroup(sft, qkv_groups)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SFTAttentionHF(sft, config, getattr(module, "layer_idx", None), model_has_window))
+        setattr(parent, child, SFTAttentionHF(sft, config, getattr(module, "layer_idx", None), has_window))
     register(window_size=_settings["window_size"], backend=_settings["backend"],
              context_parallel_group=_settings["context_parallel_group"])
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
