@@ -134,6 +134,26 @@ def _sink_column(sinks, b, c):
     return sinks.view(1, hkv, g, 1, 1).expand(b, hkv, g, c, 1).reshape(b, hkv, g * c, 1)
 
 
+def _scored_chunks(q, k, left, right, scale, rows, r0, r1, softcap, grad=False):
+    """The query chunks of rows [r0, r1) that see a key, each as (qs, qe, lo, hi, the chunk's
+    queries (B, Hkv, G * C, D), its keys [lo, hi) (B, Hkv, R, D), both in the compute dtype,
+    its scores masked to the band and soft-capped, the cap's derivative (with ``grad``)).
+    A chunk that sees no key is skipped: its rows keep the caller's zeros and lse."""
+    b, lq, hq, _ = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
+        if hi <= lo:
+            continue  # no key in reach: zeros, lse -inf
+        qc, kr = _q_chunk(q, qs, qe, hkv, cdt), _kv_range(k, lo, hi, cdt)
+        s, cap_grad = _capped_scores(qc, kr, scale, softcap, grad)
+        if needs_mask:
+            keep = band_mask(lq, lk, left, right, q.device, rows=(qs, qe), cols=(lo, hi))
+            s.view(b, hkv, hq // hkv, qe - qs, hi - lo).masked_fill_(~keep, float("-inf"))
+        yield qs, qe, lo, hi, qc, kr, s, cap_grad
+        del qc, kr, s, cap_grad  # held by the caller alone: a chunk's tensors are not kept into the next
+
+
 def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1, softcap=0.0, sinks=None):
     """Query rows [r0, r1) of q (B, Lq, Hq, D) against k/v (B, Lk, Hkv, D): writes out
     (B, Lq, Hq, D) and lse (B, Hkv, G, Lq) there (pre-filled with 0 and -inf, or with the
@@ -142,18 +162,11 @@ def _fwd_rows(q, k, v, out, lse, left, right, scale, rows, r0, r1, softcap=0.0, 
     Works on the caller's layout a chunk at a time: besides out and lse, memory is one
     chunk's scores (no full-size transposed copies of q, k or v).
     """
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
-        if hi <= lo:
-            continue  # no key in reach: zeros, lse -inf
+    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(q, k, left, right, scale, rows, r0, r1, softcap):
         c = qe - qs
-        s, _ = _capped_scores(_q_chunk(q, qs, qe, hkv, cdt), _kv_range(k, lo, hi, cdt), scale, softcap)
-        if needs_mask:
-            keep = band_mask(lq, lk, left, right, q.device, rows=(qs, qe), cols=(lo, hi))
-            s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         if sinks is not None:  # the sink: one more logit in the denominator, value 0
             sink = _sink_column(sinks, b, c)
@@ -180,21 +193,14 @@ def _bwd_rows(do, q, k, v, out, lse, dq, dk, dv, left, right, scale, rows, r0, r
     p = 0 there). dq (B, Lq, Hq, D) gets rows [r0, r1); dk/dv (B, Lk, Hkv, D, compute dtype)
     are accumulated over the keys those rows see. Memory: one chunk's scores.
     """
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    for qs, qe, lo, hi, needs_mask in _chunks(lq, lk, left, right, rows, r0, r1):
-        if hi <= lo:
-            continue
+    for qs, qe, lo, hi, qc, kr, s, cap_grad in _scored_chunks(q, k, left, right, scale, rows, r0, r1, softcap,
+                                                              grad=True):
         c = qe - qs
-        qc = _q_chunk(q, qs, qe, hkv, cdt)
         doc = _q_chunk(do, qs, qe, hkv, cdt)
-        kr, vr = _kv_range(k, lo, hi, cdt), _kv_range(v, lo, hi, cdt)
-        s, cap_grad = _capped_scores(qc, kr, scale, softcap, grad=True)
-        if needs_mask:
-            keep = band_mask(lq, lk, left, right, q.device, rows=(qs, qe), cols=(lo, hi))
-            s.view(b, hkv, g, c, hi - lo).masked_fill_(~keep, float("-inf"))
+        vr = _kv_range(v, lo, hi, cdt)
         p = s.sub_(lse[:, :, :, qs:qe].reshape(b, hkv, g * c, 1)).exp_()  # lse holds any sink
         dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).transpose(1, 2)  # sums the G query heads
         dp = torch.matmul(doc, vr.transpose(-1, -2))
