@@ -137,8 +137,8 @@ MUTATIONS = [
     ),
     Mutation(
         "empty_row_lse_zero_torch", f"{ATT}/torch_impl.py",
-        "        if hi <= lo:\n            continue  # no key in reach: zeros, lse -inf",
-        "        if hi <= lo:\n            lse[:, :, :, qs:qe] = 0.0\n            continue  # no key in reach: zeros, lse -inf",
+        "    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(",  # rows of chunks with keys are overwritten
+        "    lse[:, :, :, r0:r1] = 0.0\n    for qs, qe, lo, hi, _, _, s, _ in _scored_chunks(",
         ["tests/test_attention.py"], "torch_path",
         "LSE 0 instead of -inf where a whole query chunk sees no key (Lq - Lk > 128)",
     ),
@@ -251,13 +251,20 @@ MUTATIONS = [
     ),
     # ------------------------------------------------------------------ Hugging Face window mapping
     Mutation(
-        "hf_window_plus_one", "sft_kernels/modules/sft_attention.py",
+        "hf_window_plus_one", "sft_kernels/integrations/transformers/convert.py",
         "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
         "def hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:\n"
         "    w = _hf_layer_window(attention_module, config)\n    return None if w is None else w + 1\n\n\n"
         "def _hf_layer_window(attention_module: nn.Module, config) -> Optional[int]:",
         ["tests/test_transformers_integration.py", "tests/test_sft_attention.py"], None,
         "a model's sliding_window=W read as W + 1 keys",
+    ),
+    Mutation(
+        "hf_bidirectional_window_one_wider", "sft_kernels/integrations/transformers/convert.py",
+        "    return (keys - 1, keys - 1)",
+        "    return (keys, keys - 1)",
+        ["tests/test_hf_matrix.py"], "gemma3",
+        "a bidirectional layer's window of W keys read as W + 1 on the left",
     ),
     # ------------------------------------------------------------------ CUDA: barrier placement
     Mutation(
