@@ -5,7 +5,8 @@
 
 Modules: ``args`` (flags), ``data`` (JSON lines, labels, batches), ``tokenizer`` (byte-level
 tokenizer), ``model`` (embedded config, attention backend, Hugging Face export),
-``loop`` (DeepSpeed engine, evaluation, training, checkpoints), ``tiny_dataset``
+``loop`` (DeepSpeed engine, evaluation, training, checkpoints), ``context_parallel``
+(``--context_parallel_size``: batches through DeepSpeed's adapter, halo or ALST), ``tiny_dataset``
 (regenerates the shipped ``data/sft_tiny.jsonl``). Importing this package does not import
 deepspeed or transformers.
 """

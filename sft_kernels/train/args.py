@@ -18,7 +18,8 @@ flag                        DeepSpeed-Chat              here
 
 This package's additions are in the last groups (``--loss_on``, ``--window_size``,
 ``--attn_implementation``, ``--qkv_groups``, ``--eval_fraction``, ``--max_steps``,
-``--save_steps``, ``--no_progress``, ``--context_parallel_size``, ``--shuffle_each_epoch``). New
+``--save_steps``, ``--no_progress``, ``--context_parallel_size``, ``--context_parallel_mode``,
+``--shuffle_each_epoch``). New
 flags go into
 :func:`add_package_args` (or a new
 ``add_*`` function called from :func:`build_parser`).
@@ -192,10 +193,16 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
                         "default: DeepSpeed-Chat's main.py, whose DistributedSampler (seed 0, no set_epoch) gives "
                         "every epoch the same order")
     g.add_argument("--context_parallel_size", type=_positive_int, default=1,
-                   help="N > 1: halo context parallelism (sft_kernels.context_parallel_attention): each sequence is "
-                        "split into N consecutive blocks held by N ranks (world size = N x data-parallel size); the "
-                        "ranks of a group share a batch, ZeRO partitions over all ranks (DeepSpeed's "
-                        "sequence-parallel groups). Needs --attn_implementation sft_sliding_window")
+                   help="N > 1: each sequence is split into N consecutive blocks held by the N ranks of a group "
+                        "(world size = N x data-parallel size; DeepSpeed's sequence-parallel groups); DeepSpeed's "
+                        "UlyssesSPDataLoaderAdapter shards the batches, the ranks of a group share them, ZeRO "
+                        "partitions over all ranks. Needs --attn_implementation sft_sliding_window")
+    g.add_argument("--context_parallel_mode", choices=["halo", "ulysses"], default="halo",
+                   help="with --context_parallel_size N > 1: halo (default): the sliding-window layers exchange "
+                        "only the keys/values their window reaches (sft_kernels.context_parallel_attention; bytes "
+                        "per rank constant in the length); ulysses: DeepSpeed's ALST all-to-all of heads with this "
+                        "package's attention as its core (heads and KV heads divisible by N or N by them; "
+                        "--per_device_eval_batch_size = --per_device_train_batch_size)")
     g.add_argument("--loss_chunk_tokens", type=_non_negative_int, default=0,
                    help="N > 0: the loss from the last hidden states N tokens at a time, never an L x vocab logits "
                         "tensor (sft_kernels.integrations.transformers.tiled_loss; DeepSpeed's TiledFusedLogitsLoss "

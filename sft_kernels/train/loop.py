@@ -36,7 +36,8 @@ trains the same six steps as one ``--max_steps 6`` run. Settings that would chan
 (:data:`RESUME_SETTINGS`: learning-rate schedule, window, data, ZeRO stage, world size, ...)
 are compared with the checkpoint's before DeepSpeed is started, and a difference is refused
 with a message naming each one; ``--max_steps``, ``--save_steps``, logging flags,
-``--attn_implementation`` (the same function) and ``--gradient_checkpointing`` may change.
+``--attn_implementation`` and ``--context_parallel_mode`` (the same function, the same batches) and
+``--gradient_checkpointing`` may change.
 ``metrics.json`` carries the history of the runs before the resume.
 """
 
@@ -159,14 +160,23 @@ def _check_args(args) -> None:
         raise ValueError("--save_steps writes checkpoints into --output_dir; give one")
     cp = getattr(args, "context_parallel_size", 1)
     if cp > 1:
+        if args.attn_implementation != "sft_sliding_window":
+            raise ValueError(f"--context_parallel_size {cp} splits each sequence over ranks, which only the "
+                             "sft_sliding_window attention handles (halo exchange, or as ALST's core); "
+                             f"--attn_implementation {args.attn_implementation} would attend within each block only")
+        if getattr(args, "context_parallel_mode", "halo") == "ulysses":
+            if args.qkv_groups > 1:
+                raise ValueError("--context_parallel_mode ulysses runs through transformers' attention registry, "
+                                 "which the SFTAttention layers of --qkv_groups > 1 do not call (each rank would "
+                                 "attend within its block); use --context_parallel_mode halo")
+            if args.per_device_eval_batch_size != args.per_device_train_batch_size:
+                raise ValueError(f"--context_parallel_mode ulysses: DeepSpeed's ALST attention is built for one "
+                                 f"batch size (--per_device_train_batch_size {args.per_device_train_batch_size}); "
+                                 f"give --per_device_eval_batch_size {args.per_device_train_batch_size}")
         world = torch.distributed.get_world_size()
         if world % cp:
             raise ValueError(f"--context_parallel_size {cp} must divide the world size {world} (world = context "
                              "parallel x data parallel)")
-        if args.attn_implementation != "sft_sliding_window":
-            raise ValueError(f"--context_parallel_size {cp} splits each sequence over ranks, which only the "
-                             "sft_sliding_window attention handles (halo exchange); --attn_implementation "
-                             f"{args.attn_implementation} would attend within each block only")
     dtype = resolve_dtype(args)
     if dtype == "fp16" and not torch.cuda.is_available():
         from deepspeed.accelerator import get_accelerator
@@ -234,19 +244,23 @@ def local_parameter_bytes(model) -> int:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(engine, batches, device, shards=None) -> Dict[str, float]:
+def evaluate(engine, batches, device, shards=None, rows: int = 0) -> Dict[str, float]:
     """Both perplexities (module docstring) over the supervised (label != -100) tokens.
 
-    ``shards`` (a :class:`~sft_kernels.train.context_parallel.ContextShards`): each rank of a
-    context-parallel group evaluates its block of the same batches; token sums add up over all
-    ranks, a batch's mean is taken over its whole group."""
+    ``shards`` (a :class:`~sft_kernels.train.context_parallel.ContextParallel`) with ``rows``, the
+    eval batch size: each rank of a context-parallel group evaluates its block of the same
+    batches (DeepSpeed's adapter shards them); token sums add up over all ranks, a batch's mean
+    is taken over its whole group."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # token loss sum, token count
     means = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch means, batches (this rank)
+    if shards is not None:
+        batches = (block for block, _micro in shards.micro_batches(batches, 0, rows))
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         if shards is not None:
-            inputs, labels, _ = shards.shard(batch)
+            labels = batch["shift_labels"]
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
             loss = shards.token_loss_sum(engine(**inputs).logits, labels).double()
             n = (labels != -100).sum().double()
             total += torch.stack([loss, n])
@@ -454,21 +468,18 @@ class _Ranks:
     dp_rank: int  # the sampler's rank and world: data-parallel replicas
     dp_world: int
     cp: int  # --context_parallel_size
-    groups: object = None  # context_parallel_groups(cp, 1) when cp > 1
+    cp_mode: Optional[str]  # --context_parallel_mode where cp > 1
 
 
 def _start(args) -> _Ranks:
-    """The process group, the flags checked against it, the context-parallel groups."""
+    """The process group and the flags checked against it. Context parallelism: DeepSpeed's
+    sequence-parallel layout (groups of ``cp`` consecutive ranks; context_parallel.py)."""
     device, rank, world = setup_distributed(args.local_rank)
     _check_args(args)
     cp = getattr(args, "context_parallel_size", 1)
-    ranks = _Ranks(device, rank, world, rank, world, cp)
-    if cp > 1:
-        from ..parallel.context_parallel import context_parallel_groups
-
-        ranks.groups = context_parallel_groups(cp, 1)
-        ranks.dp_rank, ranks.dp_world = ranks.groups.data_parallel_rank, world // cp
-    return ranks
+    if cp == 1:
+        return _Ranks(device, rank, world, rank, world, 1, None)
+    return _Ranks(device, rank, world, rank // cp, world // cp, cp, getattr(args, "context_parallel_mode", "halo"))
 
 
 def _load_data(args, ranks: _Ranks):
@@ -484,7 +495,7 @@ def _load_data(args, ranks: _Ranks):
         tokenizer.add_special_token(args.eot_token)
     data = prepare(args, tokenizer, int(os.environ.get("LOCAL_RANK", "0")), barrier=torch.distributed.barrier)
     batches = TrainBatches(data.train, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
-                           ranks.dp_rank, ranks.dp_world, tokenizer.pad_token_id,  # all ranks of a context-parallel group: one
+                           ranks.dp_rank, ranks.dp_world, tokenizer.pad_token_id,  # context parallel: the replica's
                            shuffle_each_epoch=getattr(args, "shuffle_each_epoch", False))
     return tokenizer, data, batches
 
@@ -494,21 +505,24 @@ def _data_line(args, data, plan: _Plan) -> str:
             + (f"; {data.dropped} dropped (no supervised token within --max_seq_len, or no prompt/chosen)"
                if data.dropped else "")
             + (f"; {'cache hit' if data.from_cache else 'cached to'} {data.cache_file}" if data.cache_file else "")
-            + f"; {plan.micro_per_epoch} micro-batches per epoch per rank, {plan.total_steps} optimizer steps (schedule "
-              f"over {plan.schedule_steps}); loss on the "
+            + f"; {plan.micro_per_epoch} micro-batches per epoch per rank, {plan.total_steps} optimizer steps "
+              f"(schedule over {plan.schedule_steps}); loss on the "
               f"{'whole sequence' if args.loss_on == 'full' else 'response tokens'}")
 
 
-def _build_engine(args, tokenizer, ranks: _Ranks, plan: _Plan):
-    """(DeepSpeed engine, its model line for the log, parameter counts for the metrics)."""
+def _build_engine(args, tokenizer, ranks: _Ranks, plan: _Plan, shards=None):
+    """(DeepSpeed engine, its model line for the log, parameter counts for the metrics); the
+    context-parallel attention set up on the model (``shards``: its ContextParallel)."""
     import deepspeed
     from transformers import get_scheduler
 
     from .model import build_model, model_window
 
     config = ds_config(args, ranks.world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
-    cp_group = ranks.groups.context_parallel_group if ranks.groups is not None else None
-    model = build_model(args, tokenizer, ds_config=config, context_parallel_group=cp_group)
+    halo_group = shards.halo_group() if ranks.cp_mode == "halo" else None
+    model = build_model(args, tokenizer, ds_config=config, context_parallel_group=halo_group)
+    if ranks.cp_mode == "ulysses":
+        shards.attach_ulysses(model, args.per_device_train_batch_size)
     if getattr(args, "loss_chunk_tokens", 0):  # issue 22: no L x V logits; grad_scale: what backward applies
         from ..integrations.transformers.loss import tiled_loss  # (DeepSpeed's 1/gas, the N of N l_j)
 
@@ -531,7 +545,8 @@ def _build_engine(args, tokenizer, ranks: _Ranks, plan: _Plan):
             + f"), attention {args.attn_implementation}, window {model_window(model, args)}, qkv_groups "
               f"{args.qkv_groups}, ZeRO {args.zero_stage} ({sizes['rank0_parameter_bytes_at_load'] / 2**20:.1f} MiB of "
               f"parameters on rank 0 at load), {resolve_dtype(args)}, {ranks.world} process(es) on {ranks.device.type}"
-            + (f" ({ranks.dp_world} data parallel x {ranks.cp} context parallel)" if ranks.cp > 1 else ""))
+            + (f" ({ranks.dp_world} data parallel x {ranks.cp} context parallel, {ranks.cp_mode})"
+               if ranks.cp > 1 else ""))
     return engine, line, sizes
 
 
@@ -562,8 +577,8 @@ class _Evaluator:
         batches = eval_batches(self.data.eval, self.args.per_device_eval_batch_size, self.ranks.dp_rank,
                                self.ranks.dp_world, self.tokenizer.pad_token_id)
         step, micro = self.state.step, self.state.micro
-        r = dict(evaluate(self.engine, batches, self.ranks.device, self.shards), epoch=micro / self.plan.micro_per_epoch,
-                 step=step, micro=micro)
+        r = dict(evaluate(self.engine, batches, self.ranks.device, self.shards, self.args.per_device_eval_batch_size),
+                 epoch=micro / self.plan.micro_per_epoch, step=step, micro=micro)
         if r["epoch"] == int(r["epoch"]):
             r["epoch"] = int(r["epoch"])
         self.state.history["evals"].append(r)
@@ -577,19 +592,21 @@ class _Evaluator:
         return r
 
 
-def _micro_batch_loss(args, engine, batch, shards, cp: int):
+def _micro_batches(args, batches, epoch: int, start: int, shards):
+    """``(micro-batch, its Micro or None)`` of an epoch from micro-batch ``start``: this rank's
+    batches, or under context parallelism its block of each of its replica's (DeepSpeed's adapter)."""
+    if shards is None:
+        return ((batch, None) for batch in batches.epoch(epoch, start))
+    return shards.micro_batches(batches.epoch(epoch, start), start, args.per_device_train_batch_size)
+
+
+def _micro_batch_loss(args, engine, batch, micro, shards):
     """(the loss this rank backpropagates, the micro-batch's loss to show: the whole micro-batch's
     mean token loss, also under context parallelism)."""
     if shards is None:
         loss = engine(**batch).loss
         return loss, loss.item()
-    if getattr(args, "loss_chunk_tokens", 0):  # shards.train_loss's N l_j, chunked
-        inputs, labels, count = shards.shard(batch)
-        loss = engine(**inputs, shift_labels=labels, num_items_in_batch=max(count, 1)).loss
-        shown = loss.detach().clone()
-        torch.distributed.all_reduce(shown, group=shards.group)
-        return loss * cp, shown.item()
-    return shards.train_loss(engine, batch)  # this rank's block; shown: the whole micro-batch's loss
+    return shards.train_loss(engine, batch, micro, chunked=bool(getattr(args, "loss_chunk_tokens", 0)))
 
 
 @dataclass
@@ -615,16 +632,16 @@ def _train_epochs(args, engine, batches, shards, ranks: _Ranks, plan: _Plan, sta
     step_loss, step_tokens = 0.0, 0
     while state.micro < plan.total_micro:
         epoch = state.micro // mpe
-        for batch in batches.epoch(epoch, state.micro % mpe):
+        for batch, micro in _micro_batches(args, batches, epoch, state.micro % mpe, shards):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, shown = _micro_batch_loss(args, engine, batch, shards, ranks.cp)
+            loss, shown = _micro_batch_loss(args, engine, batch, micro, shards)
             if args.print_loss:
                 print(f"Epoch: {epoch}, Step: {state.micro % mpe}, Rank: {rank}, loss = {shown}", flush=True)
             engine.backward(loss)
             lr = engine.get_lr()[0]  # what this micro-batch's optimizer step (if it is one) applies
             engine.step()  # the optimizer steps at every gas-th micro-batch (DeepSpeed's own count)
             step_loss += shown / gas
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].sum()) if micro is None else micro.tokens
             state.micro += 1
             if state.micro % gas == 0:
                 state.step += 1
@@ -690,6 +707,7 @@ def _metrics(args, ranks: _Ranks, plan: _Plan, state: _State, trained: _Trained,
         **sizes,
         "world_size": ranks.world,
         "context_parallel_size": ranks.cp,
+        "context_parallel_mode": ranks.cp_mode,
         "device": ranks.device.type,
         "settings": settings,
         "args": this_run["args"],
@@ -708,9 +726,9 @@ def run(args):
     tokenizer, data, batches = _load_data(args, ranks)
     shards = None
     if ranks.cp > 1:
-        from .context_parallel import ContextShards
+        from .context_parallel import ContextParallel
 
-        shards = ContextShards(ranks.groups, ranks.cp, tokenizer.pad_token_id)
+        shards = ContextParallel(ranks.cp, ranks.cp_mode, tokenizer.pad_token_id, ranks.device)
     plan = _plan(args, batches)
     _say(ranks.rank, _data_line(args, data, plan))
 
@@ -719,7 +737,7 @@ def run(args):
     saved = read_resume_state(ckpt_dir) if ckpt_dir else None
     if saved is not None:
         check_resume(saved, settings, ckpt_dir)  # before DeepSpeed sees a checkpoint it cannot load
-    engine, model_line, sizes = _build_engine(args, tokenizer, ranks, plan)
+    engine, model_line, sizes = _build_engine(args, tokenizer, ranks, plan, shards)
     _say(ranks.rank, model_line)
     state = _restore(engine, ckpt_dir, saved, plan.gas, ranks.rank)
 
