@@ -69,6 +69,8 @@ struct Buf {
     std::vector<unsigned char> nan(std::max<size_t>(n * elsize, 16), 0xFF);
     to_dev(d, nan.data(), nan.size());
   }
+  Buf(const std::vector<float>& v, DType dt);  // v rounded to dt (upload)
+  explicit Buf(const std::vector<int>& v) : Buf(v.size(), 4) { to_dev(d, v.data(), v.size() * 4); }
   ~Buf() { dev_free(d); }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
@@ -79,6 +81,7 @@ inline void upload(Buf& b, const std::vector<float>& v, DType dt) {
   for (size_t i = 0; i < v.size(); ++i) bits[i] = to_bits(v[i], dt);
   to_dev(b.d, bits.data(), bits.size() * 2);
 }
+inline Buf::Buf(const std::vector<float>& v, DType dt) : Buf(v.size()) { upload(*this, v, dt); }
 inline std::vector<float> download(const Buf& b, DType dt) {
   std::vector<uint16_t> bits(b.n);
   from_dev(bits.data(), b.d, b.n * 2);
@@ -205,31 +208,17 @@ inline int run_attention(const AttnCase& c, Report& rep, std::mt19937& rng) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
 
   // ---- kernels
-  Buf dq_(q.size()), dk_(k.size()), dv_(v.size()), do_(q.size()), q_(q.size()), k_(k.size()), v_(v.size()),
-      o_(q.size());
+  Buf q_(q, c.dt), k_(k, c.dt), v_(v, c.dt), do_(dout, c.dt), cuq(cq), cuk(ck);
+  Buf o_(q.size()), dq_(q.size()), dk_(k.size()), dv_(v.size());  // outputs, NaN until written
   const size_t n_lse = static_cast<size_t>(HQ) * (varlen ? tq : B * c.lq);
-  Buf lse_(n_lse, 4), delta_(n_lse, 4), cuq(B + 1, 4), cuk(B + 1, 4);
-  upload(q_, q, c.dt);
-  upload(k_, k, c.dt);
-  upload(v_, v, c.dt);
-  upload(do_, dout, c.dt);
-  to_dev(cuq.d, cq.data(), cq.size() * 4);
-  to_dev(cuk.d, ck.data(), ck.size() * 4);
+  Buf lse_(n_lse, 4), delta_(n_lse, 4);
 
   sftk::SwaParams p;
-  p.dtype = c.dt;
-  p.head_dim = D;
-  p.q = q_.d;
-  p.k = k_.d;
-  p.v = v_.d;
-  p.out = o_.d;
-  p.o = o_.d;
-  p.dout = do_.d;
-  p.lse = static_cast<float*>(lse_.d);
-  p.delta = static_cast<float*>(delta_.d);
-  p.dq = dq_.d;
-  p.dk = dk_.d;
-  p.dv = dv_.d;
+  p.dtype = c.dt, p.head_dim = D;
+  p.q = q_.d, p.k = k_.d, p.v = v_.d, p.dout = do_.d;
+  p.out = o_.d, p.o = o_.d;  // the forward writes O, the backward reads it
+  p.lse = static_cast<float*>(lse_.d), p.delta = static_cast<float*>(delta_.d);
+  p.dq = dq_.d, p.dk = dk_.d, p.dv = dv_.d;
   const int64_t q_row = static_cast<int64_t>(HQ) * hs, k_row = static_cast<int64_t>(HK) * hs;
   const int64_t q_b = varlen ? 0 : q_row * c.lq, k_b = varlen ? 0 : k_row * c.lk;
   p.stride_qb = p.stride_ob = p.stride_dob = p.stride_dqb = q_b;
@@ -247,17 +236,9 @@ inline int run_attention(const AttnCase& c, Report& rep, std::mt19937& rng) {
     p.stride_lb = static_cast<int64_t>(HQ) * c.lq;
     p.stride_lh = c.lq;
   }
-  p.batch = B;
-  p.seqlen_q = max_q;
-  p.seqlen_k = max_k;
-  p.num_heads = HQ;
-  p.num_kv_heads = HK;
-  p.group = G;
-  p.left = c.left;
-  p.right = c.right;
-  p.keys = c.keys;
-  p.window_mode = c.mode;
-  p.causal = c.causal;
+  p.batch = B, p.seqlen_q = max_q, p.seqlen_k = max_k;
+  p.num_heads = HQ, p.num_kv_heads = HK, p.group = G;
+  p.left = c.left, p.right = c.right, p.keys = c.keys, p.window_mode = c.mode, p.causal = c.causal;
   p.sm_scale = static_cast<float>(scale);
 
   std::printf("%s [%s]\n", c.name.c_str(), c.dt == DType::kBFloat16 ? "bf16" : "fp16");
@@ -505,60 +486,33 @@ inline int run_block_diag(const BdCase& c, Report& rep, std::mt19937& rng) {
     mw.insert(mw.end(), {m_off[i], n_off[i], m, n, static_cast<int>(w_off[i]), 0, tw, nt_n});
     tw += mt * nt_n;
   }
-  Buf x_(x.size()), w_(w.size()), b_(bias.size()), dy_(dy.size()), y_(y_ref.size()), dx_(dx_ref.size());
-  Buf meta_f(mf.size(), 4), meta_x(mx.size(), 4), meta_w(mw.size(), 4);
+  Buf x_(x, c.dt), w_(w, c.dt), b_(bias, c.dt), dy_(dy, c.dt), meta_f(mf), meta_x(mx), meta_w(mw);
+  Buf y_(y_ref.size()), dx_(dx_ref.size());  // outputs, NaN until written
   const int split = c.split;
   const int64_t t_chunk = ((T + split - 1) / split + kBdBlockK - 1) / kBdBlockK * kBdBlockK;
   const int eff_split = std::max<int>(1, static_cast<int>((T + t_chunk - 1) / t_chunk));
   Buf dw_(eff_split > 1 ? w.size() * eff_split : w.size(), eff_split > 1 ? 4 : 2);  // fp32 partials
-  upload(x_, x, c.dt);
-  upload(w_, w, c.dt);
-  upload(b_, bias, c.dt);
-  upload(dy_, dy, c.dt);
-  to_dev(meta_f.d, mf.data(), mf.size() * 4);
-  to_dev(meta_x.d, mx.data(), mx.size() * 4);
-  to_dev(meta_w.d, mw.data(), mw.size() * 4);
 
   std::printf("%s [%s]\n", c.name.c_str(), c.dt == DType::kBFloat16 ? "bf16" : "fp16");
-  BdGemmParams f;
-  f.dtype = c.dt;
-  f.a = x_.d;
-  f.w = w_.d;
-  f.bias = c.bias ? b_.d : nullptr;
-  f.out = y_.d;
-  f.meta = static_cast<const int*>(meta_f.d);
-  f.num_groups = G;
-  f.total_tiles_n = tf;
-  f.tokens = T;
-  f.lda = ldx;
-  f.ldo = ldy;
-  f.trans_w = false;
+  BdGemmParams f;  // y = x W^T + bias
+  f.dtype = c.dt, f.num_groups = G, f.tokens = T;
+  f.a = x_.d, f.lda = ldx;
+  f.w = w_.d, f.bias = c.bias ? b_.d : nullptr;
+  f.out = y_.d, f.ldo = ldy;
+  f.meta = static_cast<const int*>(meta_f.d), f.total_tiles_n = tf, f.trans_w = false;
   cudaError_t err = bd_gemm(f, nullptr);
-  BdGemmParams dxp = f;
-  dxp.a = dy_.d;
-  dxp.bias = nullptr;
-  dxp.out = dx_.d;
-  dxp.meta = static_cast<const int*>(meta_x.d);
-  dxp.total_tiles_n = tx;
-  dxp.lda = ldy;
-  dxp.ldo = ldx;
-  dxp.trans_w = true;
+  BdGemmParams dxp = f;  // dx = dy W
+  dxp.a = dy_.d, dxp.lda = ldy, dxp.bias = nullptr;
+  dxp.out = dx_.d, dxp.ldo = ldx;
+  dxp.meta = static_cast<const int*>(meta_x.d), dxp.total_tiles_n = tx, dxp.trans_w = true;
   if (err == cudaSuccess) err = bd_gemm(dxp, nullptr);
-  BdDwParams wp;
-  wp.dtype = c.dt;
-  wp.dy = dy_.d;
-  wp.x = x_.d;
-  wp.dw = dw_.d;
-  wp.dw_fp32 = eff_split > 1;
-  wp.meta = static_cast<const int*>(meta_w.d);
-  wp.num_groups = G;
-  wp.total_tiles = tw;
-  wp.tokens = T;
-  wp.ld_dy = ldy;
-  wp.ld_x = ldx;
-  wp.t_chunk = t_chunk;
-  wp.split = eff_split;
-  wp.stride_split = w_off[G];
+  BdDwParams wp;  // dW = dy^T x
+  wp.dtype = c.dt, wp.num_groups = G, wp.tokens = T;
+  wp.dy = dy_.d, wp.ld_dy = ldy;
+  wp.x = x_.d, wp.ld_x = ldx;
+  wp.dw = dw_.d, wp.dw_fp32 = eff_split > 1, wp.stride_split = w_off[G];
+  wp.meta = static_cast<const int*>(meta_w.d), wp.total_tiles = tw;
+  wp.t_chunk = t_chunk, wp.split = eff_split;
   if (err == cudaSuccess) err = bd_dw(wp, nullptr);
   dev_sync();
   if (err != cudaSuccess) {
@@ -690,6 +644,19 @@ inline std::vector<BdCase> block_diag_cases(bool big) {
   cs.push_back({"odd_row_pad_bf16_split2", 50, {16, 9}, {24, 200}, true, 3, bf, 2});
   if (big) cs.push_back({"big_4x512", 4096, {512, 512, 512, 512}, {512, 512, 512, 512}, true, 0, bf, 4});
   return cs;
+}
+
+// Every case whose name contains `filter` (big: the GPU driver's longer cases too); prints
+// PASSED / FAILED and returns the number of failures. Both drivers' main.
+inline int run_all(const char* filter, bool big) {
+  std::mt19937 rng(0);
+  Report rep;
+  for (const auto& c : attention_cases(big))
+    if (std::strstr(c.name.c_str(), filter)) run_attention(c, rep, rng);
+  for (const auto& c : block_diag_cases(big))
+    if (std::strstr(c.name.c_str(), filter)) run_block_diag(c, rep, rng);
+  std::printf("%s: %d failure(s)\n", rep.failures ? "FAILED" : "PASSED", rep.failures);
+  return rep.failures;
 }
 
 }  // namespace kt

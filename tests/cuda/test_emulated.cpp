@@ -27,14 +27,4 @@ void dev_sync() {}
 
 #include "kernel_tests.h"
 
-int main(int argc, char** argv) {
-  const char* filter = argc > 1 ? argv[1] : "";
-  std::mt19937 rng(0);
-  kt::Report rep;
-  for (const auto& c : kt::attention_cases(false))
-    if (std::strstr(c.name.c_str(), filter)) kt::run_attention(c, rep, rng);
-  for (const auto& c : kt::block_diag_cases(false))
-    if (std::strstr(c.name.c_str(), filter)) kt::run_block_diag(c, rep, rng);
-  std::printf("%s: %d failure(s)\n", rep.failures ? "FAILED" : "PASSED", rep.failures);
-  return rep.failures ? 1 : 0;
-}
+int main(int argc, char** argv) { return kt::run_all(argc > 1 ? argv[1] : "", false) ? 1 : 0; }

@@ -34,13 +34,5 @@ int main(int argc, char** argv) {
     std::printf("no CUDA device: nothing to test\n");
     return 77;  // ctest SKIP_RETURN_CODE
   }
-  const char* filter = argc > 1 ? argv[1] : "";
-  std::mt19937 rng(0);
-  kt::Report rep;
-  for (const auto& c : kt::attention_cases(true))
-    if (std::strstr(c.name.c_str(), filter)) kt::run_attention(c, rep, rng);
-  for (const auto& c : kt::block_diag_cases(true))
-    if (std::strstr(c.name.c_str(), filter)) kt::run_block_diag(c, rep, rng);
-  std::printf("%s: %d failure(s)\n", rep.failures ? "FAILED" : "PASSED", rep.failures);
-  return rep.failures ? 1 : 0;
+  return kt::run_all(argc > 1 ? argv[1] : "", true) ? 1 : 0;
 }
