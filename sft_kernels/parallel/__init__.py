@@ -14,13 +14,9 @@
   the bytes each would send), which the Hugging Face backend takes under context parallelism.
 """
 
-from .context_parallel import (  # noqa: F401
-    HaloPlan,
-    ParallelGroups,
-    context_parallel_attention,
-    context_parallel_groups,
-    halo_plan,
-)
+from .context_parallel import context_parallel_attention  # noqa: F401
+from .groups import ParallelGroups, context_parallel_groups  # noqa: F401
+from .plan import HaloPlan, halo_plan  # noqa: F401
 from .packed import PackedHaloPlan, context_parallel_packed_attention, packed_halo_plan  # noqa: F401
 from .alst import alst_parallelism_config, register_alst  # noqa: F401  (DeepSpeed imported when called)
 

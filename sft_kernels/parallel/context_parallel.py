@@ -50,14 +50,16 @@ queries by the right halo's length.) Both windows are >= 0 because ``m <= left``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import torch
 
 from ..backends import resolve_backend
 from ..ops.sliding_window_attention.op import _KERNEL_DTYPES, _check_inputs, sliding_window_attention
-from ..window import MODE_EXPLICIT, WindowArg, parse_window, resolve_window
+from ..window import MODE_EXPLICIT, WindowArg, parse_window
+from .comm import _dist, _post, _wait, all_gather_ints
+from .groups import ParallelGroups, context_parallel_groups, shard_layout  # noqa: F401  (re-exported)
+from .plan import HaloPlan, halo_plan, resolved_window
 
 __all__ = [
     "HaloPlan",
@@ -70,154 +72,6 @@ __all__ = [
 
 NAME = "context_parallel_attention"
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-
-
-# ----------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class Piece:
-    """Rows ``[start, stop)`` of the shard of group rank ``owner``, exchanged with ``peer``."""
-
-    peer: int
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class HaloPlan:
-    """Who sends which rows to whom, for one rank, one shard length and one window.
-
-    ``left`` / ``right`` are the resolved window (>= 0; unbounded already replaced by
-    ``L - 1``). ``recv_left`` lists the pieces of this rank's left halo in sequence order
-    (``peer`` = the owner), ``recv_right`` likewise; ``send_left`` are pieces of this
-    rank's shard that later ranks use as their left halo (``peer`` = the receiver),
-    ``send_right`` those that earlier ranks use as their right halo.
-    """
-
-    rank: int
-    world: int
-    seqlen: int  # n, rows per shard
-    left: int
-    right: int
-    recv_left: Tuple[Piece, ...]
-    recv_right: Tuple[Piece, ...]
-    send_left: Tuple[Piece, ...]
-    send_right: Tuple[Piece, ...]
-
-    @property
-    def halo_left(self) -> int:
-        return sum(p.rows for p in self.recv_left)
-
-    @property
-    def halo_right(self) -> int:
-        return sum(p.rows for p in self.recv_right)
-
-    @property
-    def rows_left(self) -> int:
-        """Queries of this shard that can reach the left halo: the first ``min(n, left)``."""
-        return min(self.seqlen, self.left) if self.recv_left else 0
-
-    @property
-    def rows_right(self) -> int:
-        """Queries that can reach the right halo: the last ``min(n, right)``."""
-        return min(self.seqlen, self.right) if self.recv_right else 0
-
-    def rows_sent(self) -> int:
-        """Key rows this rank sends in the forward (each row: K and V, ``heads_kv * head_dim`` each)."""
-        return sum(p.rows for p in self.send_left + self.send_right)
-
-    def rows_returned(self) -> int:
-        """Key rows whose gradients (dK and dV) this rank sends back in the backward."""
-        return self.halo_left + self.halo_right
-
-
-def halo_plan(rank: int, world: int, seqlen: int, left: int, right: int) -> HaloPlan:
-    """The exchange of group rank ``rank`` of ``world`` for shards of ``seqlen`` rows.
-
-    Rank ``s`` gives rank ``s + h`` (h >= 1) the rows ``[max(0, h n - left), n)`` of its
-    shard while ``h n - left < n``, and rank ``s - h`` the rows ``[0, min(n, right - (h-1) n))``
-    while that is non-empty: the keys at global positions ``[t n - left, t n)`` and
-    ``[(t+1) n, (t+1) n + right)`` around each shard ``t``, cut at the sequence ends.
-    """
-    n = seqlen
-    if n < 1 or world < 1 or not 0 <= rank < world or left < 0 or right < 0:
-        raise ValueError(f"halo_plan: need 0 <= rank < world, seqlen >= 1, left/right >= 0; got "
-                         f"rank={rank}, world={world}, seqlen={seqlen}, left={left}, right={right}")
-
-    def left_piece(h: int):  # rows of shard s that shard s + h needs, or None
-        start = max(0, h * n - left)
-        return (start, n) if start < n else None
-
-    def right_piece(h: int):  # rows of shard s that shard s - h needs
-        stop = min(n, right - (h - 1) * n)
-        return (0, stop) if stop > 0 else None
-
-    recv_left, send_left, recv_right, send_right = [], [], [], []
-    for h in range(1, world):
-        lp, rp = left_piece(h), right_piece(h)
-        if lp is not None:
-            if rank - h >= 0:
-                recv_left.append(Piece(rank - h, *lp))
-            if rank + h < world:
-                send_left.append(Piece(rank + h, *lp))
-        if rp is not None:
-            if rank + h < world:
-                recv_right.append(Piece(rank + h, *rp))
-            if rank - h >= 0:
-                send_right.append(Piece(rank - h, *rp))
-    recv_left.reverse()  # sequence order: farthest owner first
-    return HaloPlan(rank, world, n, left, right, tuple(recv_left), tuple(recv_right), tuple(send_left),
-                    tuple(send_right))
-
-
-# ----------------------------------------------------------------------------- communication
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
-def _collective_device(group) -> torch.device:
-    """Where a small collective of ``group`` can run: the current GPU for NCCL, else CPU."""
-    dist = _dist()
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_gather_ints(values: Sequence[float], group) -> List[List[float]]:
-    """All-gather one short vector of numbers per rank (float64: exact for ints < 2^53)."""
-    dist = _dist()
-    world = dist.get_world_size(group)
-    t = torch.tensor([float(x) for x in values], dtype=torch.float64, device=_collective_device(group))
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t, group=group)
-    return [p.tolist() for p in parts]
-
-
-def _post(sends, recvs, group, like: torch.Tensor):
-    """Post every send and receive of one exchange; returns (requests, receive buffers).
-
-    ``sends``: (peer, tensor); ``recvs``: (peer, shape). Peers are group ranks.
-    """
-    dist = _dist()
-    ops, bufs = [], []
-    for peer, shape in recvs:
-        buf = like.new_empty(shape)
-        bufs.append(buf)
-        ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer), group))
-    for peer, t in sends:
-        ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group))
-    return (dist.batch_isend_irecv(ops) if ops else []), bufs
-
-
-def _wait(reqs) -> None:
-    for r in reqs:
-        r.wait()
 
 
 def _kv_rows(k: torch.Tensor, v: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -243,7 +97,9 @@ def _swa_bwd(do, q, k, v, out, lse, left: int, right: int, scale: float, impl: s
 
 
 def _part_windows(plan: HaloPlan):
-    """(row slice, explicit window) of the left and right halo parts (None when absent)."""
+    """(row slice, explicit window) of the left and right halo parts (None when absent): the
+    alignment arithmetic of the module docstring. ``window.py`` resolves windows but has no helper
+    for keys offset from their queries by a halo, so it is written here."""
     n = plan.seqlen
     left_part = right_part = None
     if plan.recv_left:
@@ -367,7 +223,7 @@ def _local_checks(q, k, v, window_size, causal, softmax_scale, backend, world):
             "(batch, L/P, heads, head_dim) (SFTAttention(context_parallel_group=...) takes a right-padded "
             "attention_mask), or run packed batches without context parallelism"
         )
-    spec = parse_window(window_size, causal)
+    parse_window(window_size, causal)  # a bad window raises here, naming window_size
     _check_inputs(q, k, v, None, None, None, None, softmax_scale)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
@@ -517,195 +373,6 @@ def context_parallel_attention(
     return (out, lse) if return_lse else out
 
 
-# ----------------------------------------------------------------------------- groups
-class ParallelGroups(NamedTuple):
-    """This rank's groups for data x context x Ulysses parallelism (see :func:`context_parallel_groups`)."""
-
-    context_parallel_group: object
-    sequence_parallel_group: object  # None when sequence_parallel_size == 1
-    data_parallel_group: object
-    data_parallel_rank: int
-    shard_index: int  # which of the num_shards consecutive token blocks of a sequence this rank holds
-    num_shards: int
-
-
-def context_parallel_groups(context_parallel_size: int, sequence_parallel_size: int = 1) -> ParallelGroups:
-    """Split the world into data-parallel replicas of ``C x U`` ranks.
-
-    ``C = context_parallel_size`` (halo exchange), ``U = sequence_parallel_size``
-    (DeepSpeed-Ulysses, 1 = off). Replica ``i`` is the ranks ``[i C U, (i + 1) C U)``; in it,
-    rank ``j`` has Ulysses rank ``j % U`` and context-parallel rank ``j // U``, so a Ulysses
-    group is ``U`` consecutive ranks (put them inside one node: its all-to-alls are the
-    heavy traffic) and a context-parallel group strides over nodes. Rank ``j`` holds the
-    ``j``-th of ``C U`` consecutive blocks of each sequence (``shard_index``). The data
-    parallel group (ZeRO's) is the ranks with the same ``j`` in every replica.
-
-    Every rank must call it (group creation is collective); ``world % (C U) == 0``.
-    """
-    dist = _dist()
-    if not dist.is_initialized():
-        raise ValueError("context_parallel_groups: initialise torch.distributed first")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    for name, val in (("context_parallel_size", context_parallel_size),
-                      ("sequence_parallel_size", sequence_parallel_size)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"context_parallel_groups: {name} must be a positive int, got {val!r}")
-    c, u = context_parallel_size, sequence_parallel_size
-    if world % (c * u) != 0:
-        raise ValueError(
-            f"context_parallel_groups: context_parallel_size x sequence_parallel_size = {c} x {u} must divide the "
-            f"world size {world}"
-        )
-    replicas = world // (c * u)
-    cp = sp = dp = None
-    for i in range(replicas):
-        base = i * c * u
-        for s in range(u):
-            ranks = [base + t * u + s for t in range(c)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                cp = g
-        if u > 1:
-            for t in range(c):
-                ranks = [base + t * u + s for s in range(u)]
-                g = dist.new_group(ranks)
-                if rank in ranks:
-                    sp = g
-    for j in range(c * u):
-        ranks = [i * c * u + j for i in range(replicas)]
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            dp = g
-    return ParallelGroups(cp, sp, dp, rank // (c * u), rank % (c * u), c * u)
-
-
-# ----------------------------------------------------------------------------- layers
-def shard_layout(context_parallel_group, sequence_parallel_group=None) -> Tuple[int, int]:
-    """``(shard_index, num_shards)`` of this rank: which block of consecutive tokens it holds.
-
-    Context parallelism alone: the group rank. With Ulysses inside (``U`` ranks per
-    context-parallel shard, see :func:`context_parallel_groups`): ``cp_rank * U + sp_rank``.
-    The two groups must form a grid (the members of this rank's Ulysses group share its
-    context-parallel rank and vice versa); checked here with two small all-gathers, on
-    every rank of both groups (a collective).
-    """
-    dist = _dist()
-    cp_rank, cp_size = dist.get_rank(context_parallel_group), dist.get_world_size(context_parallel_group)
-    if sequence_parallel_group is None:
-        return cp_rank, cp_size
-    sp_rank, sp_size = dist.get_rank(sequence_parallel_group), dist.get_world_size(sequence_parallel_group)
-    same_cp = {int(m[0]) for m in all_gather_ints([cp_rank], sequence_parallel_group)}
-    same_sp = {int(m[0]) for m in all_gather_ints([sp_rank], context_parallel_group)}
-    if len(same_cp) != 1 or len(same_sp) != 1:
-        raise ValueError(
-            "context parallelism with Ulysses needs the groups to form a grid: every member of a Ulysses group "
-            "must have the same rank in its context-parallel group and vice versa (got context-parallel ranks "
-            f"{sorted(same_cp)} in this rank's Ulysses group, Ulysses ranks {sorted(same_sp)} in its "
-            "context-parallel group); build them with sft_kernels.parallel.context_parallel_groups"
-        )
-    return cp_rank * sp_size + sp_rank, cp_size * sp_size
-
-
-def right_padded_lengths(valid: torch.Tensor, context_parallel_group, sequence_parallel_group=None) -> List[int]:
-    """Real tokens per row of a right-padded batch whose ``(batch, L)`` mask is split over ranks.
-
-    ``valid (batch, n)`` is this rank's slice (True on tokens). Every row of the whole
-    sequence must be tokens first, then padding (``L`` = all shards, in the order of
-    :func:`shard_layout`); otherwise a ValueError on every rank. Left padding is refused:
-    under a causal window the real tokens after the padding would see pad keys, which a
-    padded (not packed) shard cannot exclude.
-    """
-    b, n = valid.shape
-    mine = local_prefix_counts(valid)  # -1: a hole in this shard
-    if sequence_parallel_group is not None:
-        mine = [x for m in all_gather_ints(mine, sequence_parallel_group) for x in m]
-    shards = [x for m in all_gather_ints(mine, context_parallel_group) for x in m]
-    return lengths_from_shard_counts([shards[s * b:(s + 1) * b] for s in range(len(shards) // b)], n)
-
-
-def local_prefix_counts(valid: torch.Tensor) -> List[int]:
-    """Per row of this rank's ``(batch, n)`` mask slice: its real tokens when they are a prefix of
-    the slice, else -1 (a hole, or padding before a token)."""
-    n = valid.shape[1]
-    count = valid.sum(dim=1)
-    prefix = (torch.arange(n, device=valid.device).unsqueeze(0) < count.unsqueeze(1)) == valid
-    return torch.where(prefix.all(dim=1), count, torch.full_like(count, -1)).tolist()
-
-
-def lengths_from_shard_counts(per_shard: Sequence[Sequence[float]], n: int) -> List[int]:
-    """Global real lengths per row from every shard's :func:`local_prefix_counts` (in sequence
-    order, ``(num_shards, batch)``); ValueError unless each row is right-padded over the whole
-    sequence."""
-    b = len(per_shard[0]) if per_shard else 0
-    lengths = []
-    for row in range(b):
-        counts = [int(c[row]) for c in per_shard]
-        ended = False
-        for s, cnt in enumerate(counts):
-            if cnt < 0 or (ended and cnt > 0):
-                raise ValueError(
-                    f"attention_mask: row {row} is not right-padded across the sequence (real tokens per shard: "
-                    f"{['hole' if c < 0 else c for c in counts]}, shard length {n}). Under context parallelism "
-                    "only right padding (all tokens, then padding) is supported; left padding or holes would let "
-                    "real tokens attend pad keys"
-                )
-            ended = ended or cnt < n
-        lengths.append(sum(counts))
-    return lengths
-
-
-def context_parallel_padded_attention(q, k, v, lengths: Optional[Sequence[int]], window_size: WindowArg, causal: bool,
-                                      softmax_scale: Optional[float], group, backend: str = "auto") -> torch.Tensor:
-    """:func:`context_parallel_attention` on right-padded rows, as the unpadded single-device layer computes it.
-
-    Row ``i`` holds ``lengths[i]`` real tokens (global, from :func:`right_padded_lengths`)
-    followed by padding; ``None`` = no padding. Causal only: a real query never reaches a
-    later (pad) key, so the shard runs unchanged and the caller zeroes the pad rows. The
-    window of a row is resolved from its real length, as for a packed sequence: ``"sqrt"``
-    gives each row its own window (rows are grouped by window, one exchange per group);
-    an int ``W`` or an explicit window gives the same answer as resolving from ``L``.
-    """
-    if lengths is None:
-        return context_parallel_attention(q, k, v, window_size=window_size, causal=causal, softmax_scale=softmax_scale, group=group, backend=backend)
-    if not causal:
-        raise ValueError(
-            "context parallelism with an attention_mask needs causal=True: with a two-sided window the last real "
-            "tokens would attend pad keys, which padded shards cannot exclude; drop the padding (equal-length rows) "
-            "or run without context parallelism"
-        )
-    dist = _dist()
-    by_window = padded_window_rows(lengths, window_size, q.shape[1] * dist.get_world_size(group))
-    if len(by_window) == 1 and sum(len(r) for r in by_window.values()) == q.shape[0]:
-        (left,) = by_window
-        return context_parallel_attention(q, k, v, window_size=(left, 0), causal=True, softmax_scale=softmax_scale, group=group, backend=backend)
-    out = torch.zeros_like(q)
-    for left in sorted(by_window):  # the same order on every rank: the lengths are global
-        idx = torch.tensor(by_window[left], device=q.device)
-        part = context_parallel_attention(q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx),
-                                          window_size=(left, 0), causal=True, softmax_scale=softmax_scale, group=group, backend=backend)
-        out = out.index_copy(0, idx, part)
-    return out
-
-
-def padded_window_rows(lengths: Sequence[int], window_size: WindowArg, total: int) -> Dict[int, List[int]]:
-    """The causal left window each right-padded row runs under in
-    :func:`context_parallel_padded_attention` (one halo exchange per distinct window) -> ``{left:
-    rows}``; rows of padding only are left out (their output is zero). ``total``: the padded length."""
-    spec = parse_window(window_size, True)
-    global_left = spec.resolve(total)[0]
-    by_window: Dict[int, List[int]] = {}
-    for row, real in enumerate(lengths):
-        if real == 0:
-            continue  # all padding: output zero
-        own = spec.resolve(int(real))[0]
-        reach = lambda lft: real - 1 if lft < 0 else min(lft, real - 1)  # noqa: E731
-        key = global_left if reach(global_left) == reach(own) else own
-        by_window.setdefault(key, []).append(row)
-    return by_window
-
-
-def resolved_window(window_size: WindowArg, causal: bool, total: int) -> Tuple[int, int]:
-    """``(left, right)`` of :func:`context_parallel_attention` on a sequence of ``total`` tokens:
-    resolved from the whole length, unbounded replaced by ``total - 1``, clamped to it."""
-    left, right = resolve_window(window_size, causal, total)
-    return (total - 1 if left < 0 else min(left, total - 1)), (total - 1 if right < 0 else min(right, total - 1))
+# the padded-row layer and the groups, here for the modules that import them from this one
+# (modules/sft_attention.py); padded imports context_parallel_attention from this module when called
+from .padded import context_parallel_padded_attention, right_padded_lengths  # noqa: E402,F401

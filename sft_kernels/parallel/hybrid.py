@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .context_parallel import halo_plan
+from .plan import halo_plan
 from .packed import packed_halo_plan
 
 HALO = "halo"

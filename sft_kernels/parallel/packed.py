@@ -31,7 +31,8 @@ import torch
 
 from ..ops.sliding_window_attention.op import sliding_window_attention
 from ..window import WindowArg, parse_window
-from .context_parallel import _dist, _post, _wait, all_gather_ints
+from .comm import _dist, _post, _wait, all_gather_ints
+from .plan import clamp_reach
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def sequence_windows(cu_seqlens, window_size: WindowArg, causal: bool = True) ->
     cu = _bounds(cu_seqlens)
     out = []
     for a, b in zip(cu, cu[1:]):
-        reach = [b - a - 1 if x < 0 else min(x, b - a - 1) for x in spec.resolve(b - a)]
-        out.append((reach[0], reach[1]))
+        left, right = spec.resolve(b - a)
+        out.append((clamp_reach(left, b - a), clamp_reach(right, b - a)))
     return out
 
 

@@ -140,10 +140,11 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     rank together, and no collective ever runs with sizes that differ between ranks."""
     import torch.distributed as dist
 
-    from ...parallel.context_parallel import (all_gather_ints, context_parallel_padded_attention,
-                                             lengths_from_shard_counts, local_prefix_counts, padded_window_rows,
-                                             resolved_window)
+    from ...parallel.comm import all_gather_ints
     from ...parallel.hybrid import halo_bytes
+    from ...parallel.padded import (context_parallel_padded_attention, lengths_from_shard_counts,
+                                    local_prefix_counts, padded_window_rows)
+    from ...parallel.plan import resolved_window
 
     group = _settings["context_parallel_group"]
     if torch.compiler.is_compiling():
@@ -214,7 +215,7 @@ def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwa
     (:func:`sft_kernels.parallel.packed.context_parallel_packed_attention`, one call per row)."""
     import torch.distributed as dist
 
-    from ...parallel.context_parallel import all_gather_ints
+    from ...parallel.comm import all_gather_ints
     from ...parallel.hybrid import packed_row_halo_bytes
     from ...parallel.packed import context_parallel_packed_attention
 
