@@ -27,7 +27,7 @@ constexpr int kMaxGridYZ = 65535;
 
 // ----------------------------------------------------------------------------- attention
 // Mirrors the Triton kernels' arguments (sft_kernels/ops/sliding_window_attention/
-// triton_kernels.py). Layouts: (batch, seqlen, heads, head_dim) with strides
+// triton_jit.py). Layouts: (batch, seqlen, heads, head_dim) with strides
 // (*_b, *_m / *_n, *_h), or packed (total, heads, head_dim) with cu_seqlens (int32,
 // batch + 1) and *_b = 0. The last dimension is contiguous; every tensor pointer is
 // 16-byte aligned and every row stride a multiple of 8 elements. LSE / delta are fp32

@@ -13,8 +13,8 @@
 // band's query tiles of every query head in the GQA group; dQ: one CTA per (64-query
 // tile, batch * head) over the band's key tiles.
 //
-// Everything here mirrors the Triton kernels (sft_kernels/ops/sliding_window_attention/); the
-// window rule, their helpers one for one, is swa_window.cuh. The C++ tests (tests/cuda/:
+// Everything here mirrors the Triton kernels (sft_kernels/ops/sliding_window_attention/
+// triton_jit.py); the window rule, their helpers one for one, is swa_window.cuh. The C++ tests (tests/cuda/:
 // test_kernels.cu on a GPU, test_emulated.cpp on the CPU) check it against a float64 reference.
 #pragma once
 

@@ -1,5 +1,5 @@
-// The window rule of the CUDA attention kernels, every kernel's one copy: a device function
-// per @triton.jit helper of the Triton attention kernels (sft_kernels/ops/sliding_window_attention/)
+// The window rule of the CUDA attention kernels, every kernel's one copy: a device function per
+// @triton.jit helper of the Triton kernels (sft_kernels/ops/sliding_window_attention/triton_jit.py)
 // that finds a sequence, its window, the tiles a program visits or the band mask, under that
 // helper's name less the leading underscore, with its meaning and arithmetic line for line:
 //   _isqrt -> isqrt, _resolve_window -> resolve_window, _seq_info -> seq_info,
