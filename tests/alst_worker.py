@@ -34,6 +34,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 from sft_kernels.integrations import transformers as sft_hf  # noqa: E402
 from sft_kernels.parallel.alst import register_alst  # noqa: E402
 
+from helpers import summed_over_ranks  # noqa: E402  (tests/, this script's folder)
+
 NAME = sft_hf.register()
 out_dir = sys.argv[1]
 B, L, VOCAB = 3, 24, 61
@@ -101,13 +103,7 @@ def sharded(model, ids, mask, pos, shifted, **extra):
     logits = model(input_ids=ids[:, LO:HI], attention_mask=m, position_ids=pos[:, LO:HI], **extra).logits
     loss = loss_of(logits, shifted[:, LO:HI], (shifted != -100).sum())
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    grads = {}
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)  # replicated parameters: the gradient is the sum over the shards
-        grads[n] = g
+    total, grads = summed_over_ranks(loss, model)
     model.zero_grad()
     return logits.detach(), total, grads
 

@@ -103,3 +103,36 @@ def examples(n: int) -> int:
     may draw a new autotune key, which compiles every candidate config)."""
     cap = os.environ.get("SFT_KERNELS_MAX_EXAMPLES")
     return min(n, int(cap)) if cap else n
+
+
+def save_tiny_opt(path):
+    """A tiny OPT model (DeepSpeed-Chat's family; seed 0) and the byte-level tokenizer as a
+    Hugging Face one, saved to ``path`` (what ``--model_name_or_path`` loads). Returns ``path``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from sft_kernels.train.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer().to_hf()
+    config = OPTConfig(vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.0)
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def summed_over_ranks(loss, model):
+    """After a rank's backward on its shard: the loss and every parameter's gradient summed over
+    the ranks (the parameters are replicated, so the whole batch's gradient is the sum of the
+    shards'). Returns (loss, {name: gradient})."""
+    import torch.distributed as dist
+
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        grads[name] = g
+    return total, grads

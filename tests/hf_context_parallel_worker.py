@@ -28,6 +28,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig  # noq
 
 from sft_kernels.integrations import transformers as sft_hf  # noqa: E402
 
+from helpers import summed_over_ranks  # noqa: E402  (tests/, this script's folder)
+
 sft_hf.register()  # the name exists before any model is built
 
 out_dir = sys.argv[1]
@@ -90,13 +92,7 @@ def sharded(model, ids, mask, shifted, positions=True):
     loss = F.cross_entropy(logits.flatten(0, 1), shifted[:, lo:hi].flatten(), ignore_index=-100, reduction="sum")
     loss = loss / (shifted != -100).sum()  # the whole batch's label count: known on every rank
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    grads = {}
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)  # the parameters are replicated: their gradient is the sum over the shards
-        grads[n] = g
+    total, grads = summed_over_ranks(loss, model)
     return logits.detach(), total, grads
 
 
@@ -200,13 +196,7 @@ def packed_compare(window, model_window, ref):
     loss = F.cross_entropy(logits.flatten(0, 1), shifted[:, lo:hi].flatten(), ignore_index=-100, reduction="sum")
     loss = loss / (shifted != -100).sum()
     loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    grads = {}
-    for n_, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        grads[n_] = g
+    total, grads = summed_over_ranks(loss, model)
     sft_hf.register()
     ref_logits, ref_loss, ref_grads = ref
     return {"logits": rel(logits.detach(), ref_logits[:, lo:hi]), "loss": rel(total, ref_loss),

@@ -258,7 +258,7 @@ def test_real_dschat_step1_perplexities(tmp_path):
     ``python -m sft_kernels.dschat``, unchanged) against ``sft-kernels train`` with the same
     argument list: a tiny OPT, local/jsonfile, bf16, ZeRO-2, 2 CPU ranks, one epoch."""
     from _procs import Group, free_port, prebuild_deepspeed_cpu_ops, rank_envs
-    from transformers import OPTConfig, OPTForCausalLM
+    from helpers import save_tiny_opt
 
     from sft_kernels.train.data import default_data_path, load_jsonl
 
@@ -273,13 +273,7 @@ def test_real_dschat_step1_perplexities(tmp_path):
     os.makedirs(chat / "data")
     (chat / "data" / "train.json").write_text(json.dumps(rows[:500]))  # phase 1: 100 train, 20 eval rows
     (chat / "data" / "eval.json").write_text(json.dumps(rows[500:]))
-    tok = ByteTokenizer().to_hf()
-    config = OPTConfig(vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.0)
-    torch.manual_seed(0)
-    OPTForCausalLM(config).save_pretrained(tmp_path / "opt-tiny")
-    tok.save_pretrained(tmp_path / "opt-tiny")
+    save_tiny_opt(tmp_path / "opt-tiny")
     flags = ["--data_path", "local/jsonfile", "--data_split", "2,4,4", "--model_name_or_path", str(tmp_path / "opt-tiny"),
              "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_seq_len", "512",
              "--weight_decay", "0.", "--num_train_epochs", "1", "--gradient_accumulation_steps", "1",

@@ -418,15 +418,9 @@ def make_dschat_workspace(root):
     """A tiny OPT model (DeepSpeed-Chat's family) with a byte-level tokenizer, and four local
     datasets in the four forms: local/jsonfile, two save_to_disk directories, a JSON-lines folder."""
     import datasets
-    from transformers import OPTConfig, OPTForCausalLM
+    from helpers import save_tiny_opt
 
-    tok = ByteTokenizer().to_hf()
-    config = OPTConfig(vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.0)
-    torch.manual_seed(0)
-    OPTForCausalLM(config).save_pretrained(root / "opt-tiny")
-    tok.save_pretrained(root / "opt-tiny")
+    save_tiny_opt(root / "opt-tiny")
     rows = _as_dschat(_shipped())
     chunks = [rows[i * 100:(i + 1) * 100] for i in range(4)]  # 80 train + 20 eval each
     _write_local_jsonfile(root, chunks[0][:80], chunks[0][80:])
