@@ -480,6 +480,21 @@ MUTATIONS = [
         ["tests/test_sft_attention.py"], "hole",
         "under torch.compile the padding check returns without its device-side assertion",
     ),
+    # ------------------------------------------------------------------ sft-kernels train
+    Mutation(
+        "train_cp_label_count_unshifted", "sft_kernels/train/context_parallel.py",
+        "int((labels[:, 1:] != IGNORE_INDEX).sum())",
+        "int((labels != IGNORE_INDEX).sum())",
+        ["tests/test_train_context_parallel.py"], "round_robin",
+        "context parallel: a micro-batch's label tokens counted before the shift (each row's first token too)",
+    ),
+    Mutation(
+        "train_cp_loss_not_scaled", "sft_kernels/train/context_parallel.py",
+        "        return loss * self.size, shown.item()",
+        "        return loss, shown.item()",
+        ["tests/test_train_context_parallel.py"], "step_losses and halo-zero2",
+        "context parallel: each rank backpropagates l_j, not N l_j (DeepSpeed's average leaves gradients 1/N)",
+    ),
 ]
 
 
