@@ -35,7 +35,7 @@ table and autotunes, so make one call before capturing a CUDA graph.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -178,33 +178,23 @@ def _bdmm_fake(x, weight, bias, in_features, out_features, backend):
     return x.new_empty(*x.shape[:-1], sum(out_features))
 
 
-@torch.library.custom_op("sft_kernels::block_diag_matmul_dx", mutates_args=())
-def _bdmm_dx(
-    grad: torch.Tensor, weight: torch.Tensor, in_features: List[int], out_features: List[int], backend: str
-) -> torch.Tensor:
-    """``dx = dy @ block_diag(W)``: block i is ``dy_i @ W_i``."""
-    backward_dx = _impl(backend, grad, in_features, out_features)[1]
-    dx = backward_dx(_as_2d(grad), weight.contiguous(), in_features, out_features)
-    return dx.view(*grad.shape[:-1], dx.shape[-1])
+@torch.library.custom_op("sft_kernels::block_diag_matmul_backward", mutates_args=())
+def _bdmm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, in_features: List[int], out_features: List[int],
+    backend: str, need_dx: bool, need_dw: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dW): ``dx = dy @ block_diag(W)`` (block i is ``dy_i @ W_i``) and the flat ``dW``
+    (block i is ``dy_i^T x_i`` summed over every token); an empty tensor for one not needed."""
+    _, backward_dx, backward_dw = _impl(backend, x, in_features, out_features)
+    g2 = _as_2d(grad)
+    dx = backward_dx(g2, weight.contiguous(), in_features, out_features).view(x.shape) if need_dx else x.new_empty(0)
+    dw = backward_dw(g2, _as_2d(x), in_features, out_features) if need_dw else weight.new_empty(0)
+    return dx, dw
 
 
-@_bdmm_dx.register_fake
-def _bdmm_dx_fake(grad, weight, in_features, out_features, backend):
-    return grad.new_empty(*grad.shape[:-1], sum(in_features))
-
-
-@torch.library.custom_op("sft_kernels::block_diag_matmul_dw", mutates_args=())
-def _bdmm_dw(
-    grad: torch.Tensor, x: torch.Tensor, in_features: List[int], out_features: List[int], backend: str
-) -> torch.Tensor:
-    """Flat ``dW``: block i is ``dy_i^T x_i`` summed over every token."""
-    backward_dw = _impl(backend, x, in_features, out_features)[2]
-    return backward_dw(_as_2d(grad), _as_2d(x), in_features, out_features)
-
-
-@_bdmm_dw.register_fake
-def _bdmm_dw_fake(grad, x, in_features, out_features, backend):
-    return x.new_empty(sum(m * n for n, m in zip(in_features, out_features)))
+@_bdmm_backward.register_fake
+def _bdmm_backward_fake(grad, x, weight, in_features, out_features, backend, need_dx, need_dw):
+    return x.new_empty(x.shape if need_dx else 0), weight.new_empty(weight.shape if need_dw else 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -217,11 +207,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     in_features, out_features, backend = ctx.sizes
+    need_dx, need_dw = ctx.needs_input_grad[:2]
     dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.sft_kernels.block_diag_matmul_dx(grad, weight, in_features, out_features, backend)
-    if ctx.needs_input_grad[1]:
-        dw = torch.ops.sft_kernels.block_diag_matmul_dw(grad, x, in_features, out_features, backend)
+    if need_dx or need_dw:
+        dx, dw = torch.ops.sft_kernels.block_diag_matmul_backward(grad, x, weight, in_features, out_features, backend,
+                                                                  need_dx, need_dw)
+        dx, dw = (dx if need_dx else None), (dw if need_dw else None)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = torch_impl.backward_dbias(_as_2d(grad))
     return dx, dw, db, None, None, None
