@@ -154,7 +154,7 @@ def test_the_adapter_is_fed_round_robin_with_padding_and_an_epoch_end(size, rank
     the last micro-batch of a short round, a batch of padding marked None."""
     from sft_kernels.train.context_parallel import MICRO, ContextParallel
 
-    cp = ContextParallel(size, "halo", pad_id=0, device=torch.device("cpu"), rank=rank, world=size)
+    cp = ContextParallel(size, "halo", pad_id=0, device=torch.device("cpu"), rank=rank)
     lengths = [[5, 3], [7, 7], [2, 6], [4], [9, 1]]  # the fourth: a partial batch
     batches = [_rows(n, 10 * i) for i, n in enumerate(lengths)]
     dealt = list(cp._dealt(iter(batches), start=4, rows=2))

@@ -83,15 +83,12 @@ class ContextParallel:
     """This rank's place in the groups, its attention set up, the adapter's micro-batches and the
     losses over the group (module docstring)."""
 
-    def __init__(self, size: int, mode: str, pad_id: int, device: torch.device, rank: Optional[int] = None,
-                 world: Optional[int] = None):
+    def __init__(self, size: int, mode: str, pad_id: int, device: torch.device, rank: Optional[int] = None):
         if mode not in MODES:
             raise ValueError(f"--context_parallel_mode must be one of {MODES}, got {mode!r}")
         rank = torch.distributed.get_rank() if rank is None else rank
-        world = torch.distributed.get_world_size() if world is None else world
         self.size, self.mode, self.pad_id, self.device = size, mode, pad_id, device
-        self.index = rank % size  # parallel_state_sp's groups: ranks [g N, (g + 1) N)
-        self.data_parallel_rank, self.data_parallel_size = rank // size, world // size
+        self.index = rank % size  # parallel_state_sp's groups: ranks [g N, (g + 1) N); replica rank // N
         self.group = None
 
     def halo_group(self):

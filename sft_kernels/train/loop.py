@@ -255,12 +255,14 @@ def evaluate(engine, batches, device, shards=None, rows: int = 0) -> Dict[str, f
     total = torch.zeros(2, dtype=torch.float64, device=device)  # token loss sum, token count
     means = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch means, batches (this rank)
     if shards is not None:
+        from .context_parallel import INPUTS
+
         batches = (block for block, _micro in shards.micro_batches(batches, 0, rows))
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         if shards is not None:
             labels = batch["shift_labels"]
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            inputs = {k: batch[k] for k in INPUTS}
             loss = shards.token_loss_sum(engine(**inputs).logits, labels).double()
             n = (labels != -100).sum().double()
             total += torch.stack([loss, n])
