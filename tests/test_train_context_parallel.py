@@ -1,11 +1,12 @@
-"""``sft-kernels train --context_parallel_size 2 --context_parallel_mode halo|ulysses`` under
+"""``sft-kernels train --context_parallel_size 2 --context_parallel_mode auto|halo|ulysses`` under
 DeepSpeed on 2 CPU ranks (gloo) against the same run on one process without context parallelism
 (same global batch, same ZeRO stage: DeepSpeed reports the gradient norm from stage 1 on). Both
 modes take their batches from DeepSpeed's ``UlyssesSPDataLoaderAdapter``.
 
 The embedded model (window 32) at ``--max_seq_len 64``: each rank holds half of every
 sequence (32 tokens), so every layer's window reaches into the other rank's block. Halo with
-ZeRO-2, and halo and ALST's Ulysses with ZeRO-3 and gradient checkpointing, partition over both
+ZeRO-2, and auto (here the halo in every layer) and ALST's Ulysses with ZeRO-3 and gradient
+checkpointing, partition over both
 ranks; gradient clipping (1.0) is active. The eval set (30 rows in batches of 8) ends on a
 partial batch. A control run with the window one key narrower shows the bound can see a
 halo-sized difference. The adapter's dealing (rounds, padding, the end of an epoch) is checked
@@ -34,8 +35,8 @@ FLAGS = ["--max_seq_len", "64", "--no_progress", "--per_device_eval_batch_size",
 # fp32 arithmetic in a different order (two halves, halo merge by log-sum-exp, gradients summed
 # over ranks) through 3 AdamW steps: differences of 1-2 fp32 ulps (2^-23 = 1.2e-7 relative).
 # Measured at these flags (DeepSpeed-Chat's batch order), largest of 3 steps: halo ZeRO-2: step
-# losses 8.5e-8, gradient norms 0 (the same floats), eval losses 1.1e-8; halo ZeRO-3 with gradient
-# checkpointing: 9.7e-8, 2.6e-7, 8.1e-8; Ulysses (ALST) ZeRO-3 with checkpointing: 8.4e-8, 5.6e-8,
+# losses 8.5e-8, gradient norms 0 (the same floats), eval losses 1.1e-8; auto (the halo) ZeRO-3 with
+# gradient checkpointing: 9.7e-8, 2.6e-7, 8.1e-8; Ulysses (ALST) ZeRO-3 with checkpointing: 8.4e-8, 5.6e-8,
 # 8.1e-8. (Before the adapter, eval batches of 32: ZeRO-2 8.5e-8, 8.3e-8, 1.2e-7; ZeRO-3 1.7e-7,
 # 1.2e-7, 1.0e-7; with --seed 42 --max_seq_len 96, ZeRO-2: 1.1e-7, 9.7e-8, 6.0e-8)
 BOUND = 1e-6
@@ -47,7 +48,8 @@ CONTROL_MIN = 1e-4
 # ZeRO-2; ZeRO-3 (its reduce-scatter path is where DeepSpeed's sequence-parallel scaling was wrong)
 # with gradient checkpointing (the halo exchange or the all-to-all runs again in the recomputed forward)
 STAGES = {"zero2": ["--zero_stage", "2"], "zero3-checkpointing": ["--zero_stage", "3", "--gradient_checkpointing"]}
-RUNS = {"halo-zero2": ("halo", "zero2"), "halo-zero3-checkpointing": ("halo", "zero3-checkpointing"),
+# auto at N = 2: every layer of the embedded model (all windowed) takes the halo
+RUNS = {"halo-zero2": ("halo", "zero2"), "auto-zero3-checkpointing": ("auto", "zero3-checkpointing"),
         "ulysses-zero3-checkpointing": ("ulysses", "zero3-checkpointing")}
 
 
@@ -132,7 +134,7 @@ def test_control_window_off_by_one_is_outside_the_bound(tmp_path_factory):
     (["--context_parallel_size", "2", "--context_parallel_mode", "ulysses", "--per_device_eval_batch_size", "4"],
      "give --per_device_eval_batch_size 8"),
     (["--context_parallel_size", "2", "--context_parallel_mode", "ulysses", "--qkv_groups", "2"],
-     "use --context_parallel_mode halo"),
+     "use --context_parallel_mode auto or halo"),
     (["--context_parallel_size", "2", "--attn_implementation", "sdpa"], "only the sft_sliding_window attention"),
 ], ids=["world", "ulysses-eval-batch", "ulysses-qkv-groups", "sdpa"])
 def test_bad_context_parallel_flags(tmp_path, capsys, flags, message):

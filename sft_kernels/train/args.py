@@ -197,12 +197,15 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
                         "(world size = N x data-parallel size; DeepSpeed's sequence-parallel groups); DeepSpeed's "
                         "UlyssesSPDataLoaderAdapter shards the batches, the ranks of a group share them, ZeRO "
                         "partitions over all ranks. Needs --attn_implementation sft_sliding_window")
-    g.add_argument("--context_parallel_mode", choices=["halo", "ulysses"], default="halo",
-                   help="with --context_parallel_size N > 1: halo (default): the sliding-window layers exchange "
-                        "only the keys/values their window reaches (sft_kernels.context_parallel_attention; bytes "
-                        "per rank constant in the length); ulysses: DeepSpeed's ALST all-to-all of heads with this "
-                        "package's attention as its core (heads and KV heads divisible by N or N by them; "
-                        "--per_device_eval_batch_size = --per_device_train_batch_size)")
+    g.add_argument("--context_parallel_mode", choices=["auto", "halo", "ulysses"], default="auto",
+                   help="with --context_parallel_size N > 1: auto (default): each layer takes the halo or "
+                        "DeepSpeed's Ulysses, whichever sends fewer bytes (sft_kernels.parallel.hybrid: the halo "
+                        "for sliding-window layers, Ulysses for full-attention layers of hybrid models from N = 5 "
+                        "with MHA); halo: every layer exchanges only the keys/values its window reaches "
+                        "(sft_kernels.context_parallel_attention; bytes per rank constant in the length); ulysses: "
+                        "DeepSpeed's ALST all-to-all of heads in every layer with this package's attention as its "
+                        "core (heads and KV heads divisible by N or N by them; --per_device_eval_batch_size = "
+                        "--per_device_train_batch_size)")
     g.add_argument("--loss_chunk_tokens", type=_non_negative_int, default=0,
                    help="N > 0: the loss from the last hidden states N tokens at a time, never an L x vocab logits "
                         "tensor (sft_kernels.integrations.transformers.tiled_loss; DeepSpeed's TiledFusedLogitsLoss "

@@ -1,7 +1,7 @@
-"""``sft-kernels train --context_parallel_size N [--context_parallel_mode halo|ulysses]``: every
-sequence split over the ``N`` ranks of a group, its batches sharded by DeepSpeed's
-``UlyssesSPDataLoaderAdapter`` (ALST's), the attention run by this package's halo exchange or by
-ALST's Ulysses all-to-all with this package's attention as its core.
+"""``sft-kernels train --context_parallel_size N [--context_parallel_mode auto|halo|ulysses]``:
+every sequence split over the ``N`` ranks of a group, its batches sharded by DeepSpeed's
+``UlyssesSPDataLoaderAdapter`` (ALST's), the attention run by this package's halo exchange, by
+DeepSpeed's Ulysses all-to-all, or per layer by whichever of the two sends fewer bytes.
 
 Layout: DeepSpeed's sequence-parallel groups (``parallel_state_sp``, the ones ALST builds): ``N``
 consecutive ranks per group, ``D = world / N`` data-parallel replicas. The data sampler runs over
@@ -37,10 +37,14 @@ What the adapter cannot do, and this module does before it (DeepSpeed 0.19.8):
   is ``sum_j grad l_j`` (the halo exchange or ALST's all-to-all return each block's share of the
   other blocks' gradients in the backward).
 
-The attention. ``halo``: ``register(context_parallel_group=<the group>)`` before the model is
-built (:func:`sft_kernels.train.model.build_model`): the ``sft_sliding_window`` layers exchange
-halos, bytes per rank constant in ``L``. ``ulysses``: :func:`sft_kernels.parallel.register_alst`
-on the built model: ALST's all-to-all of heads with this backend as its core (heads and KV heads
+The attention. ``auto`` and ``halo``: ``register(context_parallel_group=<the group>)`` before
+the model is built (:func:`sft_kernels.train.model.build_model`); ``halo``: every
+``sft_sliding_window`` layer exchanges halos (bytes per rank constant in ``L``); ``auto``: each
+layer takes the halo or DeepSpeed's ``UlyssesSPAttentionHF``, whichever sends fewer bytes
+(:mod:`sft_kernels.parallel.hybrid`: the halo for sliding-window layers, Ulysses for the
+full-attention layers of hybrid models once it sends less, from ``N = 5`` with MHA; at ``N <= 4``
+every layer takes the halo). ``ulysses``: :func:`sft_kernels.parallel.register_alst` on the built
+model: ALST's all-to-all of heads in every layer, this backend as its core (heads and KV heads
 divisible by ``N`` or ``N`` by them, ALST's rules); ALST's attention is built for one batch size,
 so evaluation must use the training's.
 
@@ -66,7 +70,8 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
 
-MODES = ("halo", "ulysses")
+MODES = ("auto", "halo", "ulysses")
+_POLICY = {"auto": "bytes", "halo": "halo"}  # set_context_parallel_exchange's name for the mode
 MICRO = "sft_kernels_micro"  # the non-tensor entry each micro-batch carries through the adapter
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -91,10 +96,14 @@ class ContextParallel:
         self.index = rank % size  # parallel_state_sp's groups: ranks [g N, (g + 1) N); replica rank // N
         self.group = None
 
-    def halo_group(self):
-        """The group the halo layers exchange over (made before the model; halo mode)."""
+    def exchange_group(self):
+        """The group the layers exchange over, made before the model (auto and halo modes), and
+        the backend's choice of exchange set to the mode."""
         from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
+        from ..integrations.transformers.context_parallel import set_context_parallel_exchange
+
+        set_context_parallel_exchange(_POLICY[self.mode])
         mpu.initialize_sequence_parallel(sequence_parallel_size=self.size)
         self._set_group(mpu)
         return self.group

@@ -164,11 +164,11 @@ def _check_args(args) -> None:
             raise ValueError(f"--context_parallel_size {cp} splits each sequence over ranks, which only the "
                              "sft_sliding_window attention handles (halo exchange, or as ALST's core); "
                              f"--attn_implementation {args.attn_implementation} would attend within each block only")
-        if getattr(args, "context_parallel_mode", "halo") == "ulysses":
+        if getattr(args, "context_parallel_mode", "auto") == "ulysses":
             if args.qkv_groups > 1:
                 raise ValueError("--context_parallel_mode ulysses runs through transformers' attention registry, "
                                  "which the SFTAttention layers of --qkv_groups > 1 do not call (each rank would "
-                                 "attend within its block); use --context_parallel_mode halo")
+                                 "attend within its block); use --context_parallel_mode auto or halo")
             if args.per_device_eval_batch_size != args.per_device_train_batch_size:
                 raise ValueError(f"--context_parallel_mode ulysses: DeepSpeed's ALST attention is built for one "
                                  f"batch size (--per_device_train_batch_size {args.per_device_train_batch_size}); "
@@ -481,7 +481,7 @@ def _start(args) -> _Ranks:
     cp = getattr(args, "context_parallel_size", 1)
     if cp == 1:
         return _Ranks(device, rank, world, rank, world, 1, None)
-    return _Ranks(device, rank, world, rank // cp, world // cp, cp, getattr(args, "context_parallel_mode", "halo"))
+    return _Ranks(device, rank, world, rank // cp, world // cp, cp, getattr(args, "context_parallel_mode", "auto"))
 
 
 def _load_data(args, ranks: _Ranks):
@@ -521,8 +521,8 @@ def _build_engine(args, tokenizer, ranks: _Ranks, plan: _Plan, shards=None):
     from .model import build_model, model_window
 
     config = ds_config(args, ranks.world)  # DeepSpeed sees every rank as data parallel (see context_parallel.py)
-    halo_group = shards.halo_group() if ranks.cp_mode == "halo" else None
-    model = build_model(args, tokenizer, ds_config=config, context_parallel_group=halo_group)
+    group = shards.exchange_group() if ranks.cp_mode in ("auto", "halo") else None
+    model = build_model(args, tokenizer, ds_config=config, context_parallel_group=group)
     if ranks.cp_mode == "ulysses":
         shards.attach_ulysses(model, args.per_device_train_batch_size)
     if getattr(args, "loss_chunk_tokens", 0):  # issue 22: no L x V logits; grad_scale: what backward applies
