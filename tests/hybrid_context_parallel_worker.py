@@ -27,6 +27,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 import torch.distributed as dist  # noqa: E402
 
 torch.set_num_threads(1)
+from helpers import summed_over_ranks  # noqa: E402  (tests/, this script's folder)
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from sft_kernels.integrations import transformers as sft_hf  # noqa: E402
@@ -157,13 +158,7 @@ def parallel(kind, policy, window=WINDOW):
         logits = m(**shard).logits
         loss = loss_of(logits, shifted[:, sl], (shifted != -100).sum())
         loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    grads = {}
-    for n, p in m.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        grads[n] = g
+    total, grads = summed_over_ranks(loss, m)
     ref_logits, ref_loss, ref_grads = oracle[kind]
     pad = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[:, sl].bool()
     errs = {"logits": rel(logits[pad], ref_logits[:, sl][pad]), "loss": rel(total, ref_loss),
