@@ -495,6 +495,28 @@ MUTATIONS = [
         ["tests/test_train_context_parallel.py"], "step_losses and halo-zero2",
         "context parallel: each rank backpropagates l_j, not N l_j (DeepSpeed's average leaves gradients 1/N)",
     ),
+    # ------------------------------------------------------------------ the step's memory (issue 22)
+    Mutation(
+        "tiled_mlp_no_compute_params", "sft_kernels/modules/tiled_mlp.py",
+        "    params = [p for p in self.parameters()]",
+        "    params = []",
+        ["tests/test_tiled_mlp_zero3.py"], None,
+        "TiledMLP given no compute_params: under ZeRO-3 every piece's gradient goes to the reduce bucket",
+    ),
+    Mutation(
+        "tile_budget_in_elements", "sft_kernels/modules/linear_cross_entropy.py",
+        "    return max(1, int(tile_bytes) // (4 * int(vocab)))",
+        "    return max(1, int(tile_bytes) // int(vocab))",
+        ["tests/test_tiled_loss_hf.py"], "tile_bytes",
+        "the logits tile's byte budget read as elements: fp32 tiles four times the budget",
+    ),
+    Mutation(
+        "offload_threshold_in_mib", "sft_kernels/modules/activation_offload.py",
+        "min_offload_bytes=int(min_offload_bytes),",
+        "min_offload_bytes=int(min_offload_bytes) << 20,",
+        ["tests/test_activation_offload.py"], "copy_path",
+        "checkpoint offload's size threshold read as MiB: no checkpoint of a small model is offloaded",
+    ),
 ]
 
 
