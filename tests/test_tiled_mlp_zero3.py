@@ -3,7 +3,9 @@ processes, each with its own batch: the loss and every full (gathered, rank-aver
 gradient equal the plain MLP's under ZeRO-3, fp32, per element within 1e-6 of each tensor's
 largest, with transformers' gradient checkpointing (as ``sft-kernels train --mlp_chunk_tokens``
 runs) and without it. The MLP's parameters are partitioned (each rank holds half) and the MLP
-really runs in chunks (46 tokens in pieces of at most 7, the last of 4)."""
+really runs in chunks (46 tokens in pieces of at most 7, the last of 4). With the tiled loss sized
+from a byte budget as well (``tiled_loss(tile_bytes=)``: the partitioned head's vocabulary read
+from ``ds_shape``, DeepSpeed's TiledFusedLogitsLoss in pieces of at most 9 tokens) the same holds."""
 
 import json
 import sys
@@ -23,6 +25,7 @@ import deepspeed
 import torch.distributed as dist
 import transformers
 from deepspeed.utils import safe_get_full_grad
+from sft_kernels.integrations.transformers import tiled_loss
 from sft_kernels.modules.tiled_mlp import tiled_mlp
 
 torch.set_num_threads(1)
@@ -41,28 +44,34 @@ labels = ids.clone()
 labels[RANK, :4] = -100
 
 
-def run(tiled, checkpointing):
+def run(tiled, checkpointing, tile_bytes=None):
     torch.manual_seed(0)  # the same initial weights on both ranks and in every run
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tiled:
         tiled_mlp(model, chunk_tokens=7)  # before deepspeed.initialize, as sft-kernels train does
+    if tile_bytes:
+        tiled_loss(model, tile_bytes=tile_bytes)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=DS)
     engine.train()
     mlp = engine.module.model.layers[0].mlp
     rows = []
     hook = mlp.down_proj.register_forward_hook(lambda m, i, o: rows.append(i[0].numel() // i[0].shape[-1]))
+    head_rows = []
+    head = engine.module.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].numel() // i[0].shape[-1]))
     loss = engine(input_ids=ids, labels=labels).loss
     engine.backward(loss)
     hook.remove()
+    head.remove()
     held = sum(p.ds_tensor.numel() for p in mlp.parameters()) / sum(p.ds_numel for p in mlp.parameters())
     grads = {n: safe_get_full_grad(p).double().tolist() for n, p in engine.module.named_parameters()}
-    return {"loss": float(loss), "grads": grads, "rows": rows, "held": held,
+    return {"loss": float(loss), "grads": grads, "rows": rows, "held": held, "head_rows": head_rows,
             "checkpointed": bool(engine.module.model.layers[0].gradient_checkpointing)}
 
 
-out = {"plain_gc": run(False, True), "tiled_gc": run(True, True), "tiled": run(True, False)}
+out = {"plain_gc": run(False, True), "tiled_gc": run(True, True), "tiled": run(True, False),
+       "tiled_gc_loss": run(True, True, tile_bytes=4 * 97 * 9 + 5)}  # 9 tokens of vocab-97 fp32 logits
 json.dump(out, open(os.path.join(out_dir, f"rank{RANK}.json"), "w"))
 dist.barrier()
 os._exit(0)
@@ -86,11 +95,15 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("run", ["tiled_gc", "tiled"], ids=["grad-ckpt", "no-ckpt"])
+@pytest.mark.parametrize("run", ["tiled_gc", "tiled", "tiled_gc_loss"], ids=["grad-ckpt", "no-ckpt", "with-tiled-loss"])
 def test_tiled_mlp_under_zero3_equals_plain(ranks, run):
     for r in ranks:
         ref, got = r["plain_gc"], r[run]
-        assert got["checkpointed"] == (run == "tiled_gc")
+        assert got["checkpointed"] == (run != "tiled")
+        if run == "tiled_gc_loss":  # the head called per TiledFusedLogitsLoss piece: at most 9 tokens each
+            assert got["head_rows"] and max(got["head_rows"]) <= 9, got["head_rows"]
+        else:
+            assert set(got["head_rows"]) == {46}, got["head_rows"]
         assert abs(got["loss"] - ref["loss"]) <= 1e-6 * ref["loss"], (got["loss"], ref["loss"])
         assert got["grads"].keys() == ref["grads"].keys() and len(ref["grads"]) == 2 * 9 + 3
         bad = {n: _rel(got["grads"][n], g) for n, g in ref["grads"].items() if not _rel(got["grads"][n], g) <= 1e-6}
