@@ -52,11 +52,11 @@ def pytest_report_header(config):
 FILE_MARKERS = {
     "distributed": {"test_alst", "test_alst_halo", "test_context_parallel", "test_deepspeed_ops", "test_deepspeed_zero",
                     "test_dschat", "test_dschat_parity", "test_hf_context_parallel", "test_input_errors_parallel",
-                    "test_packed_context_parallel", "test_hybrid_context_parallel",
+                    "test_packed_context_parallel", "test_hybrid_context_parallel", "test_trl_sft_alst",
                     "test_input_errors_zero3", "test_tiled_loss_train", "test_train", "test_train_context_parallel", "test_train_dschat",
                     "test_train_inputs", "test_ulysses", "test_tiled_mlp_zero3"},
     "hf": {"test_activation_offload", "test_alst", "test_alst_halo", "test_context_parallel", "test_convergence", "test_deepspeed_ops", "test_deepspeed_zero", "test_dschat", "test_dschat_parity", "test_hf_context_parallel",
-           "test_hybrid_context_parallel", "test_hf_matrix", "test_input_errors_hf", "test_memory_bench", "test_input_errors_parallel", "test_input_errors_zero3",
+           "test_hybrid_context_parallel", "test_trl_sft_alst", "test_hf_matrix", "test_input_errors_hf", "test_memory_bench", "test_input_errors_parallel", "test_input_errors_zero3",
            "test_readme", "test_tiled_loss_hf", "test_tiled_loss_train", "test_train", "test_train_context_parallel", "test_train_dschat",
            "test_train_inputs", "test_transformers_integration", "test_ulysses", "test_tiled_mlp_zero3"},
     "build": {"test_cuda_build", "test_deepspeed_ops", "test_gpu_check", "test_gpu_compile"},
