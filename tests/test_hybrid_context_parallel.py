@@ -147,3 +147,25 @@ def test_a_tie_and_no_ulysses_stay_on_the_halo():
     assert choose("halo", [100], 1) == "halo"
     with pytest.raises(ValueError, match="policy"):
         choose("fastest", [1], 1)
+
+
+def test_the_policy_switch_checks_its_value_and_the_record_is_scoped():
+    pytest.importorskip("transformers")
+    import importlib
+
+    # the module (the package exports a context manager of the same name)
+    cp = importlib.import_module("sft_kernels.integrations.transformers.context_parallel")
+
+    with pytest.raises(ValueError, match="policy must be one of"):
+        cp.set_context_parallel_exchange("fastest")
+    cp.set_context_parallel_exchange("halo")
+    try:
+        assert cp._exchange["policy"] == "halo"
+    finally:
+        cp.set_context_parallel_exchange()
+    assert cp._exchange["policy"] == "bytes"
+    with cp.record_exchanges() as outer:
+        with cp.record_exchanges() as inner:
+            assert cp._exchange["log"] is inner
+        assert cp._exchange["log"] is outer
+    assert cp._exchange["log"] is None
