@@ -122,9 +122,9 @@ MUTATIONS = [
     # ------------------------------------------------------------------ heads, rows, gradients
     Mutation(
         "gqa_head_mapping_triton", f"{ATT}/triton_jit.py",
-        "    off_b = tl.program_id(2)\n    off_hk = off_h // group\n    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
-        "    off_b = tl.program_id(2)\n    off_hk = off_h % (tl.num_programs(1) // group)\n"
-        "    q_start, k_start, seqlen_q, seqlen_k = _seq_info(",
+        "        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, BLOCK_M, IS_VARLEN)\n    off_hk = off_h // group\n",
+        "        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, BLOCK_M, IS_VARLEN)\n"
+        "    off_hk = off_h % (tl.num_programs(1) // group)\n",
         ["tests/test_attention.py"], "triton",
         "the forward and dQ (their shared prologue) map query head h to kv head h % heads_kv instead of h // group",
     ),

@@ -206,6 +206,18 @@ def _band_mask(rows, cols, off, left, right, seqlen_q, seqlen_k):
 
 
 @triton.jit
+def _program_tile(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Every program's grid is (tiles, heads, batch): its tile index, head (a kv head for
+    dK/dV), sequence, the sequence's starts and lengths, and its first row (query or key,
+    tiles of ``BLOCK``). The caller returns when that row is past its sequence's end."""
+    pid = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    return pid, off_h, off_b, q_start, k_start, seqlen_q, seqlen_k, pid * BLOCK
+
+
+@triton.jit
 def _q_tile_prologue(
     cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, group, left, right, keys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW_MODE: tl.constexpr,
@@ -215,12 +227,9 @@ def _q_tile_prologue(
     from: its tile, head, kv head and sequence, the sequence's rows and resolved window, the
     tile's row / key / feature offsets and 64-bit batch / head indices. The caller returns
     when ``start_m >= seqlen_q`` (a tile past its sequence's end)."""
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
+    pid_m, off_h, off_b, q_start, k_start, seqlen_q, seqlen_k, start_m = _program_tile(
+        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, BLOCK_M, IS_VARLEN)
     off_hk = off_h // group
-    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
     left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)
     off = seqlen_k - seqlen_q
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -228,6 +237,37 @@ def _q_tile_prologue(
     offs_d = tl.arange(0, BLOCK_D)
     return (pid_m, start_m, off_h, q_start, k_start, seqlen_q, seqlen_k, left, right, off, offs_m, offs_n, offs_d,
             off_b.to(tl.int64), off_h.to(tl.int64), off_hk.to(tl.int64))
+
+
+@triton.jit
+def _tile_base(ptr, b64, h64, start, stride_b, stride_h, stride_row):
+    """Row ``start`` of sequence ``b64``, head ``h64`` of a (batch, seqlen, heads, ...) or
+    packed tensor: every row offset from here on is added in 64 bits (a sequence may span
+    more than 2**31 elements)."""
+    return ptr + b64 * stride_b + h64 * stride_h + start.to(tl.int64) * stride_row
+
+
+@triton.jit
+def _load_pair(a_src, b_src, start, stride_a, stride_b, tile, offs_d, n, HEAD_DIM: tl.constexpr,
+               UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """Two tiles of rows [start, start + tile) of a sequence in two sources: K and V (forward,
+    dQ), Q and dO (dK/dV), O and dO (delta); ``tile`` is ``tl.arange(0, rows)``, rows at or
+    past ``n`` and columns past HEAD_DIM read as zeros. Sources are tensor descriptors
+    (USE_TMA: the copy engine zero-fills) or row-0 pointers: the tile's row offset is added
+    in 64 bits (it passes 2**31 on long sequences), the in-tile offsets stay int32 (loop
+    invariant: hoisted out of the callers' loops)."""
+    if USE_TMA:
+        a = a_src.load([start, 0])
+        b = b_src.load([start, 0])
+    else:
+        ok = ((start + tile)[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+        row0 = start.to(tl.int64)
+        a = tl.load(a_src + row0 * stride_a + (tile[:, None] * stride_a + offs_d[None, :]), mask=ok, other=0.0)
+        b = tl.load(b_src + row0 * stride_b + (tile[:, None] * stride_b + offs_d[None, :]), mask=ok, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
 
 
 # ----------------------------------------------------------------------------- forward
@@ -240,26 +280,13 @@ def _fwd_inner(
 ):
     """Online softmax over the key tiles [lo, hi). ``k_src``/``v_src``: tensor descriptors
     (USE_TMA) or the sequence's row-0 pointers."""
-    d_ok = offs_d[None, :] < HEAD_DIM
-    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # in-tile offsets: small, int32
-    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        if USE_TMA:  # rows past seqlen_k and columns past HEAD_DIM arrive as zeros
-            k = k_src.load([start_n, 0])
-            v = v_src.load([start_n, 0])
-        else:
-            kv_ok = (cols[:, None] < seqlen_k) & d_ok
-            row0 = start_n.to(tl.int64)  # row x stride in 64 bits: it passes 2**31 on long sequences
-            k = tl.load(k_src + row0 * stride_kn + k_offs, mask=kv_ok, other=0.0)
-            v = tl.load(v_src + row0 * stride_vn + v_offs, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_pair(k_src, v_src, start_n, stride_kn, stride_vn, offs_n, offs_d, seqlen_k, HEAD_DIM, UPCAST,
+                          USE_TMA)
         qk = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), cap_in, qk_scale, SOFTCAP)
         if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
-            keep = _band_mask(offs_m[:, None], cols[None, :], off, left, right, seqlen_q, seqlen_k)
+            keep = _band_mask(offs_m[:, None], (start_n + offs_n)[None, :], off, left, right, seqlen_q, seqlen_k)
             qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
@@ -306,10 +333,10 @@ def _swa_fwd_kernel(
     if start_m >= seqlen_q:
         return
     # row 0 of this sequence and head; every row offset below is added in 64 bits
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
-    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
-    o_base = O + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_om
+    q_base = _tile_base(Q, b64, h64, q_start, stride_qb, stride_qh, stride_qm)
+    k_base = _tile_base(K, b64, hk64, k_start, stride_kb, stride_kh, stride_kn)
+    v_base = _tile_base(V, b64, hk64, k_start, stride_vb, stride_vh, stride_vn)
+    o_base = _tile_base(O, b64, h64, q_start, stride_ob, stride_oh, stride_om)
     tile_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
@@ -361,24 +388,16 @@ def _bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """delta[row] = sum_d dO[row, d] * O[row, d], in fp32. Grid (tiles, heads, batch)."""
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
-    q_start, _k, seqlen_q, _lk = _seq_info(cu_seqlens_q, cu_seqlens_q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    _pid, off_h, off_b, q_start, _k, seqlen_q, _lk, start_m = _program_tile(
+        cu_seqlens_q, cu_seqlens_q, seqlen_q, seqlen_q, BLOCK_M, IS_VARLEN)
     if start_m >= seqlen_q:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
-    row0 = (q_start + start_m).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_om + rows * stride_om + offs_d[None, :],
-                mask=ok, other=0.0)
-    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + row0 * stride_dm + rows * stride_dm + offs_d[None, :],
-                 mask=ok, other=0.0)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    o, do = _load_pair(_tile_base(O, b64, h64, q_start, stride_ob, stride_oh, stride_om),
+                       _tile_base(DO, b64, h64, q_start, stride_db, stride_dh, stride_dm), start_m, stride_om,
+                       stride_dm, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D), seqlen_q, HEAD_DIM, False, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
 
@@ -391,22 +410,15 @@ def _bwd_dkdv_inner(
     SOFTCAP: tl.constexpr,
 ):
     cols = start_n + offs_n
-    d_ok = offs_d[None, :] < HEAD_DIM
-    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
+        q, do = _load_pair(q_base, do_base, start_m, stride_qm, stride_dom, offs_m, offs_d, seqlen_q, HEAD_DIM, UPCAST,
+                           False)
         rows = start_m + offs_m
         r_ok = rows < seqlen_q
-        row0 = start_m.to(tl.int64)
-        q = tl.load(q_base + row0 * stride_qm + q_offs, mask=r_ok[:, None] & d_ok, other=0.0)
-        do = tl.load(do_base + row0 * stride_dom + do_offs, mask=r_ok[:, None] & d_ok, other=0.0)
         lse = tl.load(lse_base + rows, mask=r_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=r_ok, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         qkT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), cap_in, qk_scale, SOFTCAP)  # (N, M)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if (start_m < full_lo) | (start_m >= full_hi):  # edge tile; mask scores: exp2 could overflow
@@ -442,11 +454,8 @@ def _swa_bwd_dkdv_kernel(
 ):
     """One program per (key tile, kv head, sequence): dK, dV summed over the band's query
     tiles and over the ``group`` query heads that share this kv head."""
-    pid_n = tl.program_id(0)
-    off_hk = tl.program_id(1)
-    off_b = tl.program_id(2)
-    q_start, k_start, seqlen_q, seqlen_k = _seq_info(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q, seqlen_k, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
+    _pid, off_hk, off_b, q_start, k_start, seqlen_q, seqlen_k, start_n = _program_tile(
+        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
         return
     left, right = _resolve_window(left, right, keys, seqlen_k, WINDOW_MODE, CAUSAL)
@@ -460,21 +469,17 @@ def _swa_bwd_dkdv_kernel(
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     row0 = (k_start + start_n).to(tl.int64)  # first key of this tile, 64-bit row offset
     tile_n = tl.arange(0, BLOCK_N)[:, None]
-    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + row0 * stride_kn + tile_n * stride_kn + offs_d[None, :],
-                mask=kv_ok, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + row0 * stride_vn + tile_n * stride_vn + offs_d[None, :],
-                mask=kv_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_pair(_tile_base(K, b64, hk64, k_start, stride_kb, stride_kh, stride_kn),
+                      _tile_base(V, b64, hk64, k_start, stride_vb, stride_vh, stride_vn), start_n, stride_kn, stride_vn,
+                      tl.arange(0, BLOCK_N), offs_d, seqlen_k, HEAD_DIM, UPCAST, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
     lo, full_lo, full_hi, hi = _query_phases(start_n, off, left, right, seqlen_q, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         off_h = (off_hk * group + g).to(tl.int64)
-        q_base = Q + b64 * stride_qb + off_h * stride_qh + q_start.to(tl.int64) * stride_qm
-        do_base = DO + b64 * stride_dob + off_h * stride_doh + q_start.to(tl.int64) * stride_dom
+        q_base = _tile_base(Q, b64, off_h, q_start, stride_qb, stride_qh, stride_qm)
+        do_base = _tile_base(DO, b64, off_h, q_start, stride_dob, stride_doh, stride_dom)
         lse_base = LSE + b64 * stride_lb + off_h * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + off_h * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n,
@@ -496,19 +501,11 @@ def _bwd_dq_inner(
 ):
     """dQ over the key tiles [lo, hi); with HAS_SINKS also ``pdp`` += rowsum(P * dP), the
     exact delta (from fp32 P, not from the fp16/bf16 O) for the sinks' gradient."""
-    d_ok = offs_d[None, :] < HEAD_DIM
-    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        k, v = _load_pair(k_base, v_base, start_n, stride_kn, stride_vn, offs_n, offs_d, seqlen_k, HEAD_DIM, UPCAST,
+                          False)
         cols = start_n + offs_n
-        kv_ok = (cols[:, None] < seqlen_k) & d_ok
-        row0 = start_n.to(tl.int64)
-        k = tl.load(k_base + row0 * stride_kn + k_offs, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + row0 * stride_vn + v_offs, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         qk = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), cap_in, qk_scale, SOFTCAP)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if (start_n < full_lo) | (start_n >= full_hi):  # tile on the band's edge
@@ -549,22 +546,18 @@ def _swa_bwd_dq_kernel(
                               BLOCK_N, BLOCK_D, WINDOW_MODE, CAUSAL, IS_VARLEN)
     if start_m >= seqlen_q:
         return
+    q, do = _load_pair(_tile_base(Q, b64, h64, q_start, stride_qb, stride_qh, stride_qm),
+                       _tile_base(DO, b64, h64, q_start, stride_dob, stride_doh, stride_dom), start_m, stride_qm,
+                       stride_dom, tl.arange(0, BLOCK_M), offs_d, seqlen_q, HEAD_DIM, UPCAST, False)
     row0 = (q_start + start_m).to(tl.int64)  # first query of this tile, 64-bit row offset
     tile_m = tl.arange(0, BLOCK_M)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm + tile_m * stride_qm + offs_d[None, :],
-                mask=q_ok, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom + tile_m * stride_dom + offs_d[None, :],
-                 mask=q_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     r_ok = offs_m < seqlen_q
     lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
     delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_base = _tile_base(K, b64, hk64, k_start, stride_kb, stride_kh, stride_kn)
+    v_base = _tile_base(V, b64, hk64, k_start, stride_vb, stride_vh, stride_vn)
     cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
