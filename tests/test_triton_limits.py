@@ -163,7 +163,7 @@ def test_grids_of_70000_sequences_x_32_heads(monkeypatch):
     grids = []
     rec = _GridRecorder(grids, {"BLOCK_M": 64, "BLOCK_N": 64})
     for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
-        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, rec=rec: rec)
+        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, fp32=False, rec=rec: rec)
     monkeypatch.setattr(tk, "_bwd_preprocess_kernel", _GridRecorder(grids, {}))
     batch, heads, kv_heads = 70_000, 32, 8
     cu = torch.arange(batch + 1, dtype=torch.int32) * 2  # 2 tokens each
@@ -274,3 +274,37 @@ def test_block_diag_configs_within_the_devices_shared_memory(monkeypatch):
             assert tried[-1] and all(tk._smem_bytes(c, elsize, kind) <= 163 * 1024 for c in tried[-1])
             assert len(tried[-1]) == (len(configs) if elsize == 2 else sum(
                 tk._smem_bytes(c, 4, kind) <= 163 * 1024 for c in configs))
+
+
+def test_fp32_has_its_own_config_lists(monkeypatch):
+    """fp32 inputs (IEEE dots on the FMA units, where the tensor-core tiles spill) get the
+    fp32 lists, fp16/bf16 the others: the attention launchers pass the dtype through, the
+    block-diagonal ones pick the list by dtype."""
+    from sft_kernels.ops.block_diag import triton_kernels as bd
+    from sft_kernels.ops.sliding_window_attention import triton_configs as cfgs
+    from sft_kernels.ops.sliding_window_attention import triton_kernels as tk
+    from sft_kernels.window import parse_window
+
+    monkeypatch.delenv("SFT_KERNELS_SWA_CONFIG", raising=False)
+    monkeypatch.setattr(cfgs, "interpreting", lambda: False)  # the GPU's lists, not the interpreter's tile
+    for kind in ("fwd", "dkdv", "dq"):
+        for d in (64, 128, 256):
+            assert cfgs.config_list(kind, d, 90, fp32=True) == [tuple(c[:4]) for c in cfgs._FP32_CONFIGS[kind][d]]
+            assert cfgs.config_list(kind, d, 90) == [tuple(c[:4]) for c in cfgs._CONFIGS[kind][d]
+                                                    if 90 in cfgs._entry_archs(c)]
+    seen = []
+    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
+        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, fp32=False: seen.append(fp32) or _GridRecorder([], {
+            "BLOCK_M": 16, "BLOCK_N": 16}))
+    monkeypatch.setattr(tk, "_bwd_preprocess_kernel", _GridRecorder([], {}))
+    spec = parse_window((7, 0), True)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.zeros(1, 4, 2, 16, dtype=dtype)
+        out, lse = tk.swa_fwd_triton(q, q, q, spec, 0.25)
+        tk.swa_bwd_triton(q, q, q, q, out, lse, spec, 0.25)
+    assert seen == [True] * 3 + [False] * 3
+
+    assert bd.configs_for("gemm", torch.float32) is bd.GEMM_CONFIGS_FP32
+    assert bd.configs_for("dw", torch.float32) is bd.DW_CONFIGS_FP32
+    for dtype in (torch.float16, torch.bfloat16):
+        assert bd.configs_for("gemm", dtype) is bd.GEMM_CONFIGS and bd.configs_for("dw", dtype) is bd.DW_CONFIGS

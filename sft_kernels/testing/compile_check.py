@@ -57,8 +57,10 @@ from .runner import check_specs, compile_kernel, expand_configs, run_specs  # no
 
 
 def op_specs():
-    """(specs, problems): every ``compile_specs()`` of the ``sft_kernels.ops.*.triton*``
-    modules; ``problems`` lists modules that do not import or specs that are malformed."""
+    """(specs, problems): what every ``compile_specs()`` (and ``*_compile_specs()``, e.g.
+    ``fp32_compile_specs``: a dtype's own config lists) of the ``sft_kernels.ops.*.triton*``
+    modules returns; ``problems`` lists modules that do not import or specs that are
+    malformed."""
     import importlib
     import pkgutil
 
@@ -78,21 +80,22 @@ def op_specs():
         except Exception as e:  # noqa: BLE001 - a broken kernel module is a failure
             problems.append(f"cannot import {info.name}: {type(e).__name__}: {e}")
             continue
-        fn = getattr(mod, "compile_specs", None)
-        if fn is None or id(fn) in seen_fns:
-            continue
-        seen_fns.add(id(fn))
-        try:
-            got = list(fn())
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{info.name}.compile_specs() raised {type(e).__name__}: {e}")
-            continue
-        for s in got:
-            missing = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} - set(s)
-            if missing:
-                problems.append(f"{info.name}: spec {s.get('name', '?')} lacks {sorted(missing)}")
-            else:
-                specs.append(s)
+        for attr in sorted(a for a in vars(mod) if a == "compile_specs" or a.endswith("_compile_specs")):
+            fn = getattr(mod, attr)
+            if not callable(fn) or id(fn) in seen_fns:
+                continue
+            seen_fns.add(id(fn))
+            try:
+                got = list(fn())
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{info.name}.{attr}() raised {type(e).__name__}: {e}")
+                continue
+            for s in got:
+                missing = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} - set(s)
+                if missing:
+                    problems.append(f"{info.name}: spec {s.get('name', '?')} lacks {sorted(missing)}")
+                else:
+                    specs.append(s)
     names = [s["name"] for s in specs]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:

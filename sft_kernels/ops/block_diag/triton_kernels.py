@@ -57,6 +57,33 @@ from .._triton_utils import (
 # ----------------------------------------------------------------------------- kernels
 
 
+@triton.jit
+def _program_share(total):
+    """A persistent program's index, the program count, and how many of ``total`` tiles it
+    walks: pid, pid + nprog, ... (the grid has <= total programs)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    return pid, nprog, tl.cdiv(total - pid, nprog)
+
+
+@triton.jit
+def _block_meta(META, g):
+    """Row ``g`` of an int32 (G, 6) block table (``_meta``): the operand's column offset, the
+    output's column offset, their two sizes, the weight offset (int64) and the weight's row
+    length; every field a multiple of 16 (sizes are padded)."""
+    return (tl.multiple_of(tl.load(META + g * 6 + 0), 16), tl.multiple_of(tl.load(META + g * 6 + 1), 16),
+            tl.multiple_of(tl.load(META + g * 6 + 2), 16), tl.multiple_of(tl.load(META + g * 6 + 3), 16),
+            tl.multiple_of(tl.load(META + g * 6 + 4), 16).to(tl.int64), tl.multiple_of(tl.load(META + g * 6 + 5), 16))
+
+
+@triton.jit
+def _no_block(pid):
+    """:func:`_block_meta`'s fields before a program's first tile: loop-carried state is
+    defined before the loop and set at its first step."""
+    z = pid * 0
+    return z, z, z, z, z.to(tl.int64), z
+
+
 @triton.jit(do_not_specialize=["T", "C"])
 def _bd_gemm_kernel(
     A,  # (T, sum K_i) activations, any strides
@@ -80,10 +107,7 @@ def _bd_gemm_kernel(
     BLOCK_K: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    total = tl.cdiv(T, BLOCK_T) * C
-    my_tiles = tl.cdiv(total - pid, nprog)  # tiles pid, pid + nprog, ... (the grid has <= total programs)
+    pid, nprog, my_tiles = _program_share(tl.cdiv(T, BLOCK_T) * C)
     # k-steps over this program's tiles: the trip count of the one flattened loop below
     n_iters = pid * 0
     for j0 in range(0, my_tiles, COUNT_BLOCK):
@@ -100,12 +124,7 @@ def _bd_gemm_kernel(
     k_steps = pid * 0
     t0 = pid * 0
     n0 = pid * 0
-    k_off = pid * 0
-    n_off = pid * 0
-    K_i = pid * 0
-    N_i = pid * 0
-    ld_w = pid * 0
-    w_off = (pid * 0).to(tl.int64)
+    k_off, n_off, K_i, N_i, w_off, ld_w = _no_block(pid)
     a_row = (pid * 0).to(tl.int64)
     for _ in range(0, n_iters):
         if kk == 0:  # a new tile: find its block
@@ -115,12 +134,7 @@ def _bd_gemm_kernel(
             g = tl.load(COLS + c * 4)
             n0 = tl.multiple_of(tl.load(COLS + c * 4 + 1), BLOCK_N)
             k_steps = tl.load(COLS + c * 4 + 2)
-            k_off = tl.multiple_of(tl.load(META + g * 6 + 0), 16)  # every size a multiple of 16 (padded)
-            n_off = tl.multiple_of(tl.load(META + g * 6 + 1), 16)
-            K_i = tl.multiple_of(tl.load(META + g * 6 + 2), 16)
-            N_i = tl.multiple_of(tl.load(META + g * 6 + 3), 16)
-            w_off = tl.multiple_of(tl.load(META + g * 6 + 4), 16).to(tl.int64)
-            ld_w = tl.multiple_of(tl.load(META + g * 6 + 5), 16)
+            k_off, n_off, K_i, N_i, w_off, ld_w = _block_meta(META, g)
             a_row = t0.to(tl.int64) * stride_at  # row x stride in 64 bits
         k0 = kk * BLOCK_K
         kr = k0 + offs_k
@@ -172,10 +186,7 @@ def _bd_dw_kernel(
     BLOCK_T: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    total = MN * SPLIT
-    my_tiles = tl.cdiv(total - pid, nprog)
+    pid, nprog, my_tiles = _program_share(MN * SPLIT)
     # k-steps (token tiles) over this program's tiles: the last split may be shorter
     n_iters = pid * 0
     for j0 in range(0, my_tiles, COUNT_BLOCK):
@@ -196,11 +207,7 @@ def _bd_dw_kernel(
     t_end = pid * 0
     m0 = pid * 0
     n0 = pid * 0
-    n_off = pid * 0
-    m_off = pid * 0
-    n_i = pid * 0
-    m_i = pid * 0
-    w_off = (pid * 0).to(tl.int64)
+    n_off, m_off, n_i, m_i, w_off, _ld = _no_block(pid)
     for _ in range(0, n_iters):
         if kk == 0:
             tile += nprog
@@ -209,11 +216,7 @@ def _bd_dw_kernel(
             g = tl.load(TILES + mn * 4)
             m0 = tl.multiple_of(tl.load(TILES + mn * 4 + 1), BLOCK_M)
             n0 = tl.multiple_of(tl.load(TILES + mn * 4 + 2), BLOCK_N)
-            n_off = tl.multiple_of(tl.load(META + g * 6 + 0), 16)
-            m_off = tl.multiple_of(tl.load(META + g * 6 + 1), 16)
-            n_i = tl.multiple_of(tl.load(META + g * 6 + 2), 16)
-            m_i = tl.multiple_of(tl.load(META + g * 6 + 3), 16)
-            w_off = tl.multiple_of(tl.load(META + g * 6 + 4), 16).to(tl.int64)
+            n_off, m_off, n_i, m_i, w_off, _ld = _block_meta(META, g)
             t_start = split * T_CHUNK
             t_end = tl.minimum(T, t_start + T_CHUNK)
             k_steps = tl.cdiv(t_end - t_start, BLOCK_T)
@@ -259,6 +262,19 @@ DW_CONFIGS: List[Dict[str, int]] = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=32, BLOCK_T=128, num_warps=4, num_stages=4),  # small blocks
 ]
+# fp32 inputs: with IEEE dots (torch's default, allow_tf32 off) tl.dot runs on the FMA
+# units and holds its operands in registers: the tensor-core tiles above spill there (GEMM
+# cfg1 524 B on sm_90a, cfg2 13.7 KB on sm_80; dW cfg0 40 B, cfg1 376 B on sm_90a, Triton
+# 3.8), so fp32 has its own lists, spill-free on sm_90a and sm_80 under Triton 3.6 and 3.8
+# (fp32_compile_specs; registers in docs/kernels.md). Rejected on the way: GEMM (128, 32,
+# 32, 4, 4) (dX spills 396 B on sm_80 under 3.8) and dW (64, 64, 64, 4, 4) / (64, 32, 64,
+# 4, 3) (7.9-13 KB on sm_80 under 3.8).
+GEMM_CONFIGS_FP32: List[Dict[str, int]] = [
+    dict(BLOCK_T=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+DW_CONFIGS_FP32: List[Dict[str, int]] = [
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=64, num_warps=4, num_stages=3),
+]
 # One config each under the interpreter: small tiles so that tests at tokens <= 64 and
 # widths <= 96 still cross tile edges and walk several tiles per program.
 INTERPRET_GEMM_CONFIG = dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -266,6 +282,13 @@ INTERPRET_DW_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=32, num_warps=4, num_
 INTERPRET_PROGRAMS = 3  # persistent programs under the interpreter (each walks many tiles)
 
 _ALIGN = 16  # block sizes are padded to a multiple of this
+
+
+def configs_for(kind: str, dtype: torch.dtype) -> List[Dict[str, int]]:
+    """The config list of ``kind`` ("gemm" / "dw") for inputs of ``dtype``."""
+    if dtype == torch.float32:
+        return GEMM_CONFIGS_FP32 if kind == "gemm" else DW_CONFIGS_FP32
+    return GEMM_CONFIGS if kind == "gemm" else DW_CONFIGS
 _COUNT_BLOCK = 128  # tiles per step of the kernels' trip-count pre-pass
 
 
@@ -495,36 +518,36 @@ def _gemm(a, weight, bias, ks, cols, trans_w, out, dtype):
     in_f, out_f = (cols, ks) if trans_w else (ks, cols)
     meta = _meta(tuple(in_f), tuple(out_f), "dx" if trans_w else "fwd", a.device)
     key = _gemm_key(T, ks, cols, dtype, trans_w, bias is not None)
-    cfg = _choose("gemm", key, a.device, a.element_size(), GEMM_CONFIGS,
+    cfg = _choose("gemm", key, a.device, a.element_size(), configs_for("gemm", a.dtype),
                   lambda c: _launch_gemm(a, weight, bias, y, meta, ks, cols, trans_w, c))
     _launch_gemm(a, weight, bias, y, meta, ks, cols, trans_w, cfg)
     return y
 
 
+def _gemm_blocks(a, weight, bias, in_f, out_f, trans_w: bool, out):
+    """``a @ B`` for any block sizes: aligned ones directly, others on the zero-padded copy
+    (``a``'s columns spread, the weight and bias padded, the real columns gathered back).
+    Forward: ``a = x`` over the n_i, output over the m_i; dX (``trans_w``): the other way."""
+    ks, cols = (out_f, in_f) if trans_w else (in_f, out_f)
+    if _aligned(in_f + out_f):
+        return _finish(_gemm(a, weight, bias, ks, cols, trans_w, out, a.dtype), out, a.dtype)
+    in_p, out_p, col_in, col_out, w_idx, w_numel = _pad_plan(in_f, out_f, a.device)
+    ks_p, col_k, cols_p, col_n = (out_p, col_out, in_p, col_in) if trans_w else (in_p, col_in, out_p, col_out)
+    bp = None if bias is None else torch.zeros(sum(cols_p), dtype=bias.dtype, device=bias.device).index_copy_(
+        0, col_n, bias)
+    yp = _gemm(_spread_cols(a, col_k, sum(ks_p)), _pad_weight(weight, w_idx, w_numel), bp, ks_p, cols_p, trans_w, None,
+               a.dtype)
+    return _finish(yp.index_select(1, col_n), out, a.dtype)
+
+
 def gemm_forward(x, weight, bias, in_features, out_features, out=None) -> torch.Tensor:
     """``y = x @ block_diag(W).T + bias`` for 2-D ``x (T, sum n_i)`` (into ``out`` if given)."""
-    in_f, out_f = tuple(in_features), tuple(out_features)
-    if _aligned(in_f + out_f):
-        return _finish(_gemm(x, weight, bias, in_f, out_f, False, out, x.dtype), out, x.dtype)
-    in_p, out_p, col_in, col_out, w_idx, w_numel = _pad_plan(in_f, out_f, x.device)
-    xp = _spread_cols(x, col_in, sum(in_p))
-    wp = _pad_weight(weight, w_idx, w_numel)
-    bp = None if bias is None else torch.zeros(sum(out_p), dtype=bias.dtype, device=bias.device).index_copy_(
-        0, col_out, bias)
-    yp = _gemm(xp, wp, bp, in_p, out_p, False, None, x.dtype)
-    return _finish(yp.index_select(1, col_out), out, x.dtype)
+    return _gemm_blocks(x, weight, bias, tuple(in_features), tuple(out_features), False, out)
 
 
 def gemm_backward_dx(grad, weight, in_features, out_features, out=None) -> torch.Tensor:
     """``dx = dy @ block_diag(W)`` for 2-D ``dy (T, sum m_i)`` (into ``out`` if given)."""
-    in_f, out_f = tuple(in_features), tuple(out_features)
-    if _aligned(in_f + out_f):
-        return _finish(_gemm(grad, weight, None, out_f, in_f, True, out, grad.dtype), out, grad.dtype)
-    in_p, out_p, col_in, col_out, w_idx, w_numel = _pad_plan(in_f, out_f, grad.device)
-    gp = _spread_cols(grad, col_out, sum(out_p))
-    wp = _pad_weight(weight, w_idx, w_numel)
-    dxp = _gemm(gp, wp, None, out_p, in_p, True, None, grad.dtype)
-    return _finish(dxp.index_select(1, col_in), out, grad.dtype)
+    return _gemm_blocks(grad, weight, None, tuple(in_features), tuple(out_features), True, out)
 
 
 # Split the token reduction of dW only while there are fewer output tiles (at 128x128)
@@ -575,7 +598,7 @@ def _dw(grad, x, in_f, out_f, split, out):
         dw = torch.empty(split, numel, dtype=torch.float32, device=x.device)
     key = (str(x.dtype), split > 1, _pow2_bucket(max(out_f), 16, 8192), _pow2_bucket(max(in_f), 16, 8192),
            _pow2_bucket(len(in_f), 1, 256), _pow2_bucket(t_chunk, 1024, 65536))
-    cfg = _choose("dw", key, x.device, x.element_size(), DW_CONFIGS,
+    cfg = _choose("dw", key, x.device, x.element_size(), configs_for("dw", x.dtype),
                   lambda c: _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, c))
     _launch_dw(grad, x, dw, meta, in_f, out_f, split, t_chunk, cfg)
     return dw.view(numel) if split == 1 else dw.sum(0)
@@ -612,7 +635,7 @@ def _spec(name: str, fn, first: bool, signature: dict, constexprs: dict, cfg: Di
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
+def compile_specs(dtypes=(torch.float16, torch.bfloat16), dot_prec: Optional[str] = None) -> List[dict]:
     """Every kernel in every autotune config, for an ahead-of-time GPU compile check.
 
     Format of ``sft_kernels.testing.compile_check``: ``name``, ``fn`` (the raw
@@ -625,20 +648,20 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
     that runs), ``expect_mma``, ``archs`` (those whose shared memory per block holds the
     config's pipeline: ``_choose`` leaves it out on the others).
 
-    fp32 is not in the default list: with IEEE dots (torch's default, no tf32) the dots run
-    on FMA units, and these tables, sized for fp16/bf16 tensor-core tiles, spill there
-    (``compile_specs((torch.float32,))`` under Triton 3.8: GEMM cfg1 524 B on sm_90a, cfg2
-    13.7 KB on sm_80; dW cfg0 40 B, cfg1 376 B on sm_90a). fp32 runs, correctly, at a cost;
-    an fp32 table of its own is future work.
+    Each dtype compiles its own lists (:func:`configs_for`); fp32, whose lists differ, is
+    :func:`fp32_compile_specs`. ``input_precision`` is what a launch with torch's defaults
+    gets (:func:`dot_precision`: IEEE for fp32) unless ``dot_prec`` is given.
     """
     specs = []
     for dtype in dtypes:
-        ty, tag = "*" + _TL[dtype], _TL[dtype]
+        prec = dot_prec or dot_precision(dtype)
+        ty, tag = "*" + _TL[dtype], _TL[dtype] + ("" if prec == dot_precision(dtype) else f",{prec}")
         elsize = torch.empty(0, dtype=dtype).element_size()
-        for ci, cfg in enumerate(GEMM_CONFIGS):
+        first = dtype != torch.float16 and prec == dot_precision(dtype)  # bf16's, and fp32's own lists
+        for ci, cfg in enumerate(configs_for("gemm", dtype)):
             for variant, has_bias, trans_w in (("fwd", False, False), ("fwd_bias", True, False), ("dx", False, True)):
                 constexprs = dict(stride_ak=1, stride_on=1, HAS_BIAS=has_bias, TRANS_W=trans_w, UPCAST_DOT=False,
-                                  INPUT_PRECISION=dot_precision(dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
+                                  INPUT_PRECISION=prec, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
                                   BLOCK_K=cfg["BLOCK_K"], COUNT_BLOCK=_COUNT_BLOCK)
                 signature = dict(A=ty, W=ty, BIAS=ty, OUT=ty, META="*i32", COLS="*i32", T="i32", C="i32",
                                  stride_at="i32", stride_ot="i32")
@@ -646,21 +669,25 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16)) -> List[dict]:
                     del signature["BIAS"]
                     constexprs["BIAS"] = None
                 specs.append(_spec(f"_bd_gemm_kernel[{variant},{tag},cfg{ci}]", _bd_gemm_kernel,
-                                   ci == 0 and dtype == torch.bfloat16 and variant != "fwd_bias", signature, constexprs,
-                                   cfg))
+                                   first and ci == 0 and variant != "fwd_bias", signature, constexprs, cfg))
                 specs[-1]["archs"] = _archs(cfg, elsize, "gemm")
-        for ci, cfg in enumerate(DW_CONFIGS):
+        for ci, cfg in enumerate(configs_for("dw", dtype)):
             for variant, out_ty in (("direct", ty), ("split", "*fp32")):
-                constexprs = dict(stride_dym=1, stride_xk=1, UPCAST_DOT=False, INPUT_PRECISION=dot_precision(dtype),
+                constexprs = dict(stride_dym=1, stride_xk=1, UPCAST_DOT=False, INPUT_PRECISION=prec,
                                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"],
                                   COUNT_BLOCK=_COUNT_BLOCK)
                 signature = dict(DY=ty, X=ty, DW=out_ty, META="*i32", TILES="*i32", T="i32", MN="i32", T_CHUNK="i32",
                                  SPLIT="i32", stride_dyt="i32", stride_xt="i32", stride_dws="i32")
                 specs.append(_spec(f"_bd_dw_kernel[{variant},{tag},cfg{ci}]", _bd_dw_kernel,
-                                   ci == 0 and dtype == torch.bfloat16 and variant == "direct", signature, constexprs,
-                                   cfg))
+                                   first and ci == 0 and variant == "direct", signature, constexprs, cfg))
                 specs[-1]["archs"] = _archs(cfg, elsize, "dw")
     return specs
+
+
+def fp32_compile_specs() -> List[dict]:
+    """fp32 on its own lists, with IEEE dots (torch's default: what the lists are sized for;
+    ``compile_specs((torch.float32,), dot_prec="tf32")`` builds the ``allow_tf32`` variant)."""
+    return compile_specs((torch.float32,))
 
 
 def _archs(cfg: Dict[str, int], elsize: int, kind: str) -> Tuple[int, ...]:

@@ -10,7 +10,7 @@ import inspect
 import triton
 
 from ...window import MODE_EXPLICIT, MODE_SQRT
-from .triton_configs import _CONFIGS, _entry_archs
+from .triton_configs import _CONFIGS, _FP32_CONFIGS, _entry_archs
 from .triton_jit import _swa_bwd_dkdv_kernel, _swa_bwd_dq_kernel, _swa_fwd_kernel
 
 _KERNELS = {"fwd": _swa_fwd_kernel, "dkdv": _swa_bwd_dkdv_kernel, "dq": _swa_bwd_dq_kernel}
@@ -48,27 +48,30 @@ def _param_names(kind: str):
 
 def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXPLICIT, varlen: bool = False,
                  causal: bool = True, tma: bool = False, first: bool = False, softcap: bool = False,
-                 sinks: bool = False) -> dict:
+                 sinks: bool = False, dot_prec: str = "") -> dict:
     """One compile-check spec (``sft_kernels.testing.compile_check``) of ``kind`` in
     ``dtype`` ("fp16"/"bf16"/"fp32") at ``cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages[,
     archs])``; ``softcap`` / ``sinks`` compile those score modifiers in (sinks: the forward
     and dQ, where their gradient is summed; dK/dV has none). Pointers a launch leaves out
     (``cu_seqlens`` unpacked, ``SINKS`` / ``DSINK`` without sinks) are constexpr None, as the
-    launchers pass them."""
+    launchers pass them. ``dot_prec``: the dots' ``input_precision``, by default what a
+    launch with torch's defaults gets (fp32: "ieee", FMA units, no tensor-core MMA expected;
+    "tf32" is fp32 under ``allow_tf32``)."""
+    dot_prec = dot_prec or ("ieee" if dtype == "fp32" else "tf32")
     bm, bn, warps, stages = cfg[:4]
     archs = (90,) if tma else tuple(_entry_archs(cfg))
     absent = (() if varlen else ("cu_seqlens_q", "cu_seqlens_k")) + (() if sinks else ("SINKS", "DSINK"))
     sig = _signature(kind, dtype, absent)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn,
                       WINDOW_MODE=mode, CAUSAL=causal, IS_VARLEN=varlen, UPCAST=False,
-                      DOT_PREC="ieee" if dtype == "fp32" else "tf32", SOFTCAP=softcap)
+                      DOT_PREC=dot_prec, SOFTCAP=softcap)
     constexprs.update({n: None for n in absent if n in _param_names(kind)})
     if kind == "fwd":
         constexprs["USE_TMA"] = tma
     if kind in ("fwd", "dq"):
         constexprs["HAS_SINKS"] = sinks
     tags = (("tma," if tma else "") + ("softcap," if softcap else "") + ("sinks," if sinks else "")
-            + f"D={head_dim},{dtype},BM={bm},BN={bn},w={warps},s={stages}")
+            + f"D={head_dim},{dtype}{',tf32' if dtype == 'fp32' and dot_prec == 'tf32' else ''},BM={bm},BN={bn},w={warps},s={stages}")
     return {
         "name": f"swa_{kind}[{tags}" + (",varlen,sqrt" if varlen else "") + "]",
         "fn": _KERNELS[kind],
@@ -76,7 +79,7 @@ def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXP
         "constexprs": constexprs,
         "num_warps": warps,
         "num_stages": stages,
-        "expect_mma": True,
+        "expect_mma": dot_prec != "ieee",  # IEEE fp32 dots run on the FMA units
         "first_choice": first,  # the first entry of its autotune list (the report's table)
         # TMA is a Hopper engine: that variant is only ever launched on sm_90 (as are the
         # Hopper-only list entries)
@@ -122,4 +125,16 @@ def compile_specs():
         if kind == "fwd":
             specs.append(compile_spec(kind, "bf16", 80, by_dim[128][0], tma=True))
             specs.append(compile_spec(kind, "bf16", 128, by_dim[128][0], mode=MODE_SQRT, varlen=True, tma=True))
+    return specs
+
+
+def fp32_compile_specs():
+    """fp32 inputs on their own lists (``triton_configs._FP32_CONFIGS``): every entry with
+    IEEE dots (torch's default, what the lists are sized for); the pointer forward only
+    (the launcher takes tensor descriptors for fp16/bf16 alone)."""
+    specs = []
+    for kind, by_dim in _FP32_CONFIGS.items():
+        for head_dim, configs in by_dim.items():
+            for i, cfg in enumerate(configs):
+                specs.append(compile_spec(kind, "fp32", head_dim, cfg, first=i == 0))
     return specs

@@ -43,6 +43,17 @@ _CONFIGS = {
         256: [(64, 32, 8, 2), (128, 16, 8, 2)],
     },
 }
+# fp32 inputs: with IEEE dots (torch's default, allow_tf32 off) tl.dot runs on the FMA
+# units, not the tensor cores, and keeps its operands in registers in another layout: the
+# tiles above spill there (the forward at D = 128: ~1.5 KB on sm_90a). Their own lists,
+# chosen by compiling candidates (ptxas -v, Triton 3.6 and 3.8, sm_90a and sm_80): 8 warps
+# on tiles of 16-64 rows; 4 warps on 64 rows, or 64 rows at D = 128, spilled on sm_80 under
+# 3.8 (registers per entry in docs/kernels.md). With allow_tf32 the same lists run.
+_FP32_CONFIGS = {
+    "fwd": {64: [(64, 32, 8, 2)], 128: [(16, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
+    "dkdv": {64: [(16, 32, 8, 2)], 128: [(16, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
+    "dq": {64: [(16, 32, 8, 2)], 128: [(32, 32, 8, 2)], 256: [(32, 16, 8, 2)]},
+}
 _INTERPRET_CONFIG = (16, 16, 1, 1)  # TRITON_INTERPRET=1: one small config, no tuning
 _CONFIG_NAMES = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
@@ -60,12 +71,17 @@ def _entry_archs(entry):
     return entry[4] if len(entry) > 4 else (80, 90)
 
 
-def config_list(kind: str, head_dim: int, arch: int = 90):
+def config_table(fp32: bool = False):
+    """The lists for fp16/bf16 inputs, or for fp32 ones."""
+    return _FP32_CONFIGS if fp32 else _CONFIGS
+
+
+def config_list(kind: str, head_dim: int, arch: int = 90, fp32: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples tried for ``kind`` on ``arch``
-    (90 for Hopper and newer, 80 below)."""
+    (90 for Hopper and newer, 80 below) for fp16/bf16 inputs, or fp32 ones."""
     pinned = _pinned(kind)
     if pinned:
         return pinned
     if interpreting():
         return [_INTERPRET_CONFIG]
-    return [tuple(e[:4]) for e in _CONFIGS[kind][head_dim_class(head_dim)] if arch in _entry_archs(e)]
+    return [tuple(e[:4]) for e in config_table(fp32)[kind][head_dim_class(head_dim)] if arch in _entry_archs(e)]
