@@ -348,6 +348,13 @@ MUTATIONS = [
         ["tests/test_packed_context_parallel.py"], "forward_and_gradients or own_keys",
         "the packed right halo one key short of the window",
     ),
+    Mutation(
+        "train_offload_context_not_entered", "sft_kernels/train/loop.py",
+        "            with offload:  # the backward must run inside",
+        "            with contextlib.nullcontext():  # the backward must run inside",
+        ["tests/test_tiled_loss_train.py"], "offload",
+        "--offload_checkpoints builds DeepSpeed's offload context but never enters it",
+    ),
     # ------------------------------------------------------------------ softcap and sinks
     Mutation(
         "softcap_grad_missing_torch", f"{ATT}/torch_impl.py",

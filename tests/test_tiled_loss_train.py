@@ -64,3 +64,35 @@ def test_context_parallel_tiled_run_equals_one_process_full_logits(tmp_path):
     assert len(got["train_losses"]) == 3
     for (s1, a), (s2, b) in zip(got["train_losses"], ref["train_losses"]):
         assert s1 == s2 and _rel(a, b) <= REL_CP, (s1, a, b)
+
+
+def test_offload_checkpoints_run_equals_the_checkpointed_run(tmp_path, monkeypatch):
+    """--offload_checkpoints (DeepSpeed's activation-checkpoint offload) around every micro-batch's
+    forward and backward: the same losses, gradient norms and evaluation as plain checkpointing.
+    DeepSpeed's CPU accelerator is made to say it is not synchronized, so its copy-out / copy-back
+    code really runs (on CPU it otherwise declines to copy; see tests/test_activation_offload.py)."""
+    from deepspeed.accelerator import get_accelerator
+
+    import sft_kernels.modules.activation_offload as offload_module
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        pytest.skip("the CPU check (DeepSpeed's accelerator here is not its CPU one)")
+    ref = _run(tmp_path / "gc", "--gradient_checkpointing")
+    monkeypatch.setattr(accelerator, "is_synchronized_device", lambda: False)
+    made = []
+    real = offload_module.checkpoint_offload
+    monkeypatch.setattr(offload_module, "checkpoint_offload", lambda model, **kw: made.append(real(model, **kw)) or made[-1])
+    got = _run(tmp_path / "offload", "--gradient_checkpointing", "--offload_checkpoints")
+    assert len(made) == 1  # one context for the run (its CPU buffers pooled across steps)
+    s = made[0].stats  # the last micro-batch's: every layer's input but the newest went out and came back
+    assert s.offloaded_tensors == s.restored_tensors and s.offloaded_tensors >= 1, s
+    assert len(got["train_losses"]) == 3  # the copies are exact, so is the run
+    assert got["train_losses"] == ref["train_losses"]
+    assert got["train_grad_norms_this_run"] == ref["train_grad_norms_this_run"]
+    assert got["eval_after"]["loss"] == ref["eval_after"]["loss"]
+
+
+def test_offload_checkpoints_needs_checkpointing(tmp_path):
+    with pytest.raises(ValueError, match="--offload_checkpoints .* needs --gradient_checkpointing"):
+        _run(tmp_path / "bad", "--offload_checkpoints")

@@ -213,6 +213,11 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp_chunk_tokens", type=_non_negative_int, default=0,
                    help="N > 0: every layer's MLP N tokens at a time (DeepSpeed's TiledMLP through "
                         "sft_kernels.modules.tiled_mlp); same outputs and gradients, one more MLP forward. 0: plain")
+    g.add_argument("--offload_checkpoints", action="store_true",
+                   help="with --gradient_checkpointing: each layer's checkpointed input waits in CPU memory from the "
+                        "forward to the backward (ALST's activation checkpoint offload: DeepSpeed's "
+                        "CheckpointHiddenStatesOffload through sft_kernels.modules.activation_offload); same loss and "
+                        "gradients; the memory it saves is on a GPU (on CPU there is nothing to offload to)")
 
 
 def build_parser(prog: str = "sft-kernels train", add_help: bool = True) -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ with a message naming each one; ``--max_steps``, ``--save_steps``, logging flags
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -158,6 +159,9 @@ def _check_args(args) -> None:
         raise ValueError("--offload moves ZeRO state to CPU and needs --zero_stage 1, 2 or 3")
     if args.save_steps and not args.output_dir:
         raise ValueError("--save_steps writes checkpoints into --output_dir; give one")
+    if getattr(args, "offload_checkpoints", False) and not args.gradient_checkpointing:
+        raise ValueError("--offload_checkpoints moves the checkpoints' inputs to CPU and needs "
+                         "--gradient_checkpointing")
     cp = getattr(args, "context_parallel_size", 1)
     if cp > 1:
         if args.attn_implementation != "sft_sliding_window":
@@ -630,16 +634,22 @@ def _train_epochs(args, engine, batches, shards, ranks: _Ranks, plan: _Plan, sta
     progress = evaluator.progress = _Progress(plan.total_steps, state.step, enabled=not args.no_progress,
                                               quiet=rank != 0)
     engine.train()
+    offload = contextlib.nullcontext()
+    if getattr(args, "offload_checkpoints", False):  # issue 22; created once: its CPU buffers are pooled
+        from ..modules.activation_offload import checkpoint_offload
+
+        offload = checkpoint_offload(engine.module)
     out, t_train = _Trained(), time.perf_counter()
     step_loss, step_tokens = 0.0, 0
     while state.micro < plan.total_micro:
         epoch = state.micro // mpe
         for batch, micro in _micro_batches(args, batches, epoch, state.micro % mpe, shards):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, shown = _micro_batch_loss(args, engine, batch, micro, shards)
-            if args.print_loss:
-                print(f"Epoch: {epoch}, Step: {state.micro % mpe}, Rank: {rank}, loss = {shown}", flush=True)
-            engine.backward(loss)
+            with offload:  # the backward must run inside: the offloaded copies live in its bookkeeping
+                loss, shown = _micro_batch_loss(args, engine, batch, micro, shards)
+                if args.print_loss:
+                    print(f"Epoch: {epoch}, Step: {state.micro % mpe}, Rank: {rank}, loss = {shown}", flush=True)
+                engine.backward(loss)
             lr = engine.get_lr()[0]  # what this micro-batch's optimizer step (if it is one) applies
             engine.step()  # the optimizer steps at every gas-th micro-batch (DeepSpeed's own count)
             step_loss += shown / gas
