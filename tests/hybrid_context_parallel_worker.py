@@ -1,6 +1,6 @@
 """One rank of tests/test_hybrid_context_parallel.py (P gloo processes): a hybrid Qwen2 (sliding
 and full-attention layers alternating, ``layer_types``) with ``register(context_parallel_group=...)``,
-each layer through the halo or DeepSpeed's Ulysses (``set_context_parallel_exchange``: "bytes" =
+each layer through the halo or DeepSpeed's Ulysses (``set_context_parallel_exchange``: "auto" =
 the cheaper per layer, "halo", "ulysses").
 
 Every rank builds the same tiny float64 model from a config (same seed), runs its block of each row
@@ -148,8 +148,8 @@ for kind in KINDS:
 
 def parallel(kind, policy, window=WINDOW):
     """Forward + backward of this rank's block; -> errors against the oracle, counted bytes, layer log."""
-    sft_hf.register(context_parallel_group=dist.group.WORLD, context_parallel_packed=(kind == "packed"))
-    set_context_parallel_exchange(policy)
+    sft_hf.register(context_parallel_group=dist.group.WORLD, context_parallel_packed=(kind == "packed"),
+                    context_parallel_exchange=policy)
     inputs, shifted = batch(kind)
     sl = slice(RANK * N, (RANK + 1) * N)
     shard = {k: v[:, sl].contiguous() for k, v in inputs.items()}
@@ -166,9 +166,9 @@ def parallel(kind, policy, window=WINDOW):
     return {"errors": errs, "bytes": counter.bytes, "layers": log}
 
 
-results = {f"{kind}-{policy}": parallel(kind, policy) for kind in KINDS for policy in ("bytes", "halo", "ulysses")}
-controls = {"window-off-by-one-" + kind: parallel(kind, "bytes", WINDOW - 1)["errors"] for kind in ("unpadded", "packed")}
-set_context_parallel_exchange("bytes")
+results = {f"{kind}-{policy}": parallel(kind, policy) for kind in KINDS for policy in ("auto", "halo", "ulysses")}
+controls = {"window-off-by-one-" + kind: parallel(kind, "auto", WINDOW - 1)["errors"] for kind in ("unpadded", "packed")}
+set_context_parallel_exchange("auto")
 info = {"world": WORLD, "n": N, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layer_types": LAYERS}
 with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as f:
     json.dump({"info": info, "results": results, "controls": controls}, f)

@@ -6,7 +6,7 @@ DeepSpeed's ``UlyssesSPAttentionHF``, chosen by the bytes each would send
 Two launches of ``tests/hybrid_context_parallel_worker.py`` on gloo, one after the other: 2
 processes (MQA; the halo is the cheaper for every layer there) and 6 (MHA; Ulysses sends less than
 a full layer's halo from P = 5 on). Each runs unpadded, right-padded and packed rows under the
-policies "bytes" (the choice), "halo" and "ulysses" (forced), against one process on the whole batch
+policies "auto" (the choice), "halo" and "ulysses" (forced), against one process on the whole batch
 with the same backend, and counts the bytes it sends. About 1.5 min on 2 idle cores.
 """
 
@@ -25,7 +25,7 @@ WORKER = os.path.join(ROOT, "tests", "hybrid_context_parallel_worker.py")
 TOL = 1e-12
 CONTROL_MIN = 1e-4
 KINDS = ("unpadded", "padded", "packed")
-POLICIES = ("bytes", "halo", "ulysses")
+POLICIES = ("auto", "halo", "ulysses")
 
 
 @pytest.fixture(scope="module", params=[2, 6], ids=["P2", "P6"])
@@ -81,7 +81,7 @@ def test_each_layer_takes_the_exchange_that_sends_less(ranks):
             taken = [e["exchange"] for e in res["layers"]]
             assert len(taken) == len(types), (r, name)
             assert [e["window"] for e in res["layers"]] == [5 if t == "sliding_attention" else None for t in types]
-            if policy != "bytes":
+            if policy != "auto":
                 assert taken == [policy] * len(types), (r, name, taken)
                 continue
             for e in res["layers"]:  # the choice is the cheaper of the two figures, the same on every rank
@@ -92,7 +92,7 @@ def test_each_layer_takes_the_exchange_that_sends_less(ranks):
             else:
                 assert taken == ["halo"] * len(types), (r, name, taken)
     if world == 6:
-        layers = ranks[0]["results"]["unpadded-bytes"]["layers"]
+        layers = ranks[0]["results"]["unpadded-auto"]["layers"]
         assert (max(layers[0]["halo_bytes"]), max(layers[1]["halo_bytes"]), layers[1]["ulysses_bytes"]) == (
             6544, 23440, 15600)
 
@@ -121,7 +121,7 @@ def test_full_layer_bytes_from_the_layout(world, heads, kv):
         4 * n * d * e * (heads + kv_sent) * (world - 1) // world + 8 * n * (world - 1))
     # a causal full layer: Ulysses sends less only when 2 (heads + kv) < P kv
     ulysses_cheaper = 2 * (heads + kv_sent) < world * kv
-    assert choose("bytes", halo, ulysses_bytes(world, n, 1, heads, kv, d, e, n)) == (
+    assert choose("auto", halo, ulysses_bytes(world, n, 1, heads, kv, d, e, n)) == (
         "ulysses" if ulysses_cheaper else "halo")
 
 
@@ -139,9 +139,9 @@ def test_packed_rows_send_only_crossing_sequences():
 
 
 def test_a_tie_and_no_ulysses_stay_on_the_halo():
-    assert choose("bytes", [10, 7], 10) == "halo"
-    assert choose("bytes", [10, 7], 9) == "ulysses"
-    assert choose("bytes", [10, 7], None) == "halo"
+    assert choose("auto", [10, 7], 10) == "halo"
+    assert choose("auto", [10, 7], 9) == "ulysses"
+    assert choose("auto", [10, 7], None) == "halo"
     assert choose("ulysses", [1], None) == "halo"
     assert choose("ulysses", [1], 100) == "ulysses"
     assert choose("halo", [100], 1) == "halo"
@@ -163,7 +163,17 @@ def test_the_policy_switch_checks_its_value_and_the_record_is_scoped():
         assert cp._exchange["policy"] == "halo"
     finally:
         cp.set_context_parallel_exchange()
-    assert cp._exchange["policy"] == "bytes"
+    assert cp._exchange["policy"] == "auto"
+    from sft_kernels.integrations import transformers as sft_hf
+
+    with pytest.raises(ValueError, match="policy must be one of"):
+        sft_hf.register(context_parallel_exchange="fastest")
+    sft_hf.register(context_parallel_exchange="ulysses")  # register sets it, as every other setting
+    try:
+        assert cp._exchange["policy"] == "ulysses"
+    finally:
+        sft_hf.register()
+    assert cp._exchange["policy"] == "auto"
     with cp.record_exchanges() as outer:
         with cp.record_exchanges() as inner:
             assert cp._exchange["log"] is inner

@@ -295,7 +295,8 @@ class SFTAttention(nn.Module):
         """
         import torch.distributed as dist
 
-        from ..parallel.context_parallel import _DTYPE_CODES, all_gather_ints
+        from ..parallel.comm import all_gather_ints
+        from ..parallel.context_parallel import _DTYPE_CODES
 
         error = None
         try:
@@ -441,7 +442,8 @@ class SFTAttention(nn.Module):
         Padding stays in place (shards keep equal shapes): the mask must be right padding over
         the whole sequence (checked across ranks), pad rows of the output are set to zero.
         """
-        from ..parallel.context_parallel import right_padded_lengths, shard_layout
+        from ..parallel.groups import shard_layout
+        from ..parallel.padded import right_padded_lengths
 
         if self._context_parallel_layout is None:  # once per layer: a collective on every rank
             self._context_parallel_layout = shard_layout(self.context_parallel_group, self.sequence_parallel_group)
@@ -473,7 +475,7 @@ class SFTAttention(nn.Module):
 
     def _context_parallel_local(self, q, k, v, lengths=None):
         """The halo exchange over the context-parallel group (inside Ulysses' all-to-alls when composed)."""
-        from ..parallel.context_parallel import context_parallel_padded_attention
+        from ..parallel.padded import context_parallel_padded_attention
 
         return context_parallel_padded_attention(
             q, k, v, lengths, self.window_size, self.causal, self.scaling, self.context_parallel_group, self.backend

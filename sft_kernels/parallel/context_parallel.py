@@ -58,17 +58,9 @@ from ..backends import resolve_backend
 from ..ops.sliding_window_attention.op import _KERNEL_DTYPES, _check_inputs, sliding_window_attention
 from ..window import MODE_EXPLICIT, WindowArg, parse_window
 from .comm import _dist, _post, _wait, all_gather_ints
-from .groups import ParallelGroups, context_parallel_groups, shard_layout  # noqa: F401  (re-exported)
 from .plan import HaloPlan, halo_plan, resolved_window
 
-__all__ = [
-    "HaloPlan",
-    "ParallelGroups",
-    "all_gather_ints",
-    "context_parallel_attention",
-    "context_parallel_groups",
-    "halo_plan",
-]
+__all__ = ["context_parallel_attention"]
 
 NAME = "context_parallel_attention"
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -371,8 +363,3 @@ def context_parallel_attention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, lse = _HaloAttention.apply(q, k, v, plan, scale, impl, group)
     return (out, lse) if return_lse else out
-
-
-# the padded-row layer and the groups, here for the modules that import them from this one
-# (modules/sft_attention.py); padded imports context_parallel_attention from this module when called
-from .padded import context_parallel_padded_attention, right_padded_lengths  # noqa: E402,F401

@@ -45,7 +45,7 @@ from .packed import packed_halo_plan
 
 HALO = "halo"
 ULYSSES = "ulysses"
-POLICIES = ("bytes", HALO, ULYSSES)
+POLICIES = ("auto", HALO, ULYSSES)
 HALO_META_BYTES = 10 * 8  # context_parallel_attention's consistency all-gather: 10 float64 to each other rank
 PACKED_META_BYTES = 7 * 8  # context_parallel_packed_attention's: 7 float64
 
@@ -95,7 +95,7 @@ def ulysses_bytes(world: int, n: int, batch: int, heads: int, kv_heads: int, hea
 
 
 def choose(policy: str, halo: Sequence[int], ulysses: Optional[int]) -> str:
-    """``"halo"`` or ``"ulysses"``: ``policy="bytes"`` takes Ulysses only when it is possible
+    """``"halo"`` or ``"ulysses"``: ``policy="auto"`` takes Ulysses only when it is possible
     (``ulysses`` not None) and sends fewer bytes than the halo's busiest rank (a tie stays on the
     halo: neighbour messages, no head-count constraint); ``"ulysses"`` wherever it is possible;
     ``"halo"`` always."""

@@ -71,7 +71,6 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX
 
 MODES = ("auto", "halo", "ulysses")
-_POLICY = {"auto": "bytes", "halo": "halo"}  # set_context_parallel_exchange's name for the mode
 MICRO = "sft_kernels_micro"  # the non-tensor entry each micro-batch carries through the adapter
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -97,13 +96,10 @@ class ContextParallel:
         self.group = None
 
     def exchange_group(self):
-        """The group the layers exchange over, made before the model (auto and halo modes), and
-        the backend's choice of exchange set to the mode."""
+        """The group the layers exchange over, made before the model (auto and halo modes; the
+        mode reaches the backend through build_model's register(context_parallel_exchange=))."""
         from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
-        from ..integrations.transformers.context_parallel import set_context_parallel_exchange
-
-        set_context_parallel_exchange(_POLICY[self.mode])
         mpu.initialize_sequence_parallel(sequence_parallel_size=self.size)
         self._set_group(mpu)
         return self.group

@@ -226,7 +226,8 @@ def build_model(args, tokenizer, ds_config: Optional[Dict] = None, context_paral
     if impl == "sft_sliding_window":
         from ..integrations.transformers import register
 
-        register(window_size=extra_window, context_parallel_group=context_parallel_group)
+        register(window_size=extra_window, context_parallel_group=context_parallel_group,
+                 context_parallel_exchange=getattr(args, "context_parallel_mode", "auto"))
     partitioned = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3 and args.qkv_groups == 1
     torch.manual_seed(args.seed)
     with zero3_partitioned_init(ds_config if partitioned else None):

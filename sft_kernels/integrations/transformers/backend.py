@@ -15,7 +15,7 @@ from ...modules.sft_attention import autocast_qkv
 from ...ops.sliding_window_attention.op import sliding_window_attention
 from ...window import WindowArg, parse_window
 from .convert import hf_layer_window, layer_window_size, model_has_window
-from .context_parallel import _check_context_parallel_group, _context_parallel_attend
+from .context_parallel import _check_context_parallel_group, _context_parallel_attend, set_context_parallel_exchange
 from .masks import (_check_one_block, _combine_windows, _from_4d, _is_segments, _packed_attention,
                     _pad_queries_see_real_keys, _segments, _segments_attention, sft_attention_mask)
 from .settings import ATTN_IMPLEMENTATION, _settings, _transformers
@@ -51,7 +51,8 @@ def _attend(module, q, k, v, attention_mask, scaling, window, causal, kwargs, mo
     backend = _backend(q.device, backend)
     q, k, v = autocast_qkv(q, k, v)
     if _settings["context_parallel_group"] is not None:
-        return _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods)
+        return _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods,
+                                        _attend)
     b, q_len = q.shape[:2]
     kv_len = k.shape[1]
     if attention_mask is not None:
@@ -237,7 +238,7 @@ def sft_attention_forward(
 
 
 def register(window_size: WindowArg = None, backend: str = "auto", context_parallel_group=None,
-             context_parallel_packed: bool = False) -> str:
+             context_parallel_packed: bool = False, context_parallel_exchange: str = "auto") -> str:
     """Register ``attn_implementation="sft_sliding_window"`` with transformers.
 
     Args:
@@ -266,6 +267,11 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
             row's own position_ids (restarting at 0 at each sequence, not global positions), no
             attention_mask; a sequence crossing a shard boundary exchanges only its own keys,
             windows resolved per sequence. Causal layers only.
+        context_parallel_exchange: with ``context_parallel_group``, how each layer exchanges:
+            ``"auto"`` (per layer, the halo or DeepSpeed's Ulysses all-to-all, whichever sends
+            fewer bytes per rank: :mod:`sft_kernels.parallel.hybrid`; a hybrid model's
+            full-attention layers take Ulysses once ``P`` is large enough), ``"halo"`` or
+            ``"ulysses"`` (every layer; Ulysses where the head counts allow).
 
     Returns:
         the name to pass as ``attn_implementation`` (``"sft_sliding_window"``).
@@ -286,6 +292,7 @@ def register(window_size: WindowArg = None, backend: str = "auto", context_paral
         raise ValueError(f"register: backend must be one of {BACKENDS}, got {backend!r}")
     _settings["context_parallel_group"] = _check_context_parallel_group(context_parallel_group)
     _settings["context_parallel_packed"] = bool(context_parallel_packed)
+    set_context_parallel_exchange(context_parallel_exchange)
     _settings["window_size"] = window_size
     _settings["backend"] = backend
     _settings["cuda_backend"] = auto_backend("cuda")

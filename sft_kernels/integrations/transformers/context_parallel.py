@@ -12,14 +12,15 @@ import torch
 
 from .settings import _settings
 
-# which exchange a layer takes under context parallelism: "bytes" (the cheaper, per layer), "halo",
+# which exchange a layer takes under context parallelism: "auto" (the cheaper by bytes, per layer), "halo",
 # "ulysses" (wherever the head counts allow); and, while record_exchanges() is active, what each
 # layer call chose
-_exchange = {"policy": "bytes", "log": None}
+_exchange = {"policy": "auto", "log": None}
 
 
-def set_context_parallel_exchange(policy: str = "bytes") -> None:
-    """How ``sft_sliding_window`` layers exchange under ``context_parallel_group``: ``"bytes"``
+def set_context_parallel_exchange(policy: str = "auto") -> None:
+    """What ``register(context_parallel_exchange=...)`` sets, alone (for a model already
+    registered). How ``sft_sliding_window`` layers exchange under ``context_parallel_group``: ``"auto"``
     (default: per layer, the halo or DeepSpeed's Ulysses, whichever sends fewer bytes, see
     :mod:`sft_kernels.parallel.hybrid`), ``"halo"`` (every layer), ``"ulysses"`` (every layer whose
     head counts allow it: ``heads % P == 0``, ``heads_kv`` a multiple or divisor of ``P``)."""
@@ -70,16 +71,17 @@ def _deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def _ulysses_attend(q, k, v, padding, position_ids, scaling, window, causal, backend, group):
+def _ulysses_attend(q, k, v, padding, position_ids, scaling, window, causal, backend, group, attend):
     """This layer through DeepSpeed's Ulysses (:func:`sft_kernels.parallel.hybrid.ulysses_attention`):
     the core is this backend without context parallelism on the whole sequence, with
-    ``padding`` ``(batch, P n)`` (None: none) and the gathered position_ids (packed rows)."""
+    ``padding`` ``(batch, P n)`` (None: none) and the gathered position_ids (packed rows).
+    ``attend``: the backend's own attention call (backend._attend, passed in: this module is
+    below backend.py)."""
     from ...parallel.hybrid import ulysses_attention
-    from .backend import _attend
 
     def core(qf, kf, vf, pos):
         with context_parallel(None):
-            return _attend(None, qf, kf, vf, padding, scaling, window, causal, {"position_ids": pos}, True, backend)
+            return attend(None, qf, kf, vf, padding, scaling, window, causal, {"position_ids": pos}, True, backend)
 
     return ulysses_attention(q, k, v, position_ids, group, core)
 
@@ -129,7 +131,7 @@ def _context_parallel_local_checks(q, k, attention_mask, kwargs, mods, rank):
     return valid, pos_ok
 
 
-def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods):
+def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, kwargs, backend, mods, attend):
     """This rank's shard ``q (batch, n, Hq, D)``, ``k/v (batch, n, Hkv, D)`` of a sequence of
     ``P n`` tokens split over the registered group, through the halo exchange.
 
@@ -174,7 +176,8 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
                 f"run the model on a shard of the same shape (batch, L/P) (pad the sequence to a multiple of P)"
             )
     if _settings.get("context_parallel_packed"):
-        return _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwargs, backend, group)
+        return _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwargs, backend, group,
+                                               attend)
     metas = all_gather_ints(local_prefix_counts(valid) + pos_ok, group)  # every rank: its counts and verdicts
     bad = [r for r, m in enumerate(metas) if not all(m[b:])]
     if bad:
@@ -198,7 +201,7 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
         padding = None if lengths is None else (
             torch.arange(total, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None])
         position_ids = (torch.arange(n, device=q.device) + rank * n)[None, :]  # checked above: the global ones
-        out = _ulysses_attend(q, k, v, padding, position_ids, scaling, window, causal, backend, group)
+        out = _ulysses_attend(q, k, v, padding, position_ids, scaling, window, causal, backend, group, attend)
     else:
         out = context_parallel_padded_attention(q, k, v, lengths, window, causal, scaling, group, backend)
     if lengths is not None:
@@ -206,7 +209,7 @@ def _context_parallel_attend(q, k, v, attention_mask, scaling, window, causal, k
     return out
 
 
-def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwargs, backend, group):
+def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwargs, backend, group, attend):
     """Packed rows (``register(context_parallel_group=..., context_parallel_packed=True)``): each
     rank feeds its block of every row with the row's position_ids restarting at 0 at each packed
     sequence (``DataCollatorWithFlattening``'s, sliced); the blocks' position_ids are all-gathered
@@ -237,7 +240,7 @@ def _context_parallel_packed_attend(q, k, v, valid, scaling, window, causal, kwa
     halo = packed_row_halo_bytes(dist.get_world_size(group), rows, window, k.shape[2], k.shape[3], k.element_size())
     if _choose_exchange(window, halo, q, k, pos.numel(), group) == "ulysses":
         # DeepSpeed gathers the position_ids again (counted in its bytes): its wrapper always does
-        return _ulysses_attend(q, k, v, None, pos, scaling, window, True, backend, group)
+        return _ulysses_attend(q, k, v, None, pos, scaling, window, True, backend, group, attend)
     out = []
     for row, cu in enumerate(rows):
         out.append(context_parallel_packed_attention(q[row:row + 1].contiguous(), k[row:row + 1].contiguous(),
