@@ -355,6 +355,13 @@ MUTATIONS = [
         ["tests/test_tiled_loss_train.py"], "offload",
         "--offload_checkpoints builds DeepSpeed's offload context but never enters it",
     ),
+    Mutation(
+        "accelerate_exchange_keeps_alst_entry", "sft_kernels/parallel/alst.py",
+        "    ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = sft_attention_forward  # ALST's entry replaced",
+        "    pass",
+        ["tests/test_alst.py"], "runs_this_backends",
+        "alst_parallelism_config(exchange='halo') leaves ALST's all-to-all entry in place",
+    ),
     # ------------------------------------------------------------------ softcap and sinks
     Mutation(
         "softcap_grad_missing_torch", f"{ATT}/torch_impl.py",

@@ -7,7 +7,9 @@ A tiny fp32 Mistral (window 5) from a config, 4 AdamW steps (DeepSpeed's optimiz
 micro batch 2 of rows of 24 tokens: packed rows (position_ids restarting), right- and
 left-padded rows; then ``Trainer.evaluate`` on padded rows. Prints ``RESULT {json}``: the
 step losses, gradient norms and the eval loss. ``ALST_CONTROL=deepspeed-entry``: the same
-run with ALST's own entry (padding masks dropped), which must differ.
+run with ALST's own entry (padding masks dropped), which must differ. ``ALST_EXCHANGE=halo|auto``:
+this backend's own exchange over ALST's group instead; ``ALST_ROWS=right``: right-padded rows
+only; ``ALST_WINDOW``: the model's window (5).
 
 argv: out_dir
 """
@@ -32,6 +34,7 @@ from sft_kernels.parallel.alst import alst_parallelism_config  # noqa: E402
 
 NAME = sft_hf.register()
 L, VOCAB = 24, 61
+ROWS = os.environ.get("ALST_ROWS", "mixed")  # "right": right-padded rows only (the halo's inputs)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -48,7 +51,7 @@ class Rows(torch.utils.data.Dataset):
         ids = torch.randint(1, VOCAB, (L,), generator=g)
         pos = torch.arange(L)
         mask = torch.ones(L, dtype=torch.long)
-        kind = i % 3
+        kind = 1 if ROWS == "right" else i % 3
         if kind == 0:
             pos = torch.cat([torch.arange(n) for n in (7, 9, 8)])
         elif kind == 1:
@@ -62,12 +65,13 @@ class Rows(torch.utils.data.Dataset):
 
 cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attention_dropout=0.0,
-                    use_cache=False, pad_token_id=0, sliding_window=5)
+                    use_cache=False, pad_token_id=0, sliding_window=int(os.environ.get("ALST_WINDOW", "5")))
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)
 ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
              "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
-extra = {"parallelism_config": alst_parallelism_config(WORLD)} if WORLD > 1 else {}
+EXCHANGE = os.environ.get("ALST_EXCHANGE", "ulysses")  # "halo" / "auto": this backend's exchange instead
+extra = {"parallelism_config": alst_parallelism_config(WORLD, exchange=EXCHANGE)} if WORLD > 1 else {}
 if WORLD > 1 and os.environ.get("ALST_CONTROL") == "deepspeed-entry":
     # the control: the same config, but DeepSpeed's classmethod as shipped (install() undone), so
     # ALST's own entry drops the padding masks
@@ -79,10 +83,14 @@ args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=2, 
                          max_steps=4, logging_steps=1, report_to=[], learning_rate=1e-2, lr_scheduler_type="constant",
                          deepspeed=ds_config, use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, **extra)
 trainer = Trainer(model=model, args=args, train_dataset=Rows(16, 0), eval_dataset=Rows(4, 100))
-trainer.train()
+from sft_kernels.integrations.transformers.context_parallel import record_exchanges  # noqa: E402
+
+with record_exchanges() as exchanges:  # each layer call under this backend's context parallelism
+    trainer.train()
 logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
 result = {"losses": [float(h["loss"]) for h in logs], "grad_norms": [float(h["grad_norm"]) for h in logs],
-          "eval_loss": float(trainer.evaluate()["eval_loss"])}
+          "eval_loss": float(trainer.evaluate()["eval_loss"]),
+          "exchanges": sorted({e["exchange"] for e in exchanges}), "layer_calls": len(exchanges)}
 print("RESULT " + json.dumps(result), flush=True)
 if WORLD > 1:
     from sft_kernels.train.loop import exit_process

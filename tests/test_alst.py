@@ -131,3 +131,37 @@ def test_hf_trainer_with_accelerate_parallelism_config(tmp_path):
         assert len(got["losses"]) == 4
         assert worst(got) <= 1e-6, (r, got, ref)  # fp32 rounding, a few ulps
         assert worst(_result(raw, r)) > 1e-4, (r, _result(raw, r), ref)
+
+
+def test_hf_trainer_with_accelerate_runs_this_backends_exchange(tmp_path):
+    """The same Trainer through accelerate's ParallelismConfig, but alst_parallelism_config(P,
+    exchange="halo" / "auto"): this backend's own context parallelism over ALST's group on the
+    batches DeepSpeed's UlyssesSPDataLoaderAdapter shards (ALST's all-to-all entry replaced), on
+    right-padded rows (the halo's inputs). Losses, gradient norms and the eval loss (run unsharded,
+    as ALST's disable_in_eval) against one process; a window one key narrower (the model's
+    sliding_window 4 instead of 5 on the ranks) must miss."""
+    prebuild_deepspeed_cpu_ops()
+    env = {"ALST_ROWS": "right"}
+    one = Group([[sys.executable, TRAINER, str(tmp_path / "one")]], rank_envs(1, free_port(), env))
+    runs = {ex: Group([[sys.executable, TRAINER, str(tmp_path / ex)]] * 2,
+                      rank_envs(2, free_port(), dict(env, ALST_EXCHANGE=ex))) for ex in ("halo", "auto")}
+    control = Group([[sys.executable, TRAINER, str(tmp_path / "narrow")]] * 2,
+                    rank_envs(2, free_port(), dict(env, ALST_EXCHANGE="auto", ALST_WINDOW="4")))
+    assert one.wait() == [0], one.report()
+    ref = _result(one, 0)
+    assert len(ref["losses"]) == 4 and len(set(ref["losses"])) == 4
+    for ex, g in runs.items():
+        assert g.wait() == [0, 0], g.report()
+        for r in range(2):
+            got = _result(g, r)
+            pairs = list(zip(got["losses"], ref["losses"])) + list(zip(got["grad_norms"], ref["grad_norms"]))
+            pairs.append((got["eval_loss"], ref["eval_loss"]))
+            assert len(got["losses"]) == 4
+            assert max(abs(a - b) / abs(b) for a, b in pairs) <= 1e-6, (ex, r, got, ref)
+            # the layers ran this backend's exchange (2 layers x 4 steps, forward and checkpoint-free:
+            # one call per layer per step); at P = 2 the choice by bytes is the halo everywhere
+            assert got["exchanges"] == ["halo"] and got["layer_calls"] == 8, (ex, got)
+    assert ref["exchanges"] == [] and ref["layer_calls"] == 0
+    assert control.wait() == [0, 0], control.report()
+    narrow = _result(control, 0)
+    assert max(abs(a - b) / abs(b) for a, b in zip(narrow["losses"], ref["losses"])) > 1e-4, (narrow, ref)

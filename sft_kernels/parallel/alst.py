@@ -56,6 +56,9 @@ import torch
 
 ALST_PADDING_KWARG = "sft_padding_mask"
 _DROPPED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# what accelerate's register_with_transformers call installs (set by alst_parallelism_config):
+# ALST's Ulysses in every layer, or this backend's own exchange over ALST's sequence-parallel group
+_ACCELERATE = {"exchange": "ulysses", "packed": False}
 
 
 def _local_key_validity(attention_mask: Optional[torch.Tensor], batch: int, n: int, device) -> torch.Tensor:
@@ -111,6 +114,39 @@ def _wrap_entry(mpu, disable_in_eval: bool) -> None:
     ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = sft_alst_attention
 
 
+def _exchange_over(model, mpu, disable_in_eval: bool, exchange: str, packed: bool) -> None:
+    """Instead of ALST's entry, this backend over ALST's sequence-parallel group: the halo, or per
+    layer the halo or Ulysses by bytes (``register(context_parallel_group=...,
+    context_parallel_exchange=exchange)``), on the batches DeepSpeed's UlyssesSPDataLoaderAdapter
+    shards. ALST's wrapper has to go (it would all-to-all every layer first); the groups it made
+    stay, and so does everything accelerate does around them (the data adapter, the loss over the
+    group). ``disable_in_eval``: in eval mode the model runs as without context parallelism (ALST
+    runs its core on the unsharded eval batches likewise), switched by hooks on the whole model's
+    forward because the mask function runs before any attention layer."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ..integrations.transformers import ATTN_IMPLEMENTATION, register, sft_attention_forward
+    from ..integrations.transformers.settings import _settings
+
+    group = mpu.get_sequence_parallel_group()
+    register(window_size=_settings["window_size"], backend=_settings["backend"], context_parallel_group=group,
+             context_parallel_packed=packed, context_parallel_exchange=exchange)
+    ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = sft_attention_forward  # ALST's entry replaced
+    if disable_in_eval and isinstance(model, torch.nn.Module):
+        saved = []
+
+        def before(module, args):
+            saved.append(_settings["context_parallel_group"])
+            if not module.training:
+                _settings["context_parallel_group"] = None
+
+        def after(module, args, output):
+            _settings["context_parallel_group"] = saved.pop()
+
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
+
+
 def install() -> None:
     """Make every ``UlyssesSPAttentionHF.register_with_transformers(...,
     core_attn_implementation="sft_sliding_window")`` call -- accelerate's (HF Trainer, TRL) as
@@ -134,7 +170,12 @@ def install() -> None:
                                    *args, **kwargs):
         mpu = original(cls, model_name_or_path, core_attn_implementation, sequence_parallel_size, *args, **kwargs)
         if mpu is not None and core_attn_implementation == ATTN_IMPLEMENTATION:
-            _wrap_entry(mpu, bool(kwargs.get("disable_in_eval", False)))
+            disable_in_eval = bool(kwargs.get("disable_in_eval", False))
+            if _ACCELERATE["exchange"] == "ulysses":
+                _wrap_entry(mpu, disable_in_eval)
+            else:
+                _exchange_over(model_name_or_path, mpu, disable_in_eval, _ACCELERATE["exchange"],
+                               _ACCELERATE["packed"])
         return mpu
 
     register_with_transformers._sft_kernels = True
@@ -142,7 +183,7 @@ def install() -> None:
 
 
 def alst_parallelism_config(sp_size: int, seq_length: Optional[int] = None, seq_length_is_variable: bool = True,
-                            disable_in_eval: bool = True):
+                            disable_in_eval: bool = True, exchange: str = "ulysses", packed: bool = False):
     """accelerate's ``ParallelismConfig(sp_backend="deepspeed", sp_size=sp_size)`` with this
     backend as ALST's core attention, for ``TrainingArguments(parallelism_config=...)`` (HF
     Trainer, TRL's SFTTrainer); calls :func:`install`.
@@ -153,7 +194,19 @@ def alst_parallelism_config(sp_size: int, seq_length: Optional[int] = None, seq_
     built with ``"sdpa"`` and then given ``"sft_sliding_window"``. On CPU (gloo) accelerate does
     not initialise ``deepspeed.comm``; call ``deepspeed.init_distributed(dist_backend="gloo")``
     before building ``TrainingArguments`` there.
+
+    ``exchange``: ``"ulysses"`` (default): ALST's all-to-all in every layer, this backend as its
+    core (any padding, packed rows). ``"auto"`` / ``"halo"``: this backend's own context
+    parallelism over ALST's group instead (``register(context_parallel_exchange=)``: per layer the
+    halo or Ulysses by bytes, or the halo everywhere), on the same sharded batches; its inputs:
+    rows right-padded over the whole sequence, or with ``packed=True`` packed rows without a mask
+    (``DataCollatorWithFlattening``), causal layers.
     """
+    from .hybrid import POLICIES
+
+    if exchange not in POLICIES:  # checked now, not inside Trainer.train()
+        raise ValueError(f"alst_parallelism_config: exchange must be one of {POLICIES}, got {exchange!r}")
+    _ACCELERATE.update(exchange=exchange, packed=bool(packed))
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
@@ -189,6 +242,7 @@ def register_alst(model, sequence_parallel_size: int, micro_batch_size: int, seq
     from ..integrations.transformers import ATTN_IMPLEMENTATION
 
     install()
+    _ACCELERATE.update(exchange="ulysses", packed=False)  # ALST itself, whatever accelerate was given
     return UlyssesSPAttentionHF.register_with_transformers(
         model, core_attn_implementation=ATTN_IMPLEMENTATION, sequence_parallel_size=sequence_parallel_size,
         micro_batch_size=micro_batch_size, seq_length=seq_length, seq_length_is_variable=seq_length_is_variable,
