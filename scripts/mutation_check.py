@@ -362,6 +362,13 @@ MUTATIONS = [
         ["tests/test_alst.py"], "runs_this_backends",
         "alst_parallelism_config(exchange='halo') leaves ALST's all-to-all entry in place",
     ),
+    Mutation(
+        "adapter_keeps_flattening_keys", "sft_kernels/parallel/alst.py",
+        "        register()\n    _adapter_drops_flattening_keys()\n",
+        "        register()\n",
+        ["tests/test_trl_sft_alst.py"], None,
+        "DeepSpeed's data adapter is handed TRL's 1-D cu_seq_lens (IndexError when it shards them)",
+    ),
     # ------------------------------------------------------------------ softcap and sinks
     Mutation(
         "softcap_grad_missing_torch", f"{ATT}/torch_impl.py",

@@ -6,7 +6,8 @@ A tiny Mistral (window 5) from a config, fp32 (``bf16=False``: TRL's SFTConfig d
 weight gradients summed in two halves round differently from one sum), ZeRO-1, 3 AdamW steps over
 rows of 5-29 tokens packed (best-fit) into rows of 48. TRL's padding-free collator adds the flattened
 row's 1-D ``cu_seq_lens_q/k``, which DeepSpeed's ``UlyssesSPDataLoaderAdapter`` cannot shard (it
-slices every tensor on dim 1: IndexError); they are dropped, the position_ids carry the boundaries.
+slices every tensor on dim 1: IndexError); ``alst_parallelism_config`` makes the adapter drop them
+(the position_ids carry the boundaries).
 Prints ``RESULT {json}``: step losses and gradient norms.
 
 argv: out_dir [sliding_window]
@@ -54,17 +55,9 @@ args = SFTConfig(output_dir=sys.argv[1], per_device_train_batch_size=1, max_step
                  save_strategy="no", seed=0, disable_tqdm=True, packing=True, max_length=48, pad_to_multiple_of=48,
                  **extra)
 trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok)
-collate = trainer.data_collator
-
-
-def without_cu_seq_lens(examples):
-    out = collate(examples)
-    for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-        out.pop(k, None)
-    return out
-
-
-trainer.data_collator = without_cu_seq_lens
+# TRL's padding-free collator adds the flattened row's 1-D cu_seq_lens_q/k (and max_length_q/k);
+# alst_parallelism_config's install() keeps them away from DeepSpeed's data adapter
+assert "cu_seq_lens_q" in trainer.data_collator([trainer.train_dataset[0]])  # what the adapter is given
 trainer.train()
 logs = [h for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"losses": [float(h["loss"]) for h in logs],

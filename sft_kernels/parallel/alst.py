@@ -147,6 +147,36 @@ def _exchange_over(model, mpu, disable_in_eval: bool, exchange: str, packed: boo
         model.register_forward_hook(after)
 
 
+def _without_flattening_keys(batches):
+    """Batches without the flattened row's ``cu_seq_lens_q/k`` / ``max_length_q/k``."""
+    for batch in batches:
+        if isinstance(batch, dict):
+            batch = {k: v for k, v in batch.items() if k not in _DROPPED}
+        yield batch
+
+
+def _adapter_drops_flattening_keys() -> None:
+    """DeepSpeed's ``UlyssesSPDataLoaderAdapter`` shards every tensor of a batch along dim 1, so the
+    1-D ``cu_seq_lens_q/k`` that TRL's padding-free collator (``SFTTrainer(packing=True)``) and
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` add stop it (``IndexError`` in
+    ``refill``, DeepSpeed 0.19.8), and ``max_length_q/k`` would be gathered as objects. They describe
+    the whole flattened row, not a shard, and the gathered position_ids carry the same boundaries
+    (the wrapper above drops them anyway), so the adapter's input iterator leaves them out: its
+    ``iter`` attribute, set in ``__init__`` and again at every epoch's end, is wrapped on assignment."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+    if isinstance(UlyssesSPDataLoaderAdapter.__dict__.get("iter"), property):
+        return
+
+    def get(self):
+        return self.__dict__["_sft_kernels_iter"]
+
+    def set(self, it):
+        self.__dict__["_sft_kernels_iter"] = _without_flattening_keys(it)
+
+    UlyssesSPDataLoaderAdapter.iter = property(get, set)
+
+
 def install() -> None:
     """Make every ``UlyssesSPAttentionHF.register_with_transformers(...,
     core_attn_implementation="sft_sliding_window")`` call -- accelerate's (HF Trainer, TRL) as
@@ -160,6 +190,7 @@ def install() -> None:
 
     if ATTN_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
         register()
+    _adapter_drops_flattening_keys()
     original = UlyssesSPAttentionHF.register_with_transformers
     if getattr(original, "_sft_kernels", False):
         return
