@@ -1,9 +1,8 @@
 """Peak memory of one training step against sequence length, each memory feature on and off.
 
 One step = forward with labels, backward, AdamW step, batch 1, one fixed small model with a real
-vocabulary (Mistral architecture from a config: hidden 256, 4 layers, 4 heads of 64, 2 KV
-heads, MLP 1024, untied embeddings as Llama / Mistral 7-8B or with ``--tied`` tied as many small
-LMs, fp32 on CPU, bf16 on GPU), every variant with transformers' gradient checkpointing:
+vocabulary (Mistral architecture from a config, fp32 on CPU, bf16 on GPU; the shape is written
+above the table), every variant with transformers' gradient checkpointing:
 
   hf_sdpa_gc          transformers' SDPA (dense causal), full logits: what a user runs today
   sft_gc              sft_sliding_window (window 1024), full logits
@@ -36,6 +35,8 @@ from . import common
 
 OP = "memory"
 VARIANTS = ("hf_sdpa_gc", "sft_gc", "sft_gc_loss", "sft_gc_loss_mlp")
+# --model mistral-256x4 (the default): hidden 256, 4 layers, 4 heads of 64, 2 KV heads, MLP 1024,
+# untied embeddings as Llama / Mistral 7-8B (``--tied``: tied, as many small LMs)
 MODEL = dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=1024, window=1024, tied=False)
 TOY_MODEL = dict(hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64, window=16, tied=False)
 # --model: the default above, or a real small LM's shape (SmolLM-135M: 30 layers of 576, 9 heads
@@ -52,6 +53,17 @@ MLP_CHUNK, TOY_MLP_CHUNK = 2048, 64
 # the loss tile's budget: fp32 logits of 512 tokens at vocab 32k (62.5 MiB); the chunk is
 # tile_chunk_tokens(vocab, budget) tokens, so the tile is the same size at any vocabulary
 LOSS_TILE_BYTES, TOY_LOSS_TILE_BYTES = 512 * 32000 * 4, 64 * 1000 * 4
+
+
+def describe_models(records: List[Dict]) -> str:
+    """The model shape(s) the records measured, one line each (from the records, not the flags)."""
+    keys = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "window", "tied")
+    shapes = sorted({tuple(r["shape"].get(k) for k in keys) for r in records})
+    lines = []
+    for h, n, a, kv, d, i, w, tied in shapes:
+        lines.append(f"Model: hidden {h}, {n} layers, {a} heads of {d}, {kv} KV heads, MLP {i}, "
+                     f"window {w}, {'tied' if tied else 'untied'} embeddings.")
+    return "\n".join(lines)
 
 
 def make_config(model: Dict, vocab: int, seqlen: int, windowed: bool):
@@ -291,6 +303,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out_dir, "memory.md"), "w") as f:
         f.write(f"# peak memory of one training step, {env['device_name']}, commit {env['commit']}, {env['date']}\n\n")
         f.write(__doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[3] + "\n\n")
+        f.write(describe_models(records) + "\n\n")
         f.write(table + "\n")
     plot(records, os.path.join(out_dir, "memory.png"))
     print(table)
