@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	# plain `torch` takes the CUDA build from the local wheel cache, so the CUDA
 	# extension can compile here with or without a GPU
-	$(BIN)/python -m pip install -e ".[dev,train]"
+	$(BIN)/python -m pip install -e ".[dev,train,trl]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
