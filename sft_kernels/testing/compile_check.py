@@ -35,7 +35,8 @@ Spec format (what an op module's ``compile_specs()`` returns, a list of these di
     }
 
 Signature types are Triton's: ``*fp16``, ``*bf16``, ``*fp32``, ``*i32``, ``i32``,
-``i64``, ``fp32``, ``i1``, ...  ``expand_configs`` turns one base spec and a list of
+``i64``, ``fp32``, ``i1``, ..., and a tuple of them for a tuple argument (``("i32", "i32")``;
+``divisible_by_16`` naming it marks every element).  ``expand_configs`` turns one base spec and a list of
 ``triton.Config`` (an autotuner's ``configs``) into one spec per configuration.
 """
 

@@ -61,10 +61,12 @@ def _prepare(jitfn, signature: dict, constexprs: dict, divisible_by_16=None):
     full_sig = _full_signature(jitfn, signature, constexprs, divisible_by_16)
     consts = {(arg_names.index(k), ): v for k, v in constexprs.items()}
     if divisible_by_16 is None:
-        divisible_by_16 = [k for k, t in full_sig.items() if t.startswith("*")]
+        divisible_by_16 = [k for k, t in full_sig.items() if isinstance(t, str) and t.startswith("*")]
     attrs = {}
-    for k in divisible_by_16:
-        attrs[(arg_names.index(k), )] = [["tt.divisibility", 16]]
+    for k in divisible_by_16:  # a tuple argument: every element (Triton's attrs key by path)
+        i, t = arg_names.index(k), full_sig[k]
+        for path in ([(i, j) for j in range(len(t))] if isinstance(t, tuple) else [(i,)]):
+            attrs[path] = [["tt.divisibility", 16]]
     return full_sig, consts, attrs
 
 

@@ -36,6 +36,8 @@ def _signature(kind: str, dtype: str, absent=()) -> dict:
             sig[name] = "*i32"
         elif name in ("sm_scale", "softcap"):
             sig[name] = "fp32"
+        elif name.endswith("_strides"):  # one tuple per tensor: (batch, row, head) or (batch, head)
+            sig[name] = ("i32",) * (2 if name == "lse_strides" else 3)
         else:
             sig[name] = "i32"
     return sig
@@ -86,7 +88,7 @@ def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXP
         "archs": archs,
         # what a launch on (batch, seqlen, heads, head_dim) tensors with head_dim a
         # multiple of 16 gets: Triton specialises such strides as 16-divisible
-        "divisible_by_16": [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")],
+        "divisible_by_16": [n for n, t in sig.items() if n.endswith("_strides") or t.startswith("*")],
     }
 
 

@@ -29,10 +29,11 @@ sequence; MODE_SQRT resolves W = floor(sqrt(seqlen_k)) per sequence. ``UPCAST`` 
 operands to fp32; it is set under ``TRITON_INTERPRET=1``, whose ``tl.dot`` mishandles
 fp16/bf16 (:mod:`.._triton_utils` holds that and the rest of the Triton plumbing).
 
-Arguments: absent pointers (``cu_seqlens`` of a padded batch, ``SINKS`` / ``DSINK`` without
-sinks) are ``None``, which Triton specialises as a constexpr; sequence lengths and window
-bounds are ``do_not_specialize`` (no recompile when a length happens to be 1 or a multiple
-of 16).
+Arguments: each tensor's strides are one tuple, ``(batch, row, head)`` for q/k/v/o and their
+gradients (batch 0 when packed), ``(batch, head)`` for LSE/delta. Absent pointers
+(``cu_seqlens`` of a padded batch, ``SINKS`` / ``DSINK`` without sinks) are ``None``, which
+Triton specialises as a constexpr; sequence lengths and window bounds are
+``do_not_specialize`` (no recompile when a length happens to be 1 or a multiple of 16).
 """
 
 from __future__ import annotations
@@ -240,11 +241,18 @@ def _q_tile_prologue(
 
 
 @triton.jit
-def _tile_base(ptr, b64, h64, start, stride_b, stride_h, stride_row):
+def _tile_base(ptr, strides, b64, h64, start):
     """Row ``start`` of sequence ``b64``, head ``h64`` of a (batch, seqlen, heads, ...) or
-    packed tensor: every row offset from here on is added in 64 bits (a sequence may span
-    more than 2**31 elements)."""
-    return ptr + b64 * stride_b + h64 * stride_h + start.to(tl.int64) * stride_row
+    packed tensor with ``strides`` (batch, row, head): every row offset from here on is added
+    in 64 bits (a sequence may span more than 2**31 elements)."""
+    return ptr + b64 * strides[0] + h64 * strides[2] + start.to(tl.int64) * strides[1]
+
+
+@triton.jit
+def _row_stats(ptr, strides, b64, h64, start):
+    """Row ``start`` of sequence ``b64``, head ``h64`` of an LSE / delta tensor, (batch,
+    heads, seqlen) or packed (heads, total), with ``strides`` (batch, head)."""
+    return ptr + b64 * strides[0] + h64 * strides[1] + start
 
 
 @triton.jit
@@ -306,11 +314,7 @@ _RUNTIME_INTS = ["seqlen_q", "seqlen_k", "left", "right", "keys"]
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _swa_fwd_kernel(
     Q, K, V, O, LSE, SINKS, cu_seqlens_q, cu_seqlens_k,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh,
-    stride_lb, stride_lh,
+    q_strides, k_strides, v_strides, o_strides, lse_strides,
     seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
@@ -333,10 +337,11 @@ def _swa_fwd_kernel(
     if start_m >= seqlen_q:
         return
     # row 0 of this sequence and head; every row offset below is added in 64 bits
-    q_base = _tile_base(Q, b64, h64, q_start, stride_qb, stride_qh, stride_qm)
-    k_base = _tile_base(K, b64, hk64, k_start, stride_kb, stride_kh, stride_kn)
-    v_base = _tile_base(V, b64, hk64, k_start, stride_vb, stride_vh, stride_vn)
-    o_base = _tile_base(O, b64, h64, q_start, stride_ob, stride_oh, stride_om)
+    stride_qm, stride_kn, stride_vn, stride_om = q_strides[1], k_strides[1], v_strides[1], o_strides[1]
+    q_base = _tile_base(Q, q_strides, b64, h64, q_start)
+    k_base = _tile_base(K, k_strides, b64, hk64, k_start)
+    v_base = _tile_base(V, v_strides, b64, hk64, k_start)
+    o_base = _tile_base(O, o_strides, b64, h64, q_start)
     tile_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
@@ -373,18 +378,13 @@ def _swa_fwd_kernel(
     else:
         o_offs = tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :]
         tl.store(o_base + start_m.to(tl.int64) * stride_om + o_offs, cast_out(acc, O.dtype.element_ty, UPCAST), mask=q_ok)
-    l_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
-    tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(_row_stats(LSE, lse_strides, b64, h64, q_start) + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["seqlen_q"])
 def _bwd_preprocess_kernel(
-    O, DO, DELTA, cu_seqlens_q,
-    stride_ob, stride_om, stride_oh,
-    stride_db, stride_dm, stride_dh,
-    stride_lb, stride_lh,
-    seqlen_q,
+    O, DO, DELTA, cu_seqlens_q, o_strides, do_strides, delta_strides, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """delta[row] = sum_d dO[row, d] * O[row, d], in fp32. Grid (tiles, heads, batch)."""
@@ -395,11 +395,11 @@ def _bwd_preprocess_kernel(
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    o, do = _load_pair(_tile_base(O, b64, h64, q_start, stride_ob, stride_oh, stride_om),
-                       _tile_base(DO, b64, h64, q_start, stride_db, stride_dh, stride_dm), start_m, stride_om,
-                       stride_dm, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D), seqlen_q, HEAD_DIM, False, False)
+    o, do = _load_pair(_tile_base(O, o_strides, b64, h64, q_start), _tile_base(DO, do_strides, b64, h64, q_start),
+                       start_m, o_strides[1], do_strides[1], tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D), seqlen_q,
+                       HEAD_DIM, False, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(_row_stats(DELTA, delta_strides, b64, h64, q_start) + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -440,13 +440,7 @@ def _bwd_dkdv_inner(
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens_q, cu_seqlens_k,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
-    stride_lb, stride_lh,
+    q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides, lse_strides,
     seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
@@ -467,27 +461,27 @@ def _swa_bwd_dkdv_kernel(
     b64 = off_b.to(tl.int64)
     hk64 = off_hk.to(tl.int64)
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    row0 = (k_start + start_n).to(tl.int64)  # first key of this tile, 64-bit row offset
     tile_n = tl.arange(0, BLOCK_N)[:, None]
-    k, v = _load_pair(_tile_base(K, b64, hk64, k_start, stride_kb, stride_kh, stride_kn),
-                      _tile_base(V, b64, hk64, k_start, stride_vb, stride_vh, stride_vn), start_n, stride_kn, stride_vn,
-                      tl.arange(0, BLOCK_N), offs_d, seqlen_k, HEAD_DIM, UPCAST, False)
+    k, v = _load_pair(_tile_base(K, k_strides, b64, hk64, k_start), _tile_base(V, v_strides, b64, hk64, k_start),
+                      start_n, k_strides[1], v_strides[1], tl.arange(0, BLOCK_N), offs_d, seqlen_k, HEAD_DIM, UPCAST,
+                      False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
     lo, full_lo, full_hi, hi = _query_phases(start_n, off, left, right, seqlen_q, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         off_h = (off_hk * group + g).to(tl.int64)
-        q_base = _tile_base(Q, b64, off_h, q_start, stride_qb, stride_qh, stride_qm)
-        do_base = _tile_base(DO, b64, off_h, q_start, stride_dob, stride_doh, stride_dom)
-        lse_base = LSE + b64 * stride_lb + off_h * stride_lh + q_start
-        delta_base = DELTA + b64 * stride_lb + off_h * stride_lh + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n,
-                                 lo, full_lo, full_hi, hi, off, left, right, seqlen_q, seqlen_k, cap_in, qk_scale,
-                                 offs_m, tl.arange(0, BLOCK_N), offs_d, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC, SOFTCAP)
+        q_base = _tile_base(Q, q_strides, b64, off_h, q_start)
+        do_base = _tile_base(DO, do_strides, b64, off_h, q_start)
+        lse_base = _row_stats(LSE, lse_strides, b64, off_h, q_start)
+        delta_base = _row_stats(DELTA, lse_strides, b64, off_h, q_start)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_strides[1], do_strides[1],
+                                 start_n, lo, full_lo, full_hi, hi, off, left, right, seqlen_q, seqlen_k, cap_in,
+                                 qk_scale, offs_m, tl.arange(0, BLOCK_N), offs_d, BLOCK_M, HEAD_DIM, UPCAST, DOT_PREC,
+                                 SOFTCAP)
     dk = dk * sm_scale
-    dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + row0 * stride_dkn + tile_n * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + row0 * stride_dvn + tile_n * stride_dvn + offs_d[None, :]
+    dk_ptrs = _tile_base(DK, dk_strides, b64, hk64, k_start + start_n) + tile_n * dk_strides[1] + offs_d[None, :]
+    dv_ptrs = _tile_base(DV, dv_strides, b64, hk64, k_start + start_n) + tile_n * dv_strides[1] + offs_d[None, :]
     tl.store(dk_ptrs, cast_out(dk, DK.dtype.element_ty, UPCAST), mask=kv_ok)
     tl.store(dv_ptrs, cast_out(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
 
@@ -525,12 +519,7 @@ def _bwd_dq_inner(
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["dsink_tiles"])
 def _swa_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, SINKS, DSINK, cu_seqlens_q, cu_seqlens_k,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dqb, stride_dqm, stride_dqh,
-    stride_lb, stride_lh,
+    q_strides, k_strides, v_strides, do_strides, dq_strides, lse_strides,
     seqlen_q, seqlen_k, group, left, right, keys, sm_scale, softcap, dsink_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW_MODE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr,
@@ -546,28 +535,27 @@ def _swa_bwd_dq_kernel(
                               BLOCK_N, BLOCK_D, WINDOW_MODE, CAUSAL, IS_VARLEN)
     if start_m >= seqlen_q:
         return
-    q, do = _load_pair(_tile_base(Q, b64, h64, q_start, stride_qb, stride_qh, stride_qm),
-                       _tile_base(DO, b64, h64, q_start, stride_dob, stride_doh, stride_dom), start_m, stride_qm,
-                       stride_dom, tl.arange(0, BLOCK_M), offs_d, seqlen_q, HEAD_DIM, UPCAST, False)
-    row0 = (q_start + start_m).to(tl.int64)  # first query of this tile, 64-bit row offset
+    q, do = _load_pair(_tile_base(Q, q_strides, b64, h64, q_start), _tile_base(DO, do_strides, b64, h64, q_start),
+                       start_m, q_strides[1], do_strides[1], tl.arange(0, BLOCK_M), offs_d, seqlen_q, HEAD_DIM, UPCAST,
+                       False)
     tile_m = tl.arange(0, BLOCK_M)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     r_ok = offs_m < seqlen_q
-    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
-    delta = tl.load(DELTA + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, mask=r_ok, other=0.0)
+    lse = tl.load(_row_stats(LSE, lse_strides, b64, h64, q_start) + offs_m, mask=r_ok, other=0.0)
+    delta = tl.load(_row_stats(DELTA, lse_strides, b64, h64, q_start) + offs_m, mask=r_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    k_base = _tile_base(K, b64, hk64, k_start, stride_kb, stride_kh, stride_kn)
-    v_base = _tile_base(V, b64, hk64, k_start, stride_vb, stride_vh, stride_vn)
+    k_base = _tile_base(K, k_strides, b64, hk64, k_start)
+    v_base = _tile_base(V, v_strides, b64, hk64, k_start)
     cap_in, qk_scale = _score_scales(sm_scale, softcap, SOFTCAP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_phases(start_m, off, left, right, seqlen_k, BLOCK_M, BLOCK_N)
-    dq, pdp = _bwd_dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi,
-                            off, left, right, seqlen_q, seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d, BLOCK_N,
-                            HEAD_DIM, UPCAST, DOT_PREC, SOFTCAP, HAS_SINKS)
+    dq, pdp = _bwd_dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, k_strides[1], v_strides[1], lo, full_lo,
+                            full_hi, hi, off, left, right, seqlen_q, seqlen_k, cap_in, qk_scale, offs_m, offs_n, offs_d,
+                            BLOCK_N, HEAD_DIM, UPCAST, DOT_PREC, SOFTCAP, HAS_SINKS)
     if HAS_SINKS:  # lse is in the exp2 domain here
         p_sink = tl.where(r_ok, tl.math.exp2(tl.load(SINKS + off_h) * 1.4426950408889634 - lse), 0.0)
         tl.store(DSINK + (b64 * tl.num_programs(1) + h64) * dsink_tiles + pid_m, -tl.sum(p_sink * pdp, 0))
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + tile_m * stride_dqm + offs_d[None, :],
+    tl.store(_tile_base(DQ, dq_strides, b64, h64, q_start + start_m) + tile_m * dq_strides[1] + offs_d[None, :],
              cast_out(dq, DQ.dtype.element_ty, UPCAST), mask=q_ok)

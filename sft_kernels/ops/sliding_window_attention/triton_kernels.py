@@ -146,11 +146,12 @@ def _cu(cu, b0, varlen):
 
 
 def _bsh(t, varlen):
-    """(batch, row, head) strides; packed input has no batch stride."""
+    """(batch, row, head) strides, one kernel argument; packed input has no batch stride."""
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
 def _lse_strides(lse, varlen):
+    """(batch, head) strides of an LSE / delta tensor, one kernel argument."""
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
@@ -176,7 +177,7 @@ def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, m
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
         _fwd_tuned(q.shape[-1], arch_of(q.device), q.dtype == torch.float32)[grid](
             qc, kc, vc, oc, lc, sinks, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
-            *_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(oc, varlen), *_lse_strides(lc, varlen),
+            _bsh(qc, varlen), _bsh(kc, varlen), _bsh(vc, varlen), _bsh(oc, varlen), _lse_strides(lc, varlen),
             lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tune_bucket=bucket, USE_TMA=use_tma,
             SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None, **meta,
         )
@@ -204,14 +205,14 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
             _rows(t, b0, nb, varlen) for t in (out, do, q, k, v, lse, delta, dq, dk, dv))
         cq, ck = _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen)
         _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), hq, nb)](
-            oc, doc, dc, cq, *_bsh(oc, varlen), *_bsh(doc, varlen), *_lse_strides(lc, varlen), lq,
+            oc, doc, dc, cq, _bsh(oc, varlen), _bsh(doc, varlen), _lse_strides(lc, varlen), lq,
             HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_m, IS_VARLEN=varlen,
         )
-        common = (*_bsh(qc, varlen), *_bsh(kc, varlen), *_bsh(vc, varlen), *_bsh(doc, varlen))
+        common = (_bsh(qc, varlen), _bsh(kc, varlen), _bsh(vc, varlen), _bsh(doc, varlen))
         grid = lambda meta_: (triton.cdiv(lk, meta_["BLOCK_N"]), hkv, nb)  # noqa: E731
         _dkdv_tuned(q.shape[-1], arch_of(q.device), q.dtype == torch.float32)[grid](
-            qc, kc, vc, doc, lc, dc, dkc, dvc, cq, ck, *common, *_bsh(dkc, varlen), *_bsh(dvc, varlen),
-            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap),
+            qc, kc, vc, doc, lc, dc, dkc, dvc, cq, ck, *common, _bsh(dkc, varlen), _bsh(dvc, varlen),
+            _lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap),
             tune_bucket=bucket, **cap, **meta,
         )
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
@@ -223,8 +224,8 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
             tiles = triton.cdiv(lq, min(c.kwargs["BLOCK_M"] for c in dq_tuned.configs))
             dsink_part = torch.zeros((nb, hq, tiles), dtype=torch.float32, device=q.device)
         dq_tuned[grid](
-            qc, kc, vc, doc, lc, dc, dqc, sinks, dsink_part, cq, ck, *common, *_bsh(dqc, varlen),
-            *_lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tiles,
+            qc, kc, vc, doc, lc, dc, dqc, sinks, dsink_part, cq, ck, *common, _bsh(dqc, varlen),
+            _lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tiles,
             tune_bucket=bucket, HAS_SINKS=sinks is not None, **cap, **meta,
         )
         if sinks is not None:
