@@ -8,7 +8,10 @@ rows of 5-29 tokens packed (best-fit) into rows of 48. TRL's padding-free collat
 row's 1-D ``cu_seq_lens_q/k``, which DeepSpeed's ``UlyssesSPDataLoaderAdapter`` cannot shard (it
 slices every tensor on dim 1: IndexError); ``alst_parallelism_config`` makes the adapter drop them
 (the position_ids carry the boundaries).
-Prints ``RESULT {json}``: step losses and gradient norms.
+``TRL_EXCHANGE=halo``: this backend's halo over ALST's group instead of ALST's all-to-all
+(``alst_parallelism_config(2, exchange="halo", packed=True)``: the packed rows' sequences found
+from the position_ids on each shard, each crossing sequence exchanging only its own keys).
+Prints ``RESULT {json}``: step losses, gradient norms, and the exchanges the layer calls took.
 
 argv: out_dir [sliding_window]
 """
@@ -49,7 +52,9 @@ torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)
 ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
              "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
-extra = {"parallelism_config": alst_parallelism_config(WORLD)} if WORLD > 1 else {}
+EXCHANGE = os.environ.get("TRL_EXCHANGE", "ulysses")
+extra = ({"parallelism_config": alst_parallelism_config(WORLD, exchange=EXCHANGE, packed=EXCHANGE != "ulysses")}
+         if WORLD > 1 else {})
 args = SFTConfig(output_dir=sys.argv[1], per_device_train_batch_size=1, max_steps=3, logging_steps=1, report_to=[],
                  learning_rate=1e-2, lr_scheduler_type="constant", deepspeed=ds_config, use_cpu=True, bf16=False,
                  save_strategy="no", seed=0, disable_tqdm=True, packing=True, max_length=48, pad_to_multiple_of=48,
@@ -58,10 +63,15 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_clas
 # TRL's padding-free collator adds the flattened row's 1-D cu_seq_lens_q/k (and max_length_q/k);
 # alst_parallelism_config's install() keeps them away from DeepSpeed's data adapter
 assert "cu_seq_lens_q" in trainer.data_collator([trainer.train_dataset[0]])  # what the adapter is given
-trainer.train()
+from sft_kernels.integrations.transformers.context_parallel import record_exchanges  # noqa: E402
+
+with record_exchanges() as exchanges:  # each layer call under this backend's context parallelism
+    trainer.train()
 logs = [h for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"losses": [float(h["loss"]) for h in logs],
-                              "grad_norms": [float(h["grad_norm"]) for h in logs]}), flush=True)
+                              "grad_norms": [float(h["grad_norm"]) for h in logs],
+                              "exchanges": sorted({e["exchange"] for e in exchanges}),
+                              "layer_calls": len(exchanges)}), flush=True)
 if WORLD > 1:
     from sft_kernels.train.loop import exit_process
 
