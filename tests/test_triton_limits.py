@@ -121,7 +121,10 @@ def test_row_offsets_past_2_31_elements(op, tmp_path):
     code = ("import json, sys; sys.path.insert(0, %r); import test_triton_limits as t; "
             "print('ERRS', json.dumps(t.%s(%r)))" % (HERE, "_strided_case" if op == "attention" else "_strided_block_diag",
                                                     str(tmp_path / "buf.bin")))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    finally:  # up to 4 GB of written pages: pytest keeps its last three tmp_path trees
+        (tmp_path / "buf.bin").unlink(missing_ok=True)
     assert res.returncode == 0, (f"kernels crashed or failed on a view spanning > 2**31 elements "
                                  f"(rc={res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     import json
