@@ -99,7 +99,8 @@ def assert_rel_bar(out, ref, lowp_ref, what="", floor=1e-4):
 
 def examples(n: int) -> int:
     """Hypothesis examples for a Triton property test: ``n``, capped by
-    ``SFT_KERNELS_MAX_EXAMPLES`` (``scripts/gpu_check.sh`` sets a few: on a GPU each example
+    ``SFT_KERNELS_MAX_EXAMPLES`` (``make test-fast`` sets 10: the interpreter is slow;
+    ``scripts/gpu_check.sh`` sets a few: on a GPU each example
     may draw a new autotune key, which compiles every candidate config)."""
     cap = os.environ.get("SFT_KERNELS_MAX_EXAMPLES")
     return min(n, int(cap)) if cap else n
