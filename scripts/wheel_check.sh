@@ -5,7 +5,8 @@
 # installed sources (one architecture; no GPU needed), and a smoke subset of the tests
 # against the installed package (tests/conftest.py refuses to run them on the checkout's).
 #
-#   bash scripts/wheel_check.sh [WORKDIR]     (CI: .ci/run; WORKDIR default: a new temp folder)
+#   bash scripts/wheel_check.sh [WORKDIR]     (CI: .ci/run; WORKDIR default: a new temp folder,
+#                                              removed after a passing run: its venv is ~6 GB)
 #
 # Needs: $PYTHON (default .venv/bin/python, else python3) with `build` (the [dev] extra),
 # nvcc (CUDA_HOME or /usr/local/cuda) for the build step. Prints one line per step and
@@ -86,4 +87,6 @@ SFT_KERNELS_TEST_INSTALLED=1 "$V/python" -m pytest -q -p no:cacheprovider -c "$R
   "$ROOT/tests/test_benchmarks.py" 2>&1 | tail -n 15
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "wheel_check: smoke tests failed (pytest exit $rc)" >&2; exit 1; }
+# a temp folder of our own goes once everything passed (a failure keeps it for its logs)
+[ -z "${1:-}" ] && cd / && rm -rf "$WORK"
 say "ok"
