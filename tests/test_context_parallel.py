@@ -251,7 +251,23 @@ def test_bench_runs_and_counts_match_the_model(tmp_path):
     uly = {r["shape"]["seqlen"]: r["bytes_max"] for r in recs if r["impl"] == "ulysses"}
     assert halo[64] == halo[128] and all(halo[L] < uly[L] for L in halo)
     assert uly[128] == 2 * uly[64]
-    assert "| 2 | 128 | 64 | halo |" in (tmp_path / "context_parallel.md").read_text()
+    md = (tmp_path / "context_parallel.md").read_text()
+    assert "| 2 | 128 | 64 | halo |" in md
+    # packed rows: the same lengths packed from sequences of 6..96 tokens, counted = modelled on
+    # every rank (main() checks it), the halo sending only the crossing sequences' keys
+    packed = data["packed"]
+    assert {(r["impl"], r["shape"]["seqlen"]) for r in packed} == {(i, L) for i in b.PACKED_IMPLS for L in (64, 128)}
+    for r in packed:
+        cu = r["shape"]["cu_seqlens"]
+        assert cu[0] == 0 and cu[-1] == r["shape"]["seqlen"] and r["shape"]["sequences"] == len(cu) - 1
+        assert r["ms"] > 0 and r["bytes_per_rank"] == r["bytes_model"]
+        if r["impl"] == "halo_packed":
+            assert r["bytes_max"] < r["shape"]["alst_bytes_model"], r
+            assert r["bytes_per_rank"] == b.packed_halo_bytes(2, cu, 24, 2, 16, 4)
+        else:
+            assert r["bytes_max"] == uly[r["shape"]["seqlen"]]  # packing does not change Ulysses' bytes
+    assert max(r["shape"]["sequences"] for r in packed) >= 2  # a row that is really packed
+    assert "## Packed rows" in md and "| halo_packed |" in md
 
 
 def test_example_trains(tmp_path):

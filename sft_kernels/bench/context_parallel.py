@@ -27,6 +27,18 @@ Bytes sent per rank per layer step (forward + backward; ``e`` bytes per element)
   allgather_kv  4 * heads_kv * n * head_dim * e * (P - 1) (all-gather of K and V; the
                 reduce-scatter of dK/dV sends the same amount).
 
+Packed rows (``batch == 1``): the same length packed from sequences of W/4 .. 4W tokens (seeded),
+as TRL packing / ``DataCollatorWithFlattening`` feed it:
+
+  halo_packed     ``sft_kernels.parallel.context_parallel_packed_attention``: each sequence that
+                  crosses a shard boundary sends only its own keys, as far as its window reaches
+                  (``packed_halo_bytes``); a sequence inside a shard sends nothing.
+  ulysses_packed  the all-to-alls above, the whole row's packed attention (cu_seqlens) per head
+                  group: the same bytes as one sequence.
+  ALST            DeepSpeed's Ulysses for HF models with this backend as its core: modelled
+                  (``alst_bytes``, equal to the bytes counted on DeepSpeed's calls in
+                  ``tests/test_alst.py``), not run here (it needs a model and DeepSpeed).
+
 The measured bytes are counted on the calls the run makes (``batch_isend_irecv`` tensors,
 ``all_to_all_single`` / ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` inputs times
 the fraction each sends away) and must equal the model on every rank; the analytic table
@@ -56,6 +68,7 @@ from . import common  # noqa: E402
 
 OP = "context_parallel_attention"
 IMPLS = ("halo", "ulysses", "allgather_kv", "local_only")
+PACKED_IMPLS = ("halo_packed", "ulysses_packed")
 BASELINE = "ulysses"
 CPU_SHAPE = dict(batch=1, heads=8, kv_heads=4, head_dim=64, window=256, dtype="float32")  # GQA 2:1
 LENGTHS = {False: [264, 512, 1024, 2048, 4096, 8192, 16384], True: [264, 2048]}  # from just above W
@@ -125,6 +138,17 @@ def packed_halo_bytes(world: int, cu_seqlens, window, kv_heads: int, head_dim: i
         plan = packed_halo_plan(r, world, cu_seqlens, window)
         out.append((plan.rows_sent() + plan.rows_received()) * row + 7 * 8 * (world - 1))
     return out
+
+
+def packed_row(seqlen: int, window: int, seed: int) -> list:
+    """``cu_seqlens`` of one row of ``seqlen`` tokens packed from sequences of ``window // 4`` to
+    ``4 window`` tokens (the last one cut at the row's end), drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = max(1, window // 4), 4 * window
+    cu = [0]
+    while cu[-1] < seqlen:
+        cu.append(min(seqlen, cu[-1] + int(torch.randint(lo, hi + 1, (1,), generator=g))))
+    return cu
 
 
 def ulysses_possible(world: int, heads: int, kv_heads: int) -> bool:
@@ -245,12 +269,13 @@ def worker(args) -> None:
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=1800))
     from sft_kernels import context_parallel_attention, sliding_window_attention
+    from sft_kernels.parallel import context_parallel_packed_attention
 
     counter = _Counter(dist)
     sh = dict(CPU_SHAPE, **json.loads(args.shape or "{}"))
     dtype = getattr(torch, sh["dtype"])
     w = sh["window"]
-    records = []
+    records, packed = [], []
     for L in args.lengths:
         n = L // world
         g = torch.Generator().manual_seed(L)
@@ -272,48 +297,79 @@ def worker(args) -> None:
                 return sliding_window_attention(q, kf[:, :end], vf[:, :end], window_size=w, causal=True, backend="torch")
             return sliding_window_attention(q, k, v, window_size=w, causal=True, backend="torch")
 
-        def step(impl):
-            out = run(impl)
-            out.backward(do)
-            q.grad = k.grad = v.grad = None
-            return out.detach()
+        def measure(impls, run, model, shape, into):
+            """One counted warm-up step of each impl, then interleaved timed repeats (load from
+            other processes on the machine hits every impl alike); a record each into ``into``."""
+            def step(impl):
+                out = run(impl)
+                out.backward(do)
+                q.grad = k.grad = v.grad = None
+                return out.detach()
 
-        outs, sent, times = {}, {}, {impl: [] for impl in IMPLS}
-        for impl in IMPLS:
+            outs, sent, times = {}, {}, {impl: [] for impl in impls}
+            for impl in impls:
+                counter.take()
+                outs[impl] = step(impl)  # warm-up, and the bytes of one layer step
+                sent[impl] = counter.take()
+            for _ in range(args.repeats):
+                for impl in impls:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    step(impl)
+                    times[impl].append(time.perf_counter() - t0)
             counter.take()
-            outs[impl] = step(impl)  # warm-up, and the bytes of one layer step
-            sent[impl] = counter.take()
-        # interleaved repeats: load from other processes on the machine hits every impl alike
-        for _ in range(args.repeats):
-            for impl in IMPLS:
-                dist.barrier()
-                t0 = time.perf_counter()
-                step(impl)
-                times[impl].append(time.perf_counter() - t0)
-        counter.take()
-        for impl in IMPLS:
-            ms = torch.tensor([statistics.median(times[impl]) * 1e3])
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the group waits for its slowest rank
-            per_rank = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-            dist.all_gather(per_rank, torch.tensor([sent[impl]]))
-            counter.take()
-            per_rank = [int(x) for x in per_rank]
-            model = model_bytes(impl, world, L, w, sh["heads"], sh["kv_heads"], sh["head_dim"], ELEM[sh["dtype"]])
-            shape = dict(batch=sh["batch"], seqlen=L, world=world, shard=n, window=w, heads=sh["heads"],
-                         kv_heads=sh["kv_heads"], head_dim=sh["head_dim"], causal=True)
-            records.append(dict(op=OP, impl=impl, device="cpu", dtype=sh["dtype"], shape=shape, ms=float(ms),
-                                bytes_per_rank=per_rank, bytes_model=model, bytes_max=max(per_rank),
-                                tflops=flops(shape) / (float(ms) * 1e-3) / 1e12, gbps=None, peak_mem_bytes=None))
-            if rank == 0:
-                common.progress(f"P={world} L={L} {impl}: {float(ms):.1f} ms, {max(per_rank)} B/rank")
+            for impl in impls:
+                ms = torch.tensor([statistics.median(times[impl]) * 1e3])
+                dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the group waits for its slowest rank
+                per_rank = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+                dist.all_gather(per_rank, torch.tensor([sent[impl]]))
+                counter.take()
+                per_rank = [int(x) for x in per_rank]
+                into.append(dict(op=OP, impl=impl, device="cpu", dtype=sh["dtype"], shape=shape, ms=float(ms),
+                                 bytes_per_rank=per_rank, bytes_model=model(impl), bytes_max=max(per_rank),
+                                 tflops=flops(shape) / (float(ms) * 1e-3) / 1e12, gbps=None, peak_mem_bytes=None))
+                if rank == 0:
+                    common.progress(f"P={world} L={L} {impl}: {float(ms):.1f} ms, {max(per_rank)} B/rank")
+            return outs
+
+        def exact_alike(outs, impls, ref, what):
+            for impl in impls:
+                err = float((outs[impl] - outs[ref]).norm() / outs[impl].norm())
+                if err > 1e-5:
+                    raise AssertionError(f"P={world} L={L}{what}: {impl} and {ref} differ by {err:.2e}")
+
+        heads, kv_heads, d, e = sh["heads"], sh["kv_heads"], sh["head_dim"], ELEM[sh["dtype"]]
+        shape = dict(batch=sh["batch"], seqlen=L, world=world, shard=n, window=w, heads=heads, kv_heads=kv_heads,
+                     head_dim=d, causal=True)
+        outs = measure(IMPLS, run, lambda impl: model_bytes(impl, world, L, w, heads, kv_heads, d, e), shape, records)
         # the three exact methods give one answer (local_only is not a correct result)
-        for impl in ("ulysses", "allgather_kv"):
-            err = float((outs[impl] - outs["halo"]).norm() / outs[impl].norm())
-            if err > 1e-5:
-                raise AssertionError(f"P={world} L={L}: {impl} and halo differ by {err:.2e}")
+        exact_alike(outs, ("ulysses", "allgather_kv"), "halo", "")
+        if sh["batch"] != 1:
+            continue
+        cu = packed_row(L, w, seed=L)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+
+        def run_packed(impl):
+            if impl == "halo_packed":
+                return context_parallel_packed_attention(q, k, v, cu, w, causal=True, backend="torch")
+            qh, kh, vh = (_AllToAll.apply(t, world, dist, True)[0] for t in (q, k, v))  # (L, H/P, D), the row
+            out = sliding_window_attention(qh, kh, vh, window_size=w, causal=True, backend="torch", cu_seqlens_q=cu_t,
+                                           cu_seqlens_k=cu_t, max_seqlen_q=longest, max_seqlen_k=longest)
+            return _AllToAll.apply(out[None], world, dist, False)
+
+        def packed_model(impl):
+            if impl == "halo_packed":
+                return packed_halo_bytes(world, cu, w, kv_heads, d, e)
+            return model_bytes("ulysses", world, L, w, heads, kv_heads, d, e)
+
+        pshape = dict(shape, packed=True, sequences=len(cu) - 1, cu_seqlens=cu,
+                      alst_bytes_model=alst_bytes(world, L, heads, kv_heads, d, e))
+        outs = measure(PACKED_IMPLS, run_packed, packed_model, pshape, packed)
+        exact_alike(outs, ("ulysses_packed",), "halo_packed", " packed")
     if rank == 0:
         with open(args.result, "w") as f:
-            json.dump(records, f)
+            json.dump(dict(records=records, packed=packed), f)
     dist.barrier()
     dist.destroy_process_group()
     # Skip the interpreter's teardown: about 1 run in 30 on the loaded CI machine, gloo's exit-time
@@ -407,22 +463,25 @@ def main(argv=None) -> int:
     lengths = args.lengths or LENGTHS[args.quick]
     shape = dict(CPU_SHAPE, **json.loads(args.shape or "{}"))
     repeats = args.repeats or (3 if args.quick else 5)
-    records = []
+    records, packed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
-            records += launch(world, lengths, repeats, tmp, shape)
-    for r in records:
-        r["env"] = env
-        base = next(x for x in records if x["impl"] == BASELINE and x["shape"] == r["shape"])
-        r["speedup_vs"] = {"baseline": BASELINE, "ratio": base["ms"] / r["ms"]}
-        if r["bytes_per_rank"] != r["bytes_model"]:
-            raise AssertionError(f"measured bytes {r['bytes_per_rank']} != model {r['bytes_model']} for {r['impl']} "
-                                 f"{r['shape']}")
+            got = launch(world, lengths, repeats, tmp, shape)
+            records += got["records"]
+            packed += got["packed"]
+    for recs, baseline in ((records, BASELINE), (packed, "ulysses_packed")):
+        for r in recs:
+            r["env"] = env
+            base = next(x for x in recs if x["impl"] == baseline and x["shape"] == r["shape"])
+            r["speedup_vs"] = {"baseline": baseline, "ratio": base["ms"] / r["ms"]}
+            if r["bytes_per_rank"] != r["bytes_model"]:
+                raise AssertionError(f"measured bytes {r['bytes_per_rank']} != model {r['bytes_model']} for "
+                                     f"{r['impl']} {r['shape']}")
     table = headline_table()
     checks = measured_p_check(args.worlds, shape)
     out_dir = common.result_dir(args.out, "cpu", env)
-    common.write_json(dict(env=env, records=records, headline=dict(HEADLINE, rows=table), measured_p_check=checks),
-                      os.path.join(out_dir, "context_parallel.json"))
+    common.write_json(dict(env=env, records=records, packed=packed, headline=dict(HEADLINE, rows=table),
+                           measured_p_check=checks), os.path.join(out_dir, "context_parallel.json"))
     with open(os.path.join(out_dir, "context_parallel.md"), "w") as f:
         f.write(f"# context-parallel attention, {env['device_name']}, commit {env['commit']}, {env['date']}\n\n")
         s = shape
@@ -444,6 +503,24 @@ def main(argv=None) -> int:
                          "vs ulysses bytes": f"{r['bytes_max'] / uly['bytes_max']:.3f}",
                          "speedup": f"{r['speedup_vs']['ratio']:.2f}"})
         f.write(common.markdown_table(rows, cols) + "\n\n")
+        if packed:
+            f.write("## Packed rows\n\nThe same lengths, one row packed from sequences of W/4 .. 4W tokens (seeded). "
+                    "bytes/rank counted on the calls, equal to the model on every rank; ALST: DeepSpeed's Ulysses "
+                    "for HF models with this backend as its core on the same shape, modelled (`alst_bytes`, equal "
+                    "to the bytes counted on DeepSpeed's calls in tests/test_alst.py), not run. speedup = "
+                    "ulysses_packed ms / this ms.\n\n")
+            cols = ["P", "L", "sequences", "impl", "ms", "bytes/rank (MiB)", "vs ulysses bytes", "ALST bytes/rank (MiB)",
+                    "speedup"]
+            rows = []
+            for r in packed:
+                sh = r["shape"]
+                uly = next(x for x in packed if x["impl"] == "ulysses_packed" and x["shape"] == sh)
+                rows.append({"P": sh["world"], "L": sh["seqlen"], "sequences": sh["sequences"], "impl": r["impl"],
+                             "ms": f"{r['ms']:.1f}", "bytes/rank (MiB)": _mib(r["bytes_max"]),
+                             "vs ulysses bytes": f"{r['bytes_max'] / uly['bytes_max']:.3f}",
+                             "ALST bytes/rank (MiB)": _mib(sh["alst_bytes_model"]),
+                             "speedup": f"{r['speedup_vs']['ratio']:.2f}"})
+            f.write(common.markdown_table(rows, cols) + "\n\n")
         f.write("Model at the measured P for every L in (W, 8W] with L % P == 0, for the measured heads and for "
                 "MHA (heads_kv = heads): where halo does not send fewer bytes than Ulysses (the most any rank "
                 "sends), and halo's bytes once n >= W - 1 (one value: constant in L). With MHA at P = 4 and "
