@@ -9,6 +9,7 @@ the admissible ones an autotune list may hold.
 
     python scripts/sweep_triton_configs.py --op swa --kinds fwd,dkdv,dq --dims 64,128,256 \\
         --archs 90 --dtype fp16 --json /tmp/sweep.json
+    python scripts/sweep_triton_configs.py --dtype fp32 --dot-prec tf32 --archs 90,80   # allow_tf32
 
 Runs in worker processes (``--workers``); ~1-2 s per candidate and architecture.
 """
@@ -27,23 +28,31 @@ SWA_SPACE = {
     "dkdv": dict(bm=(16, 32, 64), bn=(64, 128), warps=(4, 8), stages=(1, 2, 3)),
     "dq": dict(bm=(64, 128), bn=(16, 32, 64), warps=(4, 8), stages=(1, 2, 3)),
 }
+# fp32 with tf32 dots (allow_tf32): fp32 operands take twice fp16's registers and shared
+# memory, so smaller tiles (one stage: the D = 256 backward, where two did not fit)
+TF32_SPACE = {
+    "fwd": dict(bm=(16, 32, 64, 128), bn=(16, 32, 64), warps=(4, 8), stages=(2,)),
+    "dkdv": dict(bm=(16, 32), bn=(32, 64, 128), warps=(4, 8), stages=(1, 2)),
+    "dq": dict(bm=(16, 32, 64, 128), bn=(16, 32, 64), warps=(4, 8), stages=(1, 2)),
+}
 # 4 warps (one warpgroup) on 128 rows puts 128 x D fp32 accumulators on 128 threads: every
 # such candidate spilled at D >= 128 in the first sweep, so they are left out
 SKIP = {("dkdv", 128, 4), ("dq", 128, 4)}
 
 
-def swa_candidates(kinds, dims, dtype, tma):
+def swa_candidates(kinds, dims, dtype, tma, dot_prec=""):
     from sft_kernels.ops.sliding_window_attention import triton_kernels as tk
 
     specs = []
     for kind in kinds:
-        sp = SWA_SPACE[kind]
+        sp = (TF32_SPACE if dot_prec == "tf32" and dtype == "fp32" else SWA_SPACE)[kind]
         for d in dims:
             for bm, bn, w, s in itertools.product(sp["bm"], sp["bn"], sp["warps"], sp["stages"]):
                 rows = bn if kind == "dkdv" else bm
                 if (kind, rows, w) in SKIP and d >= 128:
                     continue
-                specs.append(tk.compile_spec(kind, dtype, d, (bm, bn, w, s), tma=tma and kind == "fwd"))
+                specs.append(tk.compile_spec(kind, dtype, d, (bm, bn, w, s), tma=tma and kind == "fwd",
+                                             dot_prec=dot_prec))
     return specs
 
 
@@ -65,10 +74,13 @@ def main(argv=None):
     ap.add_argument("--archs", default="90")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--tma", action="store_true", help="forward in its tensor-descriptor variant")
+    ap.add_argument("--dot-prec", default="", help="the dots' input_precision (default: a launch's; tf32: "
+                    "fp32 under allow_tf32)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    specs = swa_candidates(args.kinds.split(","), [int(d) for d in args.dims.split(",")], args.dtype, args.tma)
+    specs = swa_candidates(args.kinds.split(","), [int(d) for d in args.dims.split(",")], args.dtype, args.tma,
+                           args.dot_prec)
     results = cc.run_specs(specs, tuple(int(a) for a in args.archs.split(",")), mode="subprocess",
                            workers=args.workers, timeout=7200)
     rows = [row(r) for r in results]

@@ -293,3 +293,13 @@ def test_tuple_arguments_marked_divisible_per_element():
                                        divisible_by_16=["x_ptr", "y_ptr"] + strides)
                         for strides in (["x_strides", "y_strides"], []))
     assert marked.ptx_len < unmarked.ptx_len, (marked.ptx_len, unmarked.ptx_len)
+
+
+def test_wgmma_expected_unless_the_spec_says_its_tile_is_too_small(selftest_results):
+    """An mma.sync build judged as sm_90's fails for want of wgmma, unless the spec says its dot
+    tile has fewer than 64 rows (``expect_wgmma: False``): then mma.sync is right there too."""
+    ampere = selftest_results[("matmul64", 80)].report
+    assert ampere.uses_mma and not ampere.uses_wgmma
+    spec = _mm_spec("matmul64", 64, 64, 64)
+    assert any("expected wgmma" in f for f in spec_failures(spec, 90, ampere, None))
+    assert not spec_failures(dict(spec, expect_wgmma=False), 90, ampere, None)

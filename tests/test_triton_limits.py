@@ -166,7 +166,7 @@ def test_grids_of_70000_sequences_x_32_heads(monkeypatch):
     grids = []
     rec = _GridRecorder(grids, {"BLOCK_M": 64, "BLOCK_N": 64})
     for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
-        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, fp32=False, rec=rec: rec)
+        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, fp32=False, tf32=False, rec=rec: rec)
     monkeypatch.setattr(tk, "_bwd_preprocess_kernel", _GridRecorder(grids, {}))
     batch, heads, kv_heads = 70_000, 32, 8
     cu = torch.arange(batch + 1, dtype=torch.int32) * 2  # 2 tokens each
@@ -281,8 +281,9 @@ def test_block_diag_configs_within_the_devices_shared_memory(monkeypatch):
 
 def test_fp32_has_its_own_config_lists(monkeypatch):
     """fp32 inputs (IEEE dots on the FMA units, where the tensor-core tiles spill) get the
-    fp32 lists, fp16/bf16 the others: the attention launchers pass the dtype through, the
-    block-diagonal ones pick the list by dtype."""
+    fp32 lists, fp32 under allow_tf32 (tf32 dots: fp32 operands on the tensor cores) the tf32
+    lists, fp16/bf16 the others: the attention launchers pass the dtype and the dots' precision
+    through, the block-diagonal ones pick the list by dtype."""
     from sft_kernels.ops.block_diag import triton_kernels as bd
     from sft_kernels.ops.sliding_window_attention import triton_configs as cfgs
     from sft_kernels.ops.sliding_window_attention import triton_kernels as tk
@@ -293,19 +294,29 @@ def test_fp32_has_its_own_config_lists(monkeypatch):
     for kind in ("fwd", "dkdv", "dq"):
         for d in (64, 128, 256):
             assert cfgs.config_list(kind, d, 90, fp32=True) == [tuple(c[:4]) for c in cfgs._FP32_CONFIGS[kind][d]]
+            for arch in (90, 80):
+                assert cfgs.config_list(kind, d, arch, fp32=True, tf32=True) == [
+                    tuple(c[:4]) for c in cfgs._TF32_CONFIGS[kind][d] if arch in cfgs._entry_archs(c)]
+                assert cfgs.config_list(kind, d, arch, tf32=True) == cfgs.config_list(kind, d, arch)  # fp16/bf16
             assert cfgs.config_list(kind, d, 90) == [tuple(c[:4]) for c in cfgs._CONFIGS[kind][d]
                                                     if 90 in cfgs._entry_archs(c)]
     seen = []
     for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
-        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, fp32=False: seen.append(fp32) or _GridRecorder([], {
-            "BLOCK_M": 16, "BLOCK_N": 16}))
+        monkeypatch.setattr(tk, name, lambda head_dim, arch=90, fp32=False, tf32=False: seen.append(
+            (fp32, tf32)) or _GridRecorder([], {"BLOCK_M": 16, "BLOCK_N": 16}))
     monkeypatch.setattr(tk, "_bwd_preprocess_kernel", _GridRecorder([], {}))
     spec = parse_window((7, 0), True)
-    for dtype in (torch.float32, torch.bfloat16):
-        q = torch.zeros(1, 4, 2, 16, dtype=dtype)
-        out, lse = tk.swa_fwd_triton(q, q, q, spec, 0.25)
-        tk.swa_bwd_triton(q, q, q, q, out, lse, spec, 0.25)
-    assert seen == [True] * 3 + [False] * 3
+    saved = torch.backends.cuda.matmul.allow_tf32  # torch's switch (monkeypatch cannot undo it)
+    try:
+        for dtype, allow_tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            q = torch.zeros(1, 4, 2, 16, dtype=dtype)
+            out, lse = tk.swa_fwd_triton(q, q, q, spec, 0.25)
+            tk.swa_bwd_triton(q, q, q, q, out, lse, spec, 0.25)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert [fp32 for fp32, _ in seen] == [True] * 6 + [False] * 3
+    assert [tf32 for _, tf32 in seen[:6]] == [False] * 3 + [True] * 3
 
     assert bd.configs_for("gemm", torch.float32) is bd.GEMM_CONFIGS_FP32
     assert bd.configs_for("dw", torch.float32) is bd.DW_CONFIGS_FP32

@@ -80,7 +80,7 @@ def spec_failures(spec: dict, arch: int, report: Optional[CompileReport], error:
                              f" ({d['redundancy']:.2f}x)" for d in bad)
             out.append(f"{tag}: redundant MMA layout, {report.redundancy:.2f}x the tile's MMA work "
                        f"(num_warps={report.num_warps}): {desc}")
-        if arch >= 90 and not report.uses_wgmma:
+        if arch >= 90 and not report.uses_wgmma and spec.get("expect_wgmma", True):
             out.append(f"{tag}: expected wgmma in the Hopper build, found "
                        f"{'mma.sync only' if report.uses_mma else 'no tensor-core MMA'}")
         elif arch < 90 and not report.uses_mma:

@@ -632,6 +632,8 @@ def _spec(name: str, fn, first: bool, signature: dict, constexprs: dict, cfg: Di
     return dict(name=name, first_choice=first, fn=fn, signature=signature, constexprs=constexprs,
                 divisible_by_16=[k for k, t in signature.items() if t.startswith("*") or k.startswith("stride")],
                 expect_mma=constexprs["INPUT_PRECISION"] != "ieee",  # IEEE fp32 dots run on FMA units
+                # wgmma multiplies 64-row tiles: the dots' rows are BLOCK_T (GEMM) or BLOCK_M (dW)
+                expect_wgmma=cfg["BLOCK_T" if "BLOCK_K" in cfg else "BLOCK_M"] >= 64,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -685,9 +687,9 @@ def compile_specs(dtypes=(torch.float16, torch.bfloat16), dot_prec: Optional[str
 
 
 def fp32_compile_specs() -> List[dict]:
-    """fp32 on its own lists, with IEEE dots (torch's default: what the lists are sized for;
-    ``compile_specs((torch.float32,), dot_prec="tf32")`` builds the ``allow_tf32`` variant)."""
-    return compile_specs((torch.float32,))
+    """fp32 on its own lists, with IEEE dots (torch's default: what the lists are sized for)
+    and with tf32 dots (``allow_tf32``: the same lists, on the tensor cores)."""
+    return compile_specs((torch.float32,)) + compile_specs((torch.float32,), dot_prec="tf32")
 
 
 def _archs(cfg: Dict[str, int], elsize: int, kind: str) -> Tuple[int, ...]:

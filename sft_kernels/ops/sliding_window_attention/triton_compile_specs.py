@@ -10,7 +10,7 @@ import inspect
 import triton
 
 from ...window import MODE_EXPLICIT, MODE_SQRT
-from .triton_configs import _CONFIGS, _FP32_CONFIGS, _entry_archs
+from .triton_configs import _CONFIGS, _FP32_CONFIGS, _TF32_CONFIGS, _entry_archs
 from .triton_jit import _swa_bwd_dkdv_kernel, _swa_bwd_dq_kernel, _swa_fwd_kernel
 
 _KERNELS = {"fwd": _swa_fwd_kernel, "dkdv": _swa_bwd_dkdv_kernel, "dq": _swa_bwd_dq_kernel}
@@ -82,6 +82,9 @@ def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXP
         "num_warps": warps,
         "num_stages": stages,
         "expect_mma": dot_prec != "ieee",  # IEEE fp32 dots run on the FMA units
+        # wgmma multiplies 64-row tiles: the dots' rows are the key tile in dK/dV, the query
+        # tile in the forward and dQ
+        "expect_wgmma": (bn if kind == "dkdv" else bm) >= 64,
         "first_choice": first,  # the first entry of its autotune list (the report's table)
         # TMA is a Hopper engine: that variant is only ever launched on sm_90 (as are the
         # Hopper-only list entries)
@@ -131,12 +134,13 @@ def compile_specs():
 
 
 def fp32_compile_specs():
-    """fp32 inputs on their own lists (``triton_configs._FP32_CONFIGS``): every entry with
-    IEEE dots (torch's default, what the lists are sized for); the pointer forward only
-    (the launcher takes tensor descriptors for fp16/bf16 alone)."""
+    """fp32 inputs on their own lists: every entry of ``triton_configs._FP32_CONFIGS`` with
+    IEEE dots (torch's default) and of ``_TF32_CONFIGS`` with tf32 dots (``allow_tf32``); the
+    pointer forward only (the launcher takes tensor descriptors for fp16/bf16 alone)."""
     specs = []
-    for kind, by_dim in _FP32_CONFIGS.items():
-        for head_dim, configs in by_dim.items():
-            for i, cfg in enumerate(configs):
-                specs.append(compile_spec(kind, "fp32", head_dim, cfg, first=i == 0))
+    for table, dot_prec in ((_FP32_CONFIGS, "ieee"), (_TF32_CONFIGS, "tf32")):
+        for kind, by_dim in table.items():
+            for head_dim, configs in by_dim.items():
+                for i, cfg in enumerate(configs):
+                    specs.append(compile_spec(kind, "fp32", head_dim, cfg, first=i == 0, dot_prec=dot_prec))
     return specs

@@ -48,11 +48,29 @@ _CONFIGS = {
 # tiles above spill there (the forward at D = 128: ~1.5 KB on sm_90a). Their own lists,
 # chosen by compiling candidates (ptxas -v, Triton 3.6 and 3.8, sm_90a and sm_80): 8 warps
 # on tiles of 16-64 rows; 4 warps on 64 rows, or 64 rows at D = 128, spilled on sm_80 under
-# 3.8 (registers per entry in docs/kernels.md). With allow_tf32 the same lists run.
+# 3.8 (registers per entry in docs/kernels.md).
 _FP32_CONFIGS = {
     "fwd": {64: [(64, 32, 8, 2)], 128: [(16, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
     "dkdv": {64: [(16, 32, 8, 2)], 128: [(16, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
     "dq": {64: [(16, 32, 8, 2)], 128: [(32, 32, 8, 2)], 256: [(32, 16, 8, 2)]},
+}
+# fp32 inputs under torch.backends.cuda.matmul.allow_tf32: tf32 dots on the tensor cores with
+# fp32 operands (twice fp16's registers and shared memory). The IEEE lists above replicate MMA
+# work there (1.5-1.67x on 16-row tiles) and dK/dV D = 128 spills 40 B; these lists come from
+# `scripts/sweep_triton_configs.py --dtype fp32 --dot-prec tf32` (sm_90a and sm_80, then Triton
+# 3.6): largest tile first among the candidates with no spill, no replicated or serialised MMA
+# and sm_80's shared memory. D = 256 dK/dV: every key tile of 64 spilled on sm_90a (16-44 B,
+# 255 registers), so a tile of 32 keys, which Hopper multiplies with mma.sync (wgmma needs 64).
+_TF32_CONFIGS = {
+    "fwd": {64: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+            128: [(128, 32, 8, 2), (64, 64, 8, 2), (128, 16, 8, 2)],
+            256: [(64, 32, 8, 2), (64, 16, 8, 2)]},
+    "dkdv": {64: [(32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)],
+             128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+             256: [(32, 32, 8, 1)]},
+    "dq": {64: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+           128: [(64, 64, 8, 2), (128, 16, 8, 2), (64, 32, 8, 2)],
+           256: [(64, 16, 8, 1)]},
 }
 _INTERPRET_CONFIG = (16, 16, 1, 1)  # TRITON_INTERPRET=1: one small config, no tuning
 _CONFIG_NAMES = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -71,17 +89,21 @@ def _entry_archs(entry):
     return entry[4] if len(entry) > 4 else (80, 90)
 
 
-def config_table(fp32: bool = False):
-    """The lists for fp16/bf16 inputs, or for fp32 ones."""
-    return _FP32_CONFIGS if fp32 else _CONFIGS
+def config_table(fp32: bool = False, tf32: bool = False):
+    """The lists for fp16/bf16 inputs, for fp32 ones with IEEE dots, or (``tf32``) for fp32
+    ones with tf32 dots (``allow_tf32``); ``tf32`` means nothing for fp16/bf16."""
+    if not fp32:
+        return _CONFIGS
+    return _TF32_CONFIGS if tf32 else _FP32_CONFIGS
 
 
-def config_list(kind: str, head_dim: int, arch: int = 90, fp32: bool = False):
+def config_list(kind: str, head_dim: int, arch: int = 90, fp32: bool = False, tf32: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples tried for ``kind`` on ``arch``
-    (90 for Hopper and newer, 80 below) for fp16/bf16 inputs, or fp32 ones."""
+    (90 for Hopper and newer, 80 below) for fp16/bf16 inputs, or fp32 ones (IEEE or tf32 dots)."""
     pinned = _pinned(kind)
     if pinned:
         return pinned
     if interpreting():
         return [_INTERPRET_CONFIG]
-    return [tuple(e[:4]) for e in config_table(fp32)[kind][head_dim_class(head_dim)] if arch in _entry_archs(e)]
+    return [tuple(e[:4]) for e in config_table(fp32, tf32)[kind][head_dim_class(head_dim)]
+            if arch in _entry_archs(e)]

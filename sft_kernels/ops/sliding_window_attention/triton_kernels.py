@@ -54,11 +54,11 @@ class _Tuned:
 
 
 def _autotuned(kernel, kind: str):
-    """The tuned launcher of ``kernel`` for a head_dim, an arch and fp32 or not: the config
-    list depends on all three (and on a pinned config, read at each call)."""
+    """The tuned launcher of ``kernel`` for a head_dim, an arch, fp32 or not and tf32 dots or
+    not: the config list depends on all four (and on a pinned config, read at each call)."""
 
-    def get(head_dim: int, arch: int = 90, fp32: bool = False):
-        return _Tuned(kernel, kind, tuple(config_list(kind, head_dim, arch, fp32)))
+    def get(head_dim: int, arch: int = 90, fp32: bool = False, tf32: bool = False):
+        return _Tuned(kernel, kind, tuple(config_list(kind, head_dim, arch, fp32, tf32)))
 
     return get
 
@@ -119,6 +119,11 @@ def _rows(t, b0, n, varlen):
     return t if varlen or (b0 == 0 and n == t.shape[0]) else t[b0:b0 + n]
 
 
+def _lists(q, meta):
+    """What picks the config lists besides the kind: head_dim, arch, fp32, tf32 dots."""
+    return q.shape[-1], arch_of(q.device), q.dtype == torch.float32, meta["DOT_PREC"] == "tf32"
+
+
 def _common(q, k, spec, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     varlen = cu_seqlens_q is not None
     d = q.shape[-1]
@@ -175,7 +180,7 @@ def swa_fwd_triton(q, k, v, spec, scale, cu_seqlens_q=None, cu_seqlens_k=None, m
     for b0, nb in _batch_chunks(batch):
         qc, kc, vc, oc, lc = (_rows(t, b0, nb, varlen) for t in (q, k, v, out, lse))
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
-        _fwd_tuned(q.shape[-1], arch_of(q.device), q.dtype == torch.float32)[grid](
+        _fwd_tuned(*_lists(q, meta))[grid](
             qc, kc, vc, oc, lc, sinks, _cu(cu_q, b0, varlen), _cu(cu_k, b0, varlen),
             _bsh(qc, varlen), _bsh(kc, varlen), _bsh(vc, varlen), _bsh(oc, varlen), _lse_strides(lc, varlen),
             lq, lk, hq // hkv, left, right, keys, scale, float(softcap), tune_bucket=bucket, USE_TMA=use_tma,
@@ -210,13 +215,13 @@ def swa_bwd_triton(do, q, k, v, out, lse, spec, scale, cu_seqlens_q=None, cu_seq
         )
         common = (_bsh(qc, varlen), _bsh(kc, varlen), _bsh(vc, varlen), _bsh(doc, varlen))
         grid = lambda meta_: (triton.cdiv(lk, meta_["BLOCK_N"]), hkv, nb)  # noqa: E731
-        _dkdv_tuned(q.shape[-1], arch_of(q.device), q.dtype == torch.float32)[grid](
+        _dkdv_tuned(*_lists(q, meta))[grid](
             qc, kc, vc, doc, lc, dc, dkc, dvc, cq, ck, *common, _bsh(dkc, varlen), _bsh(dvc, varlen),
             _lse_strides(lc, varlen), lq, lk, hq // hkv, left, right, keys, scale, float(softcap),
             tune_bucket=bucket, **cap, **meta,
         )
         grid = lambda meta_: (triton.cdiv(lq, meta_["BLOCK_M"]), hq, nb)  # noqa: E731
-        dq_tuned = _dq_tuned(q.shape[-1], arch_of(q.device), q.dtype == torch.float32)
+        dq_tuned = _dq_tuned(*_lists(q, meta))
         # one slot per (sequence, head, query tile) at the smallest tile of the list; zeros: a
         # tile past its sequence's end returns before writing its slot
         tiles, dsink_part = 0, None
