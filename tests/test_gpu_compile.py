@@ -297,9 +297,10 @@ def test_tuple_arguments_marked_divisible_per_element():
 
 def test_wgmma_expected_unless_the_spec_says_its_tile_is_too_small(selftest_results):
     """An mma.sync build judged as sm_90's fails for want of wgmma, unless the spec says its dot
-    tile has fewer than 64 rows (``expect_wgmma: False``): then mma.sync is right there too."""
+    tile has fewer than 64 rows (``mma_rows``): then mma.sync is right there too."""
     ampere = selftest_results[("matmul64", 80)].report
     assert ampere.uses_mma and not ampere.uses_wgmma
     spec = _mm_spec("matmul64", 64, 64, 64)
     assert any("expected wgmma" in f for f in spec_failures(spec, 90, ampere, None))
-    assert not spec_failures(dict(spec, expect_wgmma=False), 90, ampere, None)
+    assert any("expected wgmma" in f for f in spec_failures(dict(spec, mma_rows=64), 90, ampere, None))
+    assert not spec_failures(dict(spec, mma_rows=32), 90, ampere, None)

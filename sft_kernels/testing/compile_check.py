@@ -27,8 +27,8 @@ Spec format (what an op module's ``compile_specs()`` returns, a list of these di
         "num_stages": 3,
         # optional:
         "expect_mma": True,               # matmul-heavy: sm_90 must use wgmma, sm_80 mma
-        "expect_wgmma": False,            # with expect_mma: mma.sync is right on sm_90 too
-                                          # (a dot tile of fewer than 64 rows: wgmma's M)
+        "mma_rows": 64,                   # the rows of the dots' tile: under 64 (wgmma's M),
+                                          # expect_mma accepts mma.sync on sm_90 too
         "archs": (90, 80),                # restrict the architectures checked
         "divisible_by_16": ["q_ptr", ...],# args specialised as 16-divisible; default:
                                           # every pointer argument (what a launch on

@@ -17,6 +17,7 @@ from .ptxas import gpu_name
 
 # Shared memory one block may use (the opt-in maximum), by compute capability.
 SMEM_LIMIT = {arch: lim.smem_per_block for arch, lim in ARCH_LIMITS.items()}
+WGMMA_ROWS = 64  # the M of a Hopper wgmma: one warpgroup multiplies 64 rows
 
 
 @dataclass
@@ -80,7 +81,8 @@ def spec_failures(spec: dict, arch: int, report: Optional[CompileReport], error:
                              f" ({d['redundancy']:.2f}x)" for d in bad)
             out.append(f"{tag}: redundant MMA layout, {report.redundancy:.2f}x the tile's MMA work "
                        f"(num_warps={report.num_warps}): {desc}")
-        if arch >= 90 and not report.uses_wgmma and spec.get("expect_wgmma", True):
+        # wgmma multiplies tiles of WGMMA_ROWS rows: a smaller dot tile is mma.sync's on sm_90 too
+        if arch >= 90 and not report.uses_wgmma and spec.get("mma_rows", WGMMA_ROWS) >= WGMMA_ROWS:
             out.append(f"{tag}: expected wgmma in the Hopper build, found "
                        f"{'mma.sync only' if report.uses_mma else 'no tensor-core MMA'}")
         elif arch < 90 and not report.uses_mma:

@@ -632,8 +632,7 @@ def _spec(name: str, fn, first: bool, signature: dict, constexprs: dict, cfg: Di
     return dict(name=name, first_choice=first, fn=fn, signature=signature, constexprs=constexprs,
                 divisible_by_16=[k for k, t in signature.items() if t.startswith("*") or k.startswith("stride")],
                 expect_mma=constexprs["INPUT_PRECISION"] != "ieee",  # IEEE fp32 dots run on FMA units
-                # wgmma multiplies 64-row tiles: the dots' rows are BLOCK_T (GEMM) or BLOCK_M (dW)
-                expect_wgmma=cfg["BLOCK_T" if "BLOCK_K" in cfg else "BLOCK_M"] >= 64,
+                mma_rows=cfg["BLOCK_T" if "BLOCK_K" in cfg else "BLOCK_M"],  # the dots' rows: GEMM / dW
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -82,9 +82,7 @@ def compile_spec(kind: str, dtype: str, head_dim: int, cfg, mode: int = MODE_EXP
         "num_warps": warps,
         "num_stages": stages,
         "expect_mma": dot_prec != "ieee",  # IEEE fp32 dots run on the FMA units
-        # wgmma multiplies 64-row tiles: the dots' rows are the key tile in dK/dV, the query
-        # tile in the forward and dQ
-        "expect_wgmma": (bn if kind == "dkdv" else bm) >= 64,
+        "mma_rows": bn if kind == "dkdv" else bm,  # the dots' rows: the key tile in dK/dV
         "first_choice": first,  # the first entry of its autotune list (the report's table)
         # TMA is a Hopper engine: that variant is only ever launched on sm_90 (as are the
         # Hopper-only list entries)
